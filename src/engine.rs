@@ -1,0 +1,411 @@
+//! ONNX Runtime: finding the library, opening sessions, and measuring them.
+//!
+//! qsweep loads libonnxruntime at run time (`ort`'s `load-dynamic`), so one
+//! binary works with whichever ONNX Runtime build a machine has: the CPU
+//! wheel on a laptop, the GPU wheel on a cluster node. The library comes from
+//! the `onnxruntime` package on PyPI; `find_library` looks where pip puts it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use ndarray::{s, Array2, ArrayView4, Axis};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::TensorRef;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The ONNX Runtime release qsweep is built and tested against.
+pub const EXPECTED_VERSION: &str = "1.31";
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(
+        "ONNX Runtime library not found (looked in {searched}).\n  fix: run scripts/setup, or `pip install onnxruntime=={EXPECTED_VERSION}.*` \
+         into a virtualenv at ./.venv, or set ORT_DYLIB_PATH to the path of libonnxruntime.so"
+    )]
+    LibraryNotFound { searched: String },
+    #[error("cannot load ONNX Runtime from {path}: {reason}\n  fix: install onnxruntime {EXPECTED_VERSION}.x from PyPI, or point ORT_DYLIB_PATH at a matching libonnxruntime.so")]
+    Load { path: PathBuf, reason: String },
+    #[error("ONNX Runtime failed while {doing}: {message}")]
+    Ort { doing: String, message: String },
+    #[error("interrupted")]
+    Cancelled,
+}
+
+impl EngineError {
+    fn ort(doing: impl Into<String>) -> impl FnOnce(ort::Error) -> EngineError {
+        let doing = doing.into();
+        move |e| EngineError::Ort {
+            doing,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The loaded library and its one process-wide environment.
+pub struct Runtime {
+    environment: ort::environment::Environment,
+    pub library: PathBuf,
+    /// e.g. "1.31.1", read from the library's versioned file name.
+    pub version: String,
+}
+
+/// Loads ONNX Runtime once per process.
+pub fn runtime() -> Result<&'static Runtime, EngineError> {
+    static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+    let loaded = RUNTIME.get_or_init(|| load_runtime().map_err(|e| e.to_string()));
+    loaded.as_ref().map_err(|message| EngineError::Load {
+        path: PathBuf::from("libonnxruntime"),
+        reason: message.clone(),
+    })
+}
+
+fn load_runtime() -> Result<Runtime, EngineError> {
+    let library = find_library()?;
+    let load_error = |reason: String| EngineError::Load {
+        path: library.clone(),
+        reason,
+    };
+    let environment = ort::init_from(&library)
+        .map_err(|e| load_error(e.to_string()))?
+        .with_name("qsweep")
+        .build()
+        .map_err(|e| load_error(e.to_string()))?;
+    let version = library_version(&library).unwrap_or_else(|| "unknown".to_string());
+    Ok(Runtime {
+        environment,
+        library,
+        version,
+    })
+}
+
+/// "1.31.1" from `libonnxruntime.so.1.31.1` or a symlink to it; the
+/// library's build string does not carry its release number.
+fn library_version(library: &Path) -> Option<String> {
+    let real = std::fs::canonicalize(library).unwrap_or_else(|_| library.to_path_buf());
+    let name = real.file_name()?.to_string_lossy().to_string();
+    let version = name.split_once(".so.")?.1;
+    (!version.is_empty()).then(|| version.to_string())
+}
+
+/// Where libonnxruntime is: `ORT_DYLIB_PATH`, else the `onnxruntime` wheel in
+/// ./.venv, `$VIRTUAL_ENV`, the virtualenv beside the qsweep checkout, or
+/// whatever `python3` imports.
+pub fn find_library() -> Result<PathBuf, EngineError> {
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(EngineError::LibraryNotFound {
+                searched: format!("ORT_DYLIB_PATH={}, which does not exist", path.display()),
+            })
+        };
+    }
+    let mut roots: Vec<PathBuf> = vec![PathBuf::from(".venv")];
+    if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
+        roots.push(PathBuf::from(venv));
+    }
+    // target/<profile>/qsweep -> the checkout's .venv, so the binary works
+    // from any directory after scripts/setup.
+    if let Some(checkout) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
+    {
+        roots.push(checkout.join(".venv"));
+    }
+    for root in &roots {
+        if let Some(found) = library_in_venv(root) {
+            return Ok(found);
+        }
+    }
+    if let Some(package_dir) = python_package_dir() {
+        if let Some(found) = library_in_package(&package_dir) {
+            return Ok(found);
+        }
+    }
+    let searched = roots
+        .iter()
+        .map(|r| r.display().to_string())
+        .chain(["python3's site-packages".to_string()]);
+    Err(EngineError::LibraryNotFound {
+        searched: searched.collect::<Vec<_>>().join(", "),
+    })
+}
+
+fn library_in_venv(root: &Path) -> Option<PathBuf> {
+    let lib = root.join("lib");
+    let mut pythons: Vec<PathBuf> = std::fs::read_dir(&lib)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
+        })
+        .collect();
+    pythons.sort();
+    pythons
+        .iter()
+        .find_map(|python| library_in_package(&python.join("site-packages/onnxruntime")))
+}
+
+fn library_in_package(package_dir: &Path) -> Option<PathBuf> {
+    let capi = package_dir.join("capi");
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(&capi)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so"))
+        })
+        .collect();
+    // The fully versioned name sorts last and is the real file.
+    candidates.sort();
+    candidates.pop()
+}
+
+/// Asks python3 where its `onnxruntime` package is. The command is fixed;
+/// nothing from a spec reaches it.
+fn python_package_dir() -> Option<PathBuf> {
+    let output = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, onnxruntime; print(os.path.dirname(onnxruntime.__file__))",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+}
+
+/// How many intra-op threads `threads = 0` means on this machine.
+pub fn resolve_threads(threads: u32) -> usize {
+    if threads > 0 {
+        threads as usize
+    } else {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    }
+}
+
+/// An open model, ready to classify batches.
+pub struct InferenceSession {
+    session: Session,
+    input_name: String,
+    /// Set when the model's batch axis is fixed; shorter batches get padded.
+    fixed_batch: Option<usize>,
+}
+
+impl InferenceSession {
+    /// Opens `model` with every graph optimization on. When
+    /// `save_optimized` is given, ONNX Runtime writes the optimized graph
+    /// there: that file is the "engine" the build stage produces.
+    pub fn open(
+        model: &Path,
+        threads: usize,
+        save_optimized: Option<&Path>,
+    ) -> Result<Self, EngineError> {
+        let runtime = runtime()?;
+        let doing = format!("opening {}", model.display());
+        let mut builder = Session::builder(&runtime.environment)
+            .map_err(EngineError::ort(&doing))?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| EngineError::ort(&doing)(e.into()))?
+            .with_intra_threads(threads)
+            .map_err(|e| EngineError::ort(&doing)(e.into()))?
+            .with_inter_threads(1)
+            .map_err(|e| EngineError::ort(&doing)(e.into()))?;
+        if let Some(path) = save_optimized {
+            builder = builder
+                .with_optimized_model_path(path)
+                .map_err(|e| EngineError::ort(&doing)(e.into()))?;
+        }
+        let session = builder
+            .commit_from_file(model)
+            .map_err(EngineError::ort(&doing))?;
+        let input = session.inputs().first().ok_or_else(|| EngineError::Ort {
+            doing: doing.clone(),
+            message: "the model has no inputs".into(),
+        })?;
+        let input_name = input.name().to_string();
+        let fixed_batch = input
+            .dtype()
+            .tensor_shape()
+            .and_then(|shape| shape.first().copied())
+            .filter(|&d| d > 0)
+            .map(|d| d as usize);
+        Ok(Self {
+            session,
+            input_name,
+            fixed_batch,
+        })
+    }
+
+    /// Runs one batch and returns the first output as [batch, classes].
+    pub fn run(&mut self, batch: ArrayView4<'_, f32>) -> Result<Array2<f32>, EngineError> {
+        let rows = batch.shape()[0];
+        let padded;
+        let input = match self.fixed_batch {
+            Some(fixed) if fixed > rows => {
+                let mut full = ndarray::Array4::<f32>::zeros((
+                    fixed,
+                    batch.shape()[1],
+                    batch.shape()[2],
+                    batch.shape()[3],
+                ));
+                full.slice_mut(s![..rows, .., .., ..]).assign(&batch);
+                padded = full;
+                padded.view()
+            }
+            _ => batch,
+        };
+        let tensor = TensorRef::from_array_view(input)
+            .map_err(EngineError::ort("preparing an input batch"))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.input_name.as_str() => tensor])
+            .map_err(EngineError::ort("running a batch"))?;
+        let logits = outputs[0]
+            .try_extract_array::<f32>()
+            .map_err(EngineError::ort("reading the output"))?;
+        let logits =
+            logits
+                .into_dimensionality::<ndarray::Ix2>()
+                .map_err(|e| EngineError::Ort {
+                    doing: "reading the output".into(),
+                    message: format!("expected [batch, classes]: {e}"),
+                })?;
+        Ok(logits.slice(s![..rows, ..]).to_owned())
+    }
+}
+
+/// Top-1 accuracy over a whole split, in batches of `batch`.
+pub fn accuracy(
+    session: &mut InferenceSession,
+    images: ArrayView4<'_, f32>,
+    labels: &[u8],
+    batch: usize,
+    cancel: &AtomicBool,
+) -> Result<f64, EngineError> {
+    let mut correct = 0usize;
+    for (chunk, chunk_labels) in images
+        .axis_chunks_iter(Axis(0), batch)
+        .zip(labels.chunks(batch))
+    {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(EngineError::Cancelled);
+        }
+        let logits = session.run(chunk)?;
+        correct += logits
+            .outer_iter()
+            .zip(chunk_labels)
+            .filter(|(row, &label)| {
+                argmax(row.as_slice().unwrap_or(&row.to_vec())) == label as usize
+            })
+            .count();
+    }
+    Ok(correct as f64 / labels.len().max(1) as f64)
+}
+
+fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 {
+                (i, v)
+            } else {
+                best
+            }
+        })
+        .0
+}
+
+/// Latency and throughput at one batch size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyStats {
+    pub batch: usize,
+    pub iterations: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub mean_ms: f64,
+    /// Images per second at this batch size.
+    pub throughput: f64,
+}
+
+/// Times `iterations` runs of the same batch after `warmup` untimed ones.
+pub fn measure_latency(
+    session: &mut InferenceSession,
+    batch: ArrayView4<'_, f32>,
+    warmup: usize,
+    iterations: usize,
+    cancel: &AtomicBool,
+) -> Result<LatencyStats, EngineError> {
+    for _ in 0..warmup {
+        session.run(batch)?;
+    }
+    let mut times_ms = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(EngineError::Cancelled);
+        }
+        let start = Instant::now();
+        session.run(batch)?;
+        times_ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(summarize(batch.shape()[0], times_ms))
+}
+
+fn summarize(batch: usize, mut times_ms: Vec<f64>) -> LatencyStats {
+    times_ms.sort_by(f64::total_cmp);
+    let mean_ms = times_ms.iter().sum::<f64>() / times_ms.len().max(1) as f64;
+    LatencyStats {
+        batch,
+        iterations: times_ms.len(),
+        p50_ms: percentile(&times_ms, 50.0),
+        p90_ms: percentile(&times_ms, 90.0),
+        p99_ms: percentile(&times_ms, 99.0),
+        mean_ms,
+        throughput: if mean_ms > 0.0 {
+            batch as f64 * 1e3 / mean_ms
+        } else {
+            0.0
+        },
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let stats = summarize(4, (1..=100).map(f64::from).collect());
+        assert_eq!(
+            (stats.p50_ms, stats.p90_ms, stats.p99_ms),
+            (50.0, 90.0, 99.0)
+        );
+        assert!((stats.mean_ms - 50.5).abs() < 1e-9);
+        assert!((stats.throughput - 4.0 * 1e3 / 50.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn argmax_picks_first_maximum() {
+        assert_eq!(argmax(&[0.1, 3.0, -1.0, 3.0]), 1);
+    }
+}

@@ -1,0 +1,36 @@
+//! qsweep runs int8 quantization experiments on CNN models: it expands a
+//! declared sweep into runs, runs each as a chain of cached stages, and
+//! reports accuracy and speed against the fp32 baseline.
+//!
+//! # Layout
+//!
+//! Modules are listed in the order data flows through them; each uses only
+//! modules above it (ARCHITECTURE.md has the diagram).
+//!
+//! - [`spec`]: the user's JSON, its schema, and errors that point into the file.
+//! - [`matrix`]: axes into runs, with include/exclude, and stable run ids.
+//! - [`plan`]: runs into a DAG of tasks named by content keys.
+//! - [`store`]: the results directory, with atomically completed artifacts.
+//! - [`onnx`]: ONNX protobuf models and questions about their graphs.
+//! - [`data`]: IDX datasets, preprocessing, calibration subsets, tensor files.
+//! - [`engine`]: ONNX Runtime sessions, accuracy and latency measurement.
+//! - [`stages`]: what each stage does with its inputs.
+//! - [`sweep`]: a spec validated against its files and the available stages.
+//! - [`worker`]: one task's attempts, timeouts and retries.
+//! - [`runner`]: the local backend that executes a plan's DAG.
+//! - [`progress`]: the live display, or plain lines off a terminal.
+//! - [`report`]: runs.csv, runs.jsonl, summary.md and the accuracy/latency plot.
+
+pub mod data;
+pub mod engine;
+pub mod matrix;
+pub mod onnx;
+pub mod plan;
+pub mod progress;
+pub mod report;
+pub mod runner;
+pub mod spec;
+pub mod stages;
+pub mod store;
+pub mod sweep;
+pub mod worker;

@@ -1,0 +1,273 @@
+//! The `qsweep` command line: parses flags, calls the library, and maps
+//! outcomes to exit codes (0 all runs ok, 1 some runs failed, 2 usage,
+//! spec or set-up errors, 130 interrupted).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use qsweep::plan::Plan;
+use qsweep::store::ResultsDir;
+use qsweep::{engine, report, runner, spec, sweep};
+
+#[derive(Parser)]
+#[command(
+    name = "qsweep",
+    version,
+    about = "Runs int8 quantization experiment sweeps on CNN models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checks a spec; prints every error and exits 2 if there is any.
+    Validate { spec: PathBuf },
+    /// Shows the runs, their stages, shared stages, and what is cached.
+    Plan {
+        spec: PathBuf,
+        /// Prints the plan as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Where to look for cached results [default: results/<sweep name>].
+        #[arg(long)]
+        results: Option<PathBuf>,
+    },
+    /// Runs a sweep, skipping stages whose results are already complete.
+    Run {
+        spec: PathBuf,
+        /// Stages run at once.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+        jobs: u32,
+        /// Results directory [default: results/<sweep name>].
+        #[arg(long)]
+        results: Option<PathBuf>,
+    },
+    /// Regenerates every report from a results directory.
+    Report { dir: PathBuf },
+    /// Prints the JSON Schema of sweep specs.
+    Schema,
+}
+
+/// Exit code for usage, spec and set-up errors.
+const USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QSWEEP_LOG")
+                .unwrap_or_else(|_| "warn,ort=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { USAGE } else { 0 });
+        }
+    };
+    match cli.command {
+        Command::Validate { spec } => validate(&spec),
+        Command::Plan {
+            spec,
+            json,
+            results,
+        } => plan(&spec, json, results),
+        Command::Run {
+            spec,
+            jobs,
+            results,
+        } => run(&spec, jobs as usize, results),
+        Command::Report { dir } => regenerate_reports(&dir),
+        Command::Schema => {
+            print!("{}", spec::schema_text());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Loads a sweep, or prints its errors and says to exit 2.
+fn load(spec: &Path) -> Result<sweep::Sweep, ExitCode> {
+    sweep::load(spec).map_err(|errors| {
+        eprint!("{errors}");
+        ExitCode::from(USAGE)
+    })
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(USAGE)
+}
+
+fn validate(spec: &Path) -> ExitCode {
+    match load(spec) {
+        Ok(sweep) => {
+            let ids: Vec<&str> = sweep.runs.iter().map(|r| r.id.as_str()).collect();
+            println!(
+                "{} is valid: {} run(s): {}",
+                spec.display(),
+                ids.len(),
+                ids.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn make_plan(sweep: &sweep::Sweep) -> Result<Plan, ExitCode> {
+    let sources = sweep
+        .sources()
+        .map_err(|e| fail(format!("cannot fingerprint the model and data: {e}")))?;
+    Ok(Plan::build(&sweep.spec, &sweep.runs, &sources))
+}
+
+fn plan(spec: &Path, json: bool, results: Option<PathBuf>) -> ExitCode {
+    let sweep = match load(spec) {
+        Ok(sweep) => sweep,
+        Err(code) => return code,
+    };
+    let plan = match make_plan(&sweep) {
+        Ok(plan) => plan,
+        Err(code) => return code,
+    };
+    let results = ResultsDir::open(&results.unwrap_or_else(|| sweep.default_results_dir()));
+    let cached = |key| results.verified(key).is_some();
+    let counts = plan.run_counts();
+    if json {
+        let tasks: Vec<serde_json::Value> = plan
+            .tasks
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "key": t.key, "stage": t.stage, "params": t.params, "inputs": t.inputs,
+                    "runs": counts.get(&t.key).copied().unwrap_or(0), "cached": cached(&t.key),
+                })
+            })
+            .collect();
+        let runs: Vec<serde_json::Value> = plan
+            .runs
+            .iter()
+            .map(|r| serde_json::json!({"id": r.run.id, "kind": r.run.kind, "tasks": r.tasks}))
+            .collect();
+        let out = serde_json::json!({"sweep": plan.sweep, "sources": plan.sources, "runs": runs, "tasks": tasks});
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("a plan serializes")
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "sweep {}: {} run(s), {} distinct task(s)\n",
+        plan.sweep,
+        plan.runs.len(),
+        plan.tasks.len()
+    );
+    for run in &plan.runs {
+        println!("{}", run.run.id);
+        for key in &run.tasks {
+            let task = plan.task(key).expect("a run's tasks are in the plan");
+            let shared = counts[key];
+            println!(
+                "  {:<13} {}  {}{}",
+                task.stage.name(),
+                key.short(),
+                if cached(key) { "cached" } else { "to run" },
+                if shared > 1 {
+                    format!(", shared by {shared} runs")
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    let to_run = plan.tasks.iter().filter(|t| !cached(&t.key)).count();
+    println!(
+        "\n{to_run} task(s) to run, {} cached",
+        plan.tasks.len() - to_run
+    );
+    ExitCode::SUCCESS
+}
+
+fn run(spec: &Path, jobs: usize, results: Option<PathBuf>) -> ExitCode {
+    let sweep = match load(spec) {
+        Ok(sweep) => sweep,
+        Err(code) => return code,
+    };
+    if let Err(e) = engine::runtime() {
+        return fail(e);
+    }
+    let plan = match make_plan(&sweep) {
+        Ok(plan) => plan,
+        Err(code) => return code,
+    };
+    let dir = results.unwrap_or_else(|| sweep.default_results_dir());
+    let results = match ResultsDir::create(&dir) {
+        Ok(results) => results,
+        Err(e) => {
+            return fail(format!(
+                "cannot write results to {}: {e}\n  fix: choose a writable directory with --results DIR",
+                dir.display()
+            ))
+        }
+    };
+    if let Err(e) = results
+        .remove_abandoned_staging()
+        .and_then(|_| results.save_plan(&plan))
+    {
+        return fail(format!("cannot write to {}: {e}", dir.display()));
+    }
+
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts");
+    let summary = tokio.block_on(runner::run(
+        Arc::new(sweep),
+        Arc::new(plan),
+        results.clone(),
+        jobs,
+        Box::pin(async {
+            let _ = tokio::signal::ctrl_c().await;
+        }),
+    ));
+    let reported = report::write_all(&results);
+    match &reported {
+        Ok(runs) => report::print_table(runs, &dir),
+        Err(e) => eprintln!("error: cannot write the reports to {}: {e}", dir.display()),
+    }
+    eprintln!(
+        "{} task(s) executed, {} reused from earlier runs",
+        summary.executed_tasks, summary.cached_tasks
+    );
+    if summary.interrupted {
+        eprintln!(
+            "interrupted; `qsweep run {}` resumes where this stopped",
+            spec.display()
+        );
+        ExitCode::from(130)
+    } else if summary.counts.failed > 0 || reported.is_err() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn regenerate_reports(dir: &Path) -> ExitCode {
+    let results = ResultsDir::open(dir);
+    match report::write_all(&results) {
+        Ok(runs) => {
+            report::print_table(&runs, dir);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!(
+            "cannot report on {}: {e}\n  fix: pass a directory that `qsweep run` wrote (it holds plan.json)",
+            dir.display()
+        )),
+    }
+}

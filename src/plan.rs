@@ -1,0 +1,368 @@
+//! Turns runs into a DAG of stage tasks, each named by a content key.
+//!
+//! A task's key hashes what determines its output: its stage, that stage's
+//! code version, its parameters, and the keys of its inputs. Two runs that
+//! need the same work therefore name the same task, which runs once; a
+//! rerun finds the task's artifact under the same key and skips it; and a
+//! change anywhere upstream changes every key downstream of it.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::matrix::{Recipe, Run, RunKind};
+use crate::spec::{Baseline, SweepSpec};
+
+/// The kinds of work a run is made of, in the order data flows through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageKind {
+    PrepareData,
+    Calibrate,
+    Qat,
+    Build,
+    Evaluate,
+}
+
+impl StageKind {
+    pub const ALL: [StageKind; 5] = [
+        StageKind::PrepareData,
+        StageKind::Calibrate,
+        StageKind::Qat,
+        StageKind::Build,
+        StageKind::Evaluate,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::PrepareData => "prepare-data",
+            StageKind::Calibrate => "calibrate",
+            StageKind::Qat => "qat",
+            StageKind::Build => "build",
+            StageKind::Evaluate => "evaluate",
+        }
+    }
+}
+
+impl fmt::Display for StageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A content key: the hex SHA-256 of everything that determines an output.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskKey(pub String);
+
+impl TaskKey {
+    /// The first 12 hex digits: enough to tell tasks apart on screen.
+    pub fn short(&self) -> &str {
+        &self.0[..12.min(self.0.len())]
+    }
+}
+
+impl fmt::Display for TaskKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An input of a task: which role it plays and which task produces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Input {
+    pub role: String,
+    pub key: TaskKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub key: TaskKey,
+    pub stage: StageKind,
+    pub params: Value,
+    pub inputs: Vec<Input>,
+}
+
+impl Task {
+    pub fn input(&self, role: &str) -> Option<&TaskKey> {
+        self.inputs.iter().find(|i| i.role == role).map(|i| &i.key)
+    }
+}
+
+/// Fingerprints of the files a sweep reads; part of every key that
+/// depends on them, so editing the model or the data invalidates results.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sources {
+    pub model_digest: String,
+    pub data_digest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedRun {
+    pub run: Run,
+    /// The run's chain of tasks, upstream first; the last one is its evaluation.
+    pub tasks: Vec<TaskKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub sweep: String,
+    pub sources: Sources,
+    /// Every distinct task, each after all of its inputs.
+    pub tasks: Vec<Task>,
+    pub runs: Vec<PlannedRun>,
+    #[serde(skip)]
+    index: HashMap<TaskKey, usize>,
+}
+
+impl Plan {
+    pub fn build(spec: &SweepSpec, runs: &[Run], sources: &Sources) -> Plan {
+        let mut plan = Plan {
+            sweep: spec.name.clone(),
+            sources: sources.clone(),
+            tasks: Vec::new(),
+            runs: Vec::with_capacity(runs.len()),
+            index: HashMap::new(),
+        };
+        let data = json!({
+            "dataset": spec.data.dataset,
+            "data_digest": sources.data_digest,
+            "preprocess": spec.data.preprocess,
+        });
+        let test_data = plan.add(
+            StageKind::PrepareData,
+            json!({"split": "test", "data": data}),
+            vec![],
+        );
+        let evaluate_params = json!({
+            "batch_sizes": spec.evaluate.batch_sizes,
+            "warmup": spec.evaluate.warmup,
+            "iterations": spec.evaluate.iterations,
+            "threads": spec.evaluate.threads,
+            "engine": spec.evaluate.engine,
+        });
+
+        for run in runs {
+            let mut chain = vec![test_data.clone()];
+            let built = match &run.kind {
+                RunKind::Baseline(Baseline::Fp32) => plan.add(
+                    StageKind::Build,
+                    json!({"precision": "fp32", "model_digest": sources.model_digest, "engine": spec.evaluate.engine}),
+                    vec![],
+                ),
+                RunKind::Quantized(recipe) => plan.add_quantized(spec, sources, &data, recipe, &mut chain),
+            };
+            chain.push(built.clone());
+            let evaluated = plan.add(
+                StageKind::Evaluate,
+                evaluate_params.clone(),
+                vec![input("model", &built), input("data", &test_data)],
+            );
+            chain.push(evaluated);
+            plan.runs.push(PlannedRun {
+                run: run.clone(),
+                tasks: chain,
+            });
+        }
+        plan
+    }
+
+    /// calibrate (shared by every method) -> qat (when epochs > 0) -> build.
+    fn add_quantized(
+        &mut self,
+        spec: &SweepSpec,
+        sources: &Sources,
+        data: &Value,
+        recipe: &Recipe,
+        chain: &mut Vec<TaskKey>,
+    ) -> TaskKey {
+        let calibration_data = self.add(
+            StageKind::PrepareData,
+            json!({"split": "calibration", "data": data, "samples": spec.calibration.samples, "seed": spec.calibration.seed}),
+            vec![],
+        );
+        let calibrated = self.add(
+            StageKind::Calibrate,
+            json!({"model_digest": sources.model_digest}),
+            vec![input("data", &calibration_data)],
+        );
+        chain.extend([calibration_data, calibrated.clone()]);
+        let quantizer =
+            json!({"calibration": recipe.calibration, "residual_fusion": recipe.residual_fusion});
+        let quantized_model = if recipe.qat_epochs > 0 {
+            let trained = self.add(
+                StageKind::Qat,
+                json!({"model_digest": sources.model_digest, "quantizer": quantizer, "epochs": recipe.qat_epochs}),
+                vec![input("calibration", &calibrated)],
+            );
+            chain.push(trained.clone());
+            vec![input("model", &trained)]
+        } else {
+            vec![input("calibration", &calibrated)]
+        };
+        self.add(
+            StageKind::Build,
+            json!({"precision": "int8", "model_digest": sources.model_digest, "quantizer": quantizer, "engine": spec.evaluate.engine}),
+            quantized_model,
+        )
+    }
+
+    /// Adds a task unless one with the same key exists; returns its key.
+    fn add(&mut self, stage: StageKind, params: Value, inputs: Vec<Input>) -> TaskKey {
+        let key = content_key(stage, &params, &inputs);
+        if !self.index.contains_key(&key) {
+            self.index.insert(key.clone(), self.tasks.len());
+            self.tasks.push(Task {
+                key: key.clone(),
+                stage,
+                params,
+                inputs,
+            });
+        }
+        key
+    }
+
+    pub fn task(&self, key: &TaskKey) -> Option<&Task> {
+        self.index.get(key).map(|&i| &self.tasks[i])
+    }
+
+    /// Restores the lookup index after deserializing a stored plan.
+    pub fn reindex(&mut self) {
+        self.index = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.key.clone(), i))
+            .collect();
+    }
+
+    /// How many runs need each task; a count above one is shared work.
+    pub fn run_counts(&self) -> HashMap<&TaskKey, usize> {
+        let mut counts = HashMap::new();
+        for run in &self.runs {
+            for key in &run.tasks {
+                *counts.entry(key).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+}
+
+fn input(role: &str, key: &TaskKey) -> Input {
+    Input {
+        role: role.to_string(),
+        key: key.clone(),
+    }
+}
+
+/// The version of each stage's code; see `stages` for the rule on bumping.
+pub fn stage_version(stage: StageKind) -> u32 {
+    use crate::stages;
+    match stage {
+        StageKind::PrepareData => stages::prepare_data::VERSION,
+        StageKind::Build => stages::build::VERSION,
+        StageKind::Evaluate => stages::evaluate::VERSION,
+        // No code produces these yet, so no artifact of theirs can exist.
+        StageKind::Calibrate | StageKind::Qat => 0,
+    }
+}
+
+fn content_key(stage: StageKind, params: &Value, inputs: &[Input]) -> TaskKey {
+    let mut hasher = Sha256::new();
+    hasher.update(stage.name().as_bytes());
+    hasher.update(stage_version(stage).to_le_bytes());
+    hasher.update(params.to_string().as_bytes());
+    for input in inputs {
+        hasher.update(b"\0");
+        hasher.update(input.role.as_bytes());
+        hasher.update(b"=");
+        hasher.update(input.key.0.as_bytes());
+    }
+    TaskKey(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matrix;
+
+    fn plan_of(json: &str) -> Plan {
+        let spec: SweepSpec = serde_json::from_str(json).unwrap();
+        let runs = matrix::expand(&spec).unwrap();
+        let sources = Sources {
+            model_digest: "m".into(),
+            data_digest: "d".into(),
+        };
+        Plan::build(&spec, &runs, &sources)
+    }
+
+    #[test]
+    fn methods_share_one_calibration_and_fp32_runs_once() {
+        let plan = plan_of(
+            r#"{"name":"s","model":"m.onnx","matrix":{"calibration":["max","mse","entropy","percentile"],"qat_epochs":[0,2]}}"#,
+        );
+        let count = |stage| plan.tasks.iter().filter(|t| t.stage == stage).count();
+        assert_eq!(plan.runs.len(), 9);
+        assert_eq!(count(StageKind::Calibrate), 1);
+        assert_eq!(count(StageKind::PrepareData), 2);
+        assert_eq!(count(StageKind::Qat), 4);
+        assert_eq!(count(StageKind::Build), 1 + 8);
+        assert_eq!(count(StageKind::Evaluate), 9);
+        // Runs differing only in qat_epochs share their PTQ ancestors.
+        let ptq = &plan
+            .runs
+            .iter()
+            .find(|r| r.run.id == "mse-unfused-ptq")
+            .unwrap()
+            .tasks;
+        let qat = &plan
+            .runs
+            .iter()
+            .find(|r| r.run.id == "mse-unfused-qat2")
+            .unwrap()
+            .tasks;
+        assert_eq!(ptq[..3], qat[..3]);
+    }
+
+    #[test]
+    fn keys_change_with_params_and_sources() {
+        let a = plan_of(r#"{"name":"s","model":"m.onnx"}"#);
+        let b = plan_of(r#"{"name":"s","model":"m.onnx","evaluate":{"warmup":3}}"#);
+        let eval = |p: &Plan| p.runs[0].tasks.last().unwrap().clone();
+        let build = |p: &Plan| p.runs[0].tasks[1].clone();
+        assert_ne!(eval(&a), eval(&b));
+        assert_eq!(build(&a), build(&b));
+
+        let spec: SweepSpec = serde_json::from_str(r#"{"name":"s","model":"m.onnx"}"#).unwrap();
+        let runs = matrix::expand(&spec).unwrap();
+        let other = Plan::build(
+            &spec,
+            &runs,
+            &Sources {
+                model_digest: "m2".into(),
+                data_digest: "d".into(),
+            },
+        );
+        assert_ne!(build(&a), build(&other));
+        assert_ne!(
+            eval(&a),
+            eval(&other),
+            "a new model must invalidate its evaluation too"
+        );
+    }
+
+    #[test]
+    fn tasks_come_after_their_inputs() {
+        let plan = plan_of(
+            r#"{"name":"s","model":"m.onnx","matrix":{"calibration":["max"],"qat_epochs":[1]}}"#,
+        );
+        for (position, task) in plan.tasks.iter().enumerate() {
+            for input in &task.inputs {
+                assert!(plan.tasks[..position].iter().any(|t| t.key == input.key));
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! What a sweep shows while it works: on a terminal, a live display (one
+//! bar for the sweep with an ETA, one line per worker slot); otherwise, one
+//! plain log line per event, so CI logs and `| tee` stay readable.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub struct Progress {
+    display: Option<Live>,
+}
+
+struct Live {
+    _multi: MultiProgress,
+    overall: ProgressBar,
+    slots: Vec<ProgressBar>,
+}
+
+/// Runs that have reached an end, and those still to go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunCounts {
+    pub done: usize,
+    pub failed: usize,
+    pub remaining: usize,
+}
+
+impl Progress {
+    /// A live display when stderr is a terminal, plain lines otherwise.
+    pub fn new(tasks_to_run: usize, slots: usize) -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Self { display: None };
+        }
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let overall = multi.add(ProgressBar::new(tasks_to_run as u64));
+        overall.set_style(
+            ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} tasks  {msg}  [{elapsed_precise}, ETA {eta}]",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        let slots = (0..slots)
+            .map(|i| {
+                let bar = multi.add(ProgressBar::new_spinner());
+                bar.set_style(
+                    ProgressStyle::with_template("  {spinner} {prefix} {msg}")
+                        .expect("a valid template"),
+                );
+                bar.set_prefix(format!("worker {}", i + 1));
+                bar.set_message("idle");
+                bar.enable_steady_tick(Duration::from_millis(120));
+                bar
+            })
+            .collect();
+        Self {
+            display: Some(Live {
+                _multi: multi,
+                overall,
+                slots,
+            }),
+        }
+    }
+
+    pub fn runs(&self, counts: RunCounts) {
+        let text = format!(
+            "runs: {} done, {} failed, {} remaining",
+            counts.done, counts.failed, counts.remaining
+        );
+        match &self.display {
+            Some(live) => live.overall.set_message(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    pub fn started(&self, slot: usize, label: &str) {
+        match &self.display {
+            Some(live) => live.slots[slot].set_message(label.to_string()),
+            None => eprintln!("[worker {}] start {label}", slot + 1),
+        }
+    }
+
+    pub fn finished(&self, slot: usize, label: &str, elapsed_s: f64) {
+        match &self.display {
+            Some(live) => {
+                live.overall.inc(1);
+                live.slots[slot].set_message("idle");
+                live.overall
+                    .println(format!("done   {label} in {elapsed_s:.1}s"));
+            }
+            None => eprintln!("[worker {}] done  {label} in {elapsed_s:.1}s", slot + 1),
+        }
+    }
+
+    pub fn retrying(&self, slot: usize, label: &str, attempt: u32, error: &str) {
+        let text = format!("retry  {label} after attempt {attempt} failed: {error}");
+        match &self.display {
+            Some(live) => live.overall.println(text),
+            None => eprintln!("[worker {}] {text}", slot + 1),
+        }
+    }
+
+    pub fn failed(&self, slot: usize, label: &str, error: &str) {
+        let text = format!("FAILED {label}: {error}");
+        match &self.display {
+            Some(live) => {
+                live.overall.inc(1);
+                live.slots[slot].set_message("idle");
+                live.overall.println(text);
+            }
+            None => eprintln!("[worker {}] {text}", slot + 1),
+        }
+    }
+
+    /// A message that is not about one task.
+    pub fn note(&self, text: &str) {
+        match &self.display {
+            Some(live) => live.overall.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(live) = &self.display {
+            for slot in &live.slots {
+                slot.finish_and_clear();
+            }
+            live.overall.finish();
+        }
+    }
+}

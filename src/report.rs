@@ -1,0 +1,376 @@
+//! Reports, regenerated from what the results directory holds: runs.csv,
+//! runs.jsonl, summary.md and accuracy_latency.svg. They read the stored
+//! plan, manifests and failure records only, so `qsweep report DIR` gives
+//! the same files as the end of `qsweep run`, and a half-finished sweep
+//! reports what it has.
+
+mod plot;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::matrix::RunKind;
+use crate::plan::{Plan, StageKind};
+use crate::store::{write_atomically, ResultsDir};
+
+/// One row of runs.csv.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRow {
+    pub run: String,
+    pub calibration: String,
+    pub residual_fusion: String,
+    pub qat_epochs: String,
+    /// ok, failed, or pending (not run yet).
+    pub status: String,
+    /// Top-1 on the test split, in percent.
+    pub accuracy: Option<f64>,
+    /// Accuracy minus fp32's, in percentage points.
+    pub accuracy_delta: Option<f64>,
+    /// At the smallest configured batch size (batch 1 by default).
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    /// Images per second at the largest configured batch size.
+    pub throughput: Option<f64>,
+    pub model_bytes: Option<u64>,
+    pub engine_bytes: Option<u64>,
+    pub prepare_data_s: Option<f64>,
+    pub calibrate_s: Option<f64>,
+    pub qat_s: Option<f64>,
+    pub build_s: Option<f64>,
+    pub evaluate_s: Option<f64>,
+    pub error: String,
+}
+
+/// A run with everything recorded about it.
+pub struct RunResult {
+    pub row: RunRow,
+    /// The evaluate stage's full metrics (every batch size, the machine).
+    pub evaluation: Option<Value>,
+}
+
+/// Collects every run's results from a results directory.
+pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
+    let mut out: Vec<RunResult> = plan
+        .runs
+        .iter()
+        .map(|planned| {
+            let (calibration, residual_fusion, qat_epochs) = match &planned.run.kind {
+                RunKind::Baseline(_) => (String::new(), String::new(), String::new()),
+                RunKind::Quantized(r) => (
+                    r.calibration.name().to_string(),
+                    r.residual_fusion.to_string(),
+                    r.qat_epochs.to_string(),
+                ),
+            };
+            let mut row = RunRow {
+                run: planned.run.id.clone(),
+                calibration,
+                residual_fusion,
+                qat_epochs,
+                status: "pending".into(),
+                accuracy: None,
+                accuracy_delta: None,
+                latency_p50_ms: None,
+                latency_p99_ms: None,
+                throughput: None,
+                model_bytes: None,
+                engine_bytes: None,
+                prepare_data_s: None,
+                calibrate_s: None,
+                qat_s: None,
+                build_s: None,
+                evaluate_s: None,
+                error: String::new(),
+            };
+            let mut evaluation = None;
+            let mut complete = true;
+            for key in &planned.tasks {
+                let stage = plan.task(key).map(|t| t.stage);
+                match results.manifest(key) {
+                    Some(manifest) => {
+                        let timing = match manifest.stage {
+                            StageKind::PrepareData => &mut row.prepare_data_s,
+                            StageKind::Calibrate => &mut row.calibrate_s,
+                            StageKind::Qat => &mut row.qat_s,
+                            StageKind::Build => &mut row.build_s,
+                            StageKind::Evaluate => &mut row.evaluate_s,
+                        };
+                        *timing = Some(timing.unwrap_or(0.0) + manifest.elapsed_s);
+                        match manifest.stage {
+                            StageKind::Build => {
+                                row.model_bytes = manifest.metrics["model_bytes"].as_u64();
+                                row.engine_bytes = manifest.metrics["engine_bytes"].as_u64();
+                            }
+                            StageKind::Evaluate => evaluation = Some(manifest.metrics),
+                            _ => {}
+                        }
+                    }
+                    None => {
+                        complete = false;
+                        if let Some(failure) = results.failure(key) {
+                            row.status = "failed".into();
+                            if row.error.is_empty() {
+                                let stage = stage.map_or("a stage".to_string(), |s| s.to_string());
+                                row.error = format!(
+                                    "{stage} failed after {} attempt(s): {}",
+                                    failure.attempts, failure.error
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(metrics) = evaluation.as_ref().filter(|_| complete) {
+                row.status = "ok".into();
+                row.accuracy = metrics["accuracy"].as_f64().map(|a| a * 100.0);
+                let latency = metrics["latency"].as_array().cloned().unwrap_or_default();
+                let smallest = latency.iter().min_by_key(|l| l["batch"].as_u64());
+                let largest = latency.iter().max_by_key(|l| l["batch"].as_u64());
+                row.latency_p50_ms = smallest.and_then(|l| l["p50_ms"].as_f64());
+                row.latency_p99_ms = smallest.and_then(|l| l["p99_ms"].as_f64());
+                row.throughput = largest.and_then(|l| l["throughput"].as_f64());
+            }
+            RunResult { row, evaluation }
+        })
+        .collect();
+
+    let fp32 = out
+        .iter()
+        .find(|r| r.row.run == "fp32")
+        .and_then(|r| r.row.accuracy);
+    for result in &mut out {
+        result.row.accuracy_delta = result.row.accuracy.zip(fp32).map(|(a, base)| a - base);
+    }
+    out
+}
+
+/// Writes every report into the results directory.
+pub fn write_all(results: &ResultsDir) -> std::io::Result<Vec<RunResult>> {
+    let plan = results.load_plan()?;
+    let runs = collect(results, &plan);
+    let root = results.root();
+    write_atomically(&root.join("runs.csv"), &runs_csv(&runs)?)?;
+    write_atomically(&root.join("runs.jsonl"), runs_jsonl(&runs).as_bytes())?;
+    write_atomically(
+        &root.join("summary.md"),
+        summary_markdown(&plan.sweep, &runs).as_bytes(),
+    )?;
+    write_atomically(
+        &root.join("accuracy_latency.svg"),
+        plot::accuracy_latency_svg(&plan.sweep, &runs).as_bytes(),
+    )?;
+    Ok(runs)
+}
+
+fn runs_csv(runs: &[RunResult]) -> std::io::Result<Vec<u8>> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    for run in runs {
+        writer.serialize(&run.row).map_err(std::io::Error::other)?;
+    }
+    writer
+        .into_inner()
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+fn runs_jsonl(runs: &[RunResult]) -> String {
+    let mut out = String::new();
+    for run in runs {
+        let mut value = serde_json::to_value(&run.row).expect("a row serializes");
+        value["evaluation"] = run.evaluation.clone().unwrap_or(Value::Null);
+        out.push_str(&value.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+fn summary_markdown(sweep: &str, runs: &[RunResult]) -> String {
+    let mut md = format!("# Sweep `{sweep}`\n\n");
+    let fp32 = runs
+        .iter()
+        .find(|r| r.row.run == "fp32" && r.row.status == "ok");
+    if let Some(evaluation) = runs.iter().find_map(|r| r.evaluation.as_ref()) {
+        let batches: Vec<String> = evaluation["latency"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["batch"].as_u64().map(|b| b.to_string()))
+            .collect();
+        let _ = writeln!(
+            md,
+            "Measured with ONNX Runtime {} ({} execution provider, {} threads) on {} ({} cores). \
+             Accuracy is top-1 on {} test images; latency is p50 at batch {}; throughput is at batch {}.\n",
+            evaluation["onnxruntime"].as_str().unwrap_or("?"),
+            evaluation["engine"].as_str().unwrap_or("?"),
+            evaluation["threads"],
+            evaluation["machine"]["cpu"].as_str().unwrap_or("?"),
+            evaluation["machine"]["cores"],
+            evaluation["test_images"],
+            batches.first().map_or("?", String::as_str),
+            batches.last().map_or("?", String::as_str),
+        );
+    }
+
+    md.push_str("| Model | Accuracy | Performance | Note |\n|---|---|---|---|\n");
+    for run in runs {
+        let r = &run.row;
+        let accuracy = match (r.accuracy, r.accuracy_delta) {
+            (Some(a), Some(d)) if r.run != "fp32" => format!("{a:.2}% ({d:+.2})"),
+            (Some(a), _) => format!("{a:.2}%"),
+            _ => "-".to_string(),
+        };
+        let performance = match (r.latency_p50_ms, r.throughput) {
+            (Some(p50), Some(tput)) => {
+                let speedup = fp32
+                    .and_then(|f| f.row.latency_p50_ms)
+                    .filter(|_| r.run != "fp32")
+                    .map_or(String::new(), |base| format!(", {:.2}x fp32", base / p50));
+                format!("{p50:.3} ms{speedup}; {tput:.0} img/s")
+            }
+            _ => "-".to_string(),
+        };
+        let note = match r.status.as_str() {
+            "ok" if r.run == "fp32" => "baseline".to_string(),
+            "ok" => describe(r),
+            "failed" => format!("failed: {}", first_line(&r.error)),
+            other => other.to_string(),
+        };
+        let _ = writeln!(md, "| {} | {accuracy} | {performance} | {note} |", r.run);
+    }
+
+    pivots(&mut md, runs);
+
+    let best = runs.iter().filter(|r| r.row.status == "ok").max_by(|a, b| {
+        let key = |r: &RunResult| {
+            (
+                r.row.accuracy.unwrap_or(0.0),
+                -r.row.latency_p50_ms.unwrap_or(f64::MAX),
+            )
+        };
+        key(a)
+            .partial_cmp(&key(b))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    if let Some(best) = best {
+        let r = &best.row;
+        let _ = writeln!(
+            md,
+            "\n## Best run\n\n`{}`: {:.2}% top-1{}, {:.3} ms p50.",
+            r.run,
+            r.accuracy.unwrap_or(0.0),
+            r.accuracy_delta
+                .filter(|_| r.run != "fp32")
+                .map_or(String::new(), |d| format!(" ({d:+.2} points against fp32)")),
+            r.latency_p50_ms.unwrap_or(0.0),
+        );
+    }
+
+    let unfinished: Vec<&RunRow> = runs
+        .iter()
+        .map(|r| &r.row)
+        .filter(|r| r.status != "ok")
+        .collect();
+    if !unfinished.is_empty() {
+        md.push_str("\n## Runs without results\n\n");
+        for r in unfinished {
+            let _ = writeln!(
+                md,
+                "- `{}`: {}",
+                r.run,
+                if r.error.is_empty() {
+                    &r.status
+                } else {
+                    &r.error
+                }
+            );
+        }
+    }
+    md.push_str("\n![accuracy against latency](accuracy_latency.svg)\n");
+    md
+}
+
+/// One accuracy table of calibration x fusion per qat_epochs value.
+fn pivots(md: &mut String, runs: &[RunResult]) {
+    let mut by_epochs: BTreeMap<u32, BTreeMap<(String, String), String>> = BTreeMap::new();
+    for run in runs {
+        let r = &run.row;
+        let Ok(epochs) = r.qat_epochs.parse::<u32>() else {
+            continue;
+        };
+        let cell = r
+            .accuracy
+            .map_or_else(|| r.status.clone(), |a| format!("{a:.2}%"));
+        by_epochs
+            .entry(epochs)
+            .or_default()
+            .insert((r.calibration.clone(), r.residual_fusion.clone()), cell);
+    }
+    for (epochs, cells) in by_epochs {
+        let title = if epochs == 0 {
+            "PTQ (qat_epochs = 0)".to_string()
+        } else {
+            format!("QAT, {epochs} epoch(s)")
+        };
+        let _ = writeln!(
+            md,
+            "\n## {title}: accuracy by calibration and residual fusion\n"
+        );
+        md.push_str("| calibration | unfused | fused |\n|---|---|---|\n");
+        let mut methods: Vec<&String> = cells.keys().map(|(m, _)| m).collect();
+        methods.dedup();
+        for method in methods {
+            let cell = |fused: &str| {
+                cells
+                    .get(&(method.clone(), fused.to_string()))
+                    .cloned()
+                    .unwrap_or_else(|| "-".into())
+            };
+            let _ = writeln!(md, "| {method} | {} | {} |", cell("false"), cell("true"));
+        }
+    }
+}
+
+fn describe(r: &RunRow) -> String {
+    let fusion = if r.residual_fusion == "true" {
+        ", residual fusion"
+    } else {
+        ""
+    };
+    match r.qat_epochs.as_str() {
+        "0" => format!("PTQ, {} calibration{fusion}", r.calibration),
+        epochs => format!("QAT {epochs} epoch(s) from {} PTQ{fusion}", r.calibration),
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default()
+}
+
+/// Prints a short table of results for the terminal.
+pub fn print_table(runs: &[RunResult], out: &Path) {
+    println!(
+        "{:<24} {:>8} {:>10} {:>10} {:>12}  status",
+        "run", "top-1", "delta", "p50 ms", "img/s"
+    );
+    for run in runs {
+        let r = &run.row;
+        let show =
+            |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+        println!(
+            "{:<24} {:>8} {:>10} {:>10} {:>12}  {}",
+            r.run,
+            show(r.accuracy, 2),
+            show(r.accuracy_delta.filter(|_| r.run != "fp32"), 2),
+            show(r.latency_p50_ms, 3),
+            show(r.throughput, 0),
+            r.status
+        );
+    }
+    println!(
+        "\nreports in {}: runs.csv, runs.jsonl, summary.md, accuracy_latency.svg",
+        out.display()
+    );
+}

@@ -1,0 +1,311 @@
+//! The typed shape of a sweep spec file, exactly as a user writes it.
+//!
+//! These types are the single source of truth for the JSON Schema
+//! (`qsweep schema`, experiments/schema.json): every field's doc comment
+//! becomes its schema description, which editors show as a hover hint.
+//! Defaults live here too, so a spec only says what differs.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One sweep: a model, its data, and the quantization recipes to compare.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSpec {
+    /// Optional link to this schema, for editors.
+    #[serde(rename = "$schema", default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    /// Names the sweep; results go to results/<name> unless `qsweep run --results` says otherwise.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"), length(max = 100))]
+    pub name: String,
+    /// Path to the fp32 ONNX model, relative to this spec file.
+    pub model: String,
+    /// The dataset and how to preprocess it for the model.
+    #[serde(default)]
+    pub data: DataSpec,
+    /// The calibration set drawn from the training split.
+    #[serde(default)]
+    pub calibration: CalibrationSpec,
+    /// The axes whose cartesian product gives the quantized runs.
+    #[serde(default)]
+    pub matrix: MatrixSpec,
+    /// Extra combinations, with the semantics of GitHub Actions' `matrix.include`.
+    #[serde(default)]
+    pub include: Vec<MatrixEntry>,
+    /// Combinations to drop from the product (partial matches drop every matching run).
+    #[serde(default)]
+    pub exclude: Vec<MatrixEntry>,
+    /// Unquantized reference runs; every delta in the reports is against fp32.
+    #[serde(default = "default_baselines")]
+    pub baselines: Vec<Baseline>,
+    /// How each built model is measured.
+    #[serde(default)]
+    pub evaluate: EvaluateSpec,
+    /// How many times a failing stage is retried before its run is marked failed.
+    #[serde(default = "default_retries")]
+    #[schemars(range(max = 10))]
+    pub retries: u32,
+    /// Wall-clock limit in seconds for one attempt of one stage.
+    #[serde(default = "default_timeout")]
+    #[schemars(range(min = 1))]
+    pub timeout: u64,
+}
+
+/// Which dataset feeds calibration and evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// The dataset's layout; both are 28x28 grey images with 10 classes in IDX files.
+    #[serde(default)]
+    pub dataset: Dataset,
+    /// Directory holding the four IDX files (gzipped or not). Defaults to where
+    /// Debian's dataset package installs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// Pixel preprocessing, which must match what the model was trained with.
+    #[serde(default)]
+    pub preprocess: Preprocess,
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        Self {
+            dataset: Dataset::default(),
+            dir: None,
+            preprocess: Preprocess::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dataset {
+    #[default]
+    FashionMnist,
+    Mnist,
+}
+
+impl Dataset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dataset::FashionMnist => "fashion-mnist",
+            Dataset::Mnist => "mnist",
+        }
+    }
+
+    /// Where Debian's `dataset-*` packages put the files.
+    pub fn default_dir(self) -> &'static str {
+        match self {
+            Dataset::FashionMnist => "/usr/share/datasets/fashion-mnist",
+            Dataset::Mnist => "/usr/share/datasets/mnist",
+        }
+    }
+}
+
+/// `x = (pixel / scale - mean[c]) / std[c]`, the usual torchvision
+/// ToTensor + Normalize pipeline when `scale` is 255.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    /// Divides raw 0-255 pixels; 255 maps them to [0, 1].
+    #[serde(default = "default_scale")]
+    #[schemars(range(min = 1))]
+    pub scale: f32,
+    /// Per-channel mean subtracted after scaling (one value per model input channel).
+    #[serde(default = "default_mean")]
+    #[schemars(length(min = 1))]
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation divided after the mean (all positive).
+    #[serde(default = "default_std")]
+    #[schemars(length(min = 1))]
+    pub std: Vec<f32>,
+}
+
+impl Default for Preprocess {
+    fn default() -> Self {
+        Self {
+            scale: default_scale(),
+            mean: default_mean(),
+            std: default_std(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationSpec {
+    /// Number of training images in the calibration set (NVIDIA's PTQ flow uses about 500).
+    #[serde(default = "default_samples")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub samples: u32,
+    /// Seed of the draw, so the same spec always calibrates on the same images.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl Default for CalibrationSpec {
+    fn default() -> Self {
+        Self {
+            samples: default_samples(),
+            seed: 0,
+        }
+    }
+}
+
+/// The quantization axes. Leave them all out for a baseline-only sweep.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixSpec {
+    /// Calibration methods that derive each activation's amax.
+    #[serde(default)]
+    #[schemars(extend("uniqueItems" = true))]
+    pub calibration: Vec<CalibrationMethod>,
+    /// Whether the skip input of each residual Add is quantized too (default [false]).
+    #[serde(default)]
+    #[schemars(extend("uniqueItems" = true))]
+    pub residual_fusion: Vec<bool>,
+    /// QAT fine-tune epochs; 0 means PTQ only (default [0]).
+    #[serde(default)]
+    #[schemars(extend("uniqueItems" = true))]
+    pub qat_epochs: Vec<u32>,
+}
+
+/// One partial combination of the axes, for `include` and `exclude`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationMethod>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_fusion: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qat_epochs: Option<u32>,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum CalibrationMethod {
+    Max,
+    Mse,
+    Entropy,
+    Percentile,
+}
+
+impl CalibrationMethod {
+    pub const ALL: [CalibrationMethod; 4] = [
+        CalibrationMethod::Max,
+        CalibrationMethod::Mse,
+        CalibrationMethod::Entropy,
+        CalibrationMethod::Percentile,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CalibrationMethod::Max => "max",
+            CalibrationMethod::Mse => "mse",
+            CalibrationMethod::Entropy => "entropy",
+            CalibrationMethod::Percentile => "percentile",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Baseline {
+    Fp32,
+}
+
+impl Baseline {
+    pub fn name(self) -> &'static str {
+        match self {
+            Baseline::Fp32 => "fp32",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateSpec {
+    /// Batch sizes for latency and throughput; accuracy uses the largest.
+    #[serde(default = "default_batch_sizes")]
+    #[schemars(length(min = 1), extend("uniqueItems" = true), inner(range(min = 1, max = 10000)))]
+    pub batch_sizes: Vec<u32>,
+    /// Untimed runs before each latency measurement.
+    #[serde(default = "default_warmup")]
+    pub warmup: u32,
+    /// Timed runs per batch size; p99 needs at least 100 to mean anything.
+    #[serde(default = "default_iterations")]
+    #[schemars(range(min = 1))]
+    pub iterations: u32,
+    /// Intra-op threads; 0 means one per available core.
+    #[serde(default)]
+    pub threads: u32,
+    /// ONNX Runtime execution provider that builds and runs each model: cpu,
+    /// cuda or tensorrt.
+    #[serde(default)]
+    pub engine: Engine,
+}
+
+impl Default for EvaluateSpec {
+    fn default() -> Self {
+        Self {
+            batch_sizes: default_batch_sizes(),
+            warmup: default_warmup(),
+            iterations: default_iterations(),
+            threads: 0,
+            engine: Engine::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    #[default]
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Cpu => "cpu",
+            Engine::Cuda => "cuda",
+            Engine::Tensorrt => "tensorrt",
+        }
+    }
+}
+
+fn default_baselines() -> Vec<Baseline> {
+    vec![Baseline::Fp32]
+}
+fn default_retries() -> u32 {
+    1
+}
+fn default_timeout() -> u64 {
+    3600
+}
+fn default_scale() -> f32 {
+    255.0
+}
+fn default_mean() -> Vec<f32> {
+    vec![0.0]
+}
+fn default_std() -> Vec<f32> {
+    vec![1.0]
+}
+fn default_samples() -> u32 {
+    500
+}
+fn default_batch_sizes() -> Vec<u32> {
+    vec![1, 64]
+}
+fn default_warmup() -> u32 {
+    10
+}
+fn default_iterations() -> u32 {
+    200
+}

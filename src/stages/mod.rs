@@ -1,0 +1,120 @@
+//! The stages a run is made of: parameters and input artifacts in,
+//! an artifact directory and metrics out. A stage knows nothing of where it
+//! runs; the local runner and, later, remote workers call `execute` alike.
+//!
+//! Each stage file declares `VERSION`. Bump it whenever a change to the
+//! stage would change what it writes: the version is part of every content
+//! key, so old artifacts then stop matching instead of being reused.
+
+pub mod build;
+pub mod evaluate;
+pub mod prepare_data;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+use crate::engine::EngineError;
+use crate::matrix::{Run, RunKind};
+use crate::plan::{StageKind, Task};
+use crate::spec::{Engine, SweepSpec};
+use crate::store::{Manifest, ResultsDir};
+use crate::sweep::Sweep;
+
+/// What a stage needs besides its task.
+pub struct StageContext<'a> {
+    pub sweep: &'a Sweep,
+    pub results: &'a ResultsDir,
+    /// Set on Ctrl-C or timeout; long loops check it between batches.
+    pub cancel: &'a AtomicBool,
+}
+
+/// Why a stage attempt failed, and whether trying again could help.
+#[derive(Debug, Error)]
+pub enum StageError {
+    /// A failure that may pass on another attempt (I/O, a runtime hiccup).
+    #[error("{0}")]
+    Retryable(String),
+    /// A failure that will repeat: bad inputs, a model the engine rejects.
+    #[error("{0}")]
+    Fatal(String),
+    #[error("interrupted")]
+    Cancelled,
+}
+
+impl From<std::io::Error> for StageError {
+    fn from(e: std::io::Error) -> Self {
+        StageError::Retryable(e.to_string())
+    }
+}
+
+impl From<EngineError> for StageError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Cancelled => StageError::Cancelled,
+            EngineError::LibraryNotFound { .. } | EngineError::Load { .. } => {
+                StageError::Fatal(e.to_string())
+            }
+            EngineError::Ort { .. } => StageError::Retryable(e.to_string()),
+        }
+    }
+}
+
+impl StageContext<'_> {
+    /// The artifact directory of the input playing `role`.
+    pub fn input_dir(&self, task: &Task, role: &str) -> Result<PathBuf, StageError> {
+        let key = task.input(role).ok_or_else(|| {
+            StageError::Fatal(format!("{} task has no `{role}` input", task.stage))
+        })?;
+        Ok(self.results.artifact_dir(key))
+    }
+}
+
+/// Decodes a task's parameters into the stage's own type.
+pub fn params<T: DeserializeOwned>(task: &Task) -> Result<T, StageError> {
+    serde_json::from_value(task.params.clone()).map_err(|e| {
+        StageError::Fatal(format!("{} task has malformed parameters: {e}", task.stage))
+    })
+}
+
+/// Runs one attempt of a task and seals its artifact.
+pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, StageError> {
+    let staging = context.results.begin(&task.key, task.stage)?;
+    let started = Instant::now();
+    let metrics = match task.stage {
+        StageKind::PrepareData => prepare_data::run(task, context, staging.dir())?,
+        StageKind::Build => build::run(task, context, staging.dir())?,
+        StageKind::Evaluate => evaluate::run(task, context, staging.dir())?,
+        // `unsupported` refuses specs that need these, so only a plan made
+        // by a newer qsweep can get here.
+        StageKind::Calibrate | StageKind::Qat => {
+            return Err(StageError::Fatal(format!(
+                "this qsweep cannot execute {} tasks; upgrade it",
+                task.stage
+            )))
+        }
+    };
+    Ok(staging.commit(metrics, started.elapsed().as_secs_f64())?)
+}
+
+/// Why this build of qsweep cannot execute `run`, if it cannot. A spec
+/// asking for such a run is refused up front: nothing pretends to run.
+pub fn unsupported(run: &Run, spec: &SweepSpec) -> Option<String> {
+    if spec.evaluate.engine != Engine::Cpu {
+        return Some(format!(
+            "engine \"{}\" cannot run yet: this qsweep builds and evaluates on ONNX Runtime's CPU execution provider only",
+            spec.evaluate.engine.name()
+        ));
+    }
+    match run.kind {
+        RunKind::Baseline(_) => None,
+        RunKind::Quantized(recipe) => Some(format!(
+            "run `{}` cannot run yet: this qsweep has no calibrate stage, so calibration method \"{}\" is not available",
+            run.id,
+            recipe.calibration.name()
+        )),
+    }
+}

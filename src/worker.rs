@@ -1,0 +1,115 @@
+//! Runs one task to an outcome: attempts with a timeout, retries as the
+//! spec allows, and a failure record when they are used up.
+//!
+//! Stage code is blocking (ONNX Runtime, file I/O), so each attempt runs on
+//! tokio's blocking pool. A timeout or Ctrl-C cannot kill that thread; it
+//! raises the attempt's cancel flag, which stages check between batches.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::plan::Task;
+use crate::stages::{self, StageContext, StageError};
+use crate::store::{unix_now, FailureRecord, Manifest, ResultsDir};
+use crate::sweep::Sweep;
+
+/// How a task ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Done(Manifest),
+    Failed(FailureRecord),
+    /// Stopped by shutdown; the task stays pending and reruns next time.
+    Cancelled,
+}
+
+/// Retry policy, from the spec.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempts {
+    pub retries: u32,
+    pub timeout: Duration,
+}
+
+/// Runs `task` until it succeeds, fails for good, or shutdown is signalled.
+/// `on_retry` hears about each failed attempt that will be retried.
+pub async fn run_task(
+    task: Arc<Task>,
+    sweep: Arc<Sweep>,
+    results: ResultsDir,
+    policy: Attempts,
+    mut shutdown: watch::Receiver<bool>,
+    on_retry: impl Fn(u32, &str),
+) -> Outcome {
+    let mut last_error = String::new();
+    let mut attempt = 0;
+    while attempt <= policy.retries {
+        attempt += 1;
+        if *shutdown.borrow() {
+            return Outcome::Cancelled;
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        let handle = tokio::task::spawn_blocking({
+            let (task, sweep, results, cancel) =
+                (task.clone(), sweep.clone(), results.clone(), cancel.clone());
+            move || {
+                stages::execute(
+                    &task,
+                    &StageContext {
+                        sweep: &sweep,
+                        results: &results,
+                        cancel: &cancel,
+                    },
+                )
+            }
+        });
+        tokio::pin!(handle);
+        let result = tokio::select! {
+            joined = &mut handle => joined.unwrap_or_else(|panic| Err(StageError::Fatal(format!("the stage panicked: {panic}")))),
+            _ = tokio::time::sleep(policy.timeout) => {
+                cancel.store(true, Ordering::Relaxed);
+                let _ = (&mut handle).await;
+                Err(StageError::Retryable(format!("timed out after {}s", policy.timeout.as_secs())))
+            }
+            // The guard `wait_for` returns must not live across the await below.
+            _ = async { drop(shutdown.wait_for(|stop| *stop).await) } => {
+                cancel.store(true, Ordering::Relaxed);
+                let _ = (&mut handle).await;
+                return Outcome::Cancelled;
+            }
+        };
+        match result {
+            Ok(manifest) => {
+                let _ = results.clear_failure(&task.key);
+                return Outcome::Done(manifest);
+            }
+            Err(StageError::Cancelled) => return Outcome::Cancelled,
+            Err(StageError::Fatal(message)) => {
+                last_error = message;
+                break;
+            }
+            Err(StageError::Retryable(message)) => {
+                if attempt <= policy.retries {
+                    on_retry(attempt, &message);
+                }
+                last_error = message;
+            }
+        }
+    }
+    let record = FailureRecord {
+        key: task.key.clone(),
+        stage: task.stage,
+        attempts: attempt,
+        error: last_error,
+        failed_unix: unix_now(),
+    };
+    if let Err(e) = results.record_failure(&record) {
+        tracing::error!(
+            "cannot record the failure of {} {}: {e}",
+            task.stage,
+            task.key.short()
+        );
+    }
+    Outcome::Failed(record)
+}
