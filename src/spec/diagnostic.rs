@@ -260,7 +260,7 @@ mod tests {
             "{\n  \"matrix\": {\n    \"calibration\": [\"max\", \"mse2\"]\n  },\n  \"bogus\": 1\n}";
         let map = SourceMap::new(text);
         let path = JsonPath::parse("matrix.calibration").index(1);
-        assert_eq!(map.locate(&path), (3, 29));
+        assert_eq!(map.locate(&path), (3, 28));
         assert_eq!(map.locate_key(&JsonPath::root(), "bogus"), (5, 3));
         // A missing member is reported where its parent is.
         assert_eq!(map.locate(&JsonPath::parse("matrix.qat_epochs")), (2, 3));

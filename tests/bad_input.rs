@@ -1,0 +1,260 @@
+//! Bad input gets a clear error that names the file, the JSON path, the
+//! line and column, what was expected and a fix; exits 2; and writes
+//! nothing.
+
+mod common;
+
+use std::path::Path;
+
+use candle_onnx::onnx;
+use common::*;
+use prost::Message;
+
+/// Runs `qsweep run` on a spec and checks the common contract of bad input:
+/// exit code 2 and no results directory. Returns stderr.
+fn refused(spec_text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    refused_in(dir.path(), spec_text)
+}
+
+fn refused_in(dir: &Path, spec_text: &str) -> String {
+    let spec = write(dir, "spec.json", spec_text);
+    let results = dir.join("results");
+    let output = qsweep(&[
+        "run",
+        spec.to_str().unwrap(),
+        "--results",
+        results.to_str().unwrap(),
+    ]);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "stderr: {err}");
+    assert!(!results.exists(), "nothing may be written for bad input");
+    let validated = qsweep(&["validate", spec.to_str().unwrap()]);
+    assert_eq!(validated.status.code(), Some(2));
+    assert_eq!(
+        stderr(&validated),
+        err,
+        "validate and run report the same errors"
+    );
+    assert!(err.contains("spec.json"), "the error names the file: {err}");
+    assert!(err.contains("fix:"), "the error says what to do: {err}");
+    err
+}
+
+#[test]
+fn malformed_json_points_at_the_spot() {
+    let err = refused("{\n  \"name\": \"x\"\n  \"model\": \"m.onnx\"\n}");
+    assert!(err.contains("spec.json:3:3"), "{err}");
+    assert!(err.contains("malformed JSON"), "{err}");
+}
+
+#[test]
+fn unknown_field_suggests_the_right_name() {
+    let err = refused(&quick_spec_json("\"retreis\": 2"));
+    assert!(err.contains("$.retreis: unknown field `retreis`"), "{err}");
+    assert!(err.contains("did you mean `retries`?"), "{err}");
+    assert!(
+        err.contains("spec.json:6:3: $.retreis"),
+        "line and column of the key: {err}"
+    );
+}
+
+#[test]
+fn wrong_type_says_what_was_expected() {
+    let err = refused(&quick_spec_json("\"retries\": \"two\""));
+    assert!(
+        err.contains("$.retries: \"two\" has the wrong type"),
+        "{err}"
+    );
+    assert!(err.contains("expected: an integer"), "{err}");
+}
+
+#[test]
+fn unknown_calibration_method_lists_the_methods() {
+    let err = refused(&quick_spec_json(
+        r#""matrix": { "calibration": ["mse", "histogram"] }"#,
+    ));
+    assert!(
+        err.contains("$.matrix.calibration[1]: \"histogram\" is not an allowed value"),
+        "{err}"
+    );
+    assert!(
+        err.contains(r#"expected: one of "max", "mse", "entropy", "percentile""#),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let err = refused(&quick_spec_json(
+        r#""retries": -1, "timeout": "soon", "colour": 1"#,
+    ));
+    assert!(err.contains("has 3 errors"), "{err}");
+    for path in ["$.retries", "$.timeout", "$.colour"] {
+        assert!(err.contains(path), "{path} missing from: {err}");
+    }
+}
+
+#[test]
+fn a_sweep_with_no_run_is_refused() {
+    let err = refused(&quick_spec_json(r#""baselines": []"#));
+    assert!(err.contains("the sweep has no run"), "{err}");
+}
+
+#[test]
+fn exclude_removing_everything_is_refused() {
+    let err = refused(&quick_spec_json(
+        r#""baselines": [], "matrix": { "calibration": ["max"] }, "exclude": [{ "calibration": "max" }]"#,
+    ));
+    assert!(err.contains("`exclude` removes every run"), "{err}");
+}
+
+/// Axis values are valid spec, but no stage can execute them yet; the spec
+/// is refused rather than pretending to run them.
+#[test]
+fn quantized_runs_are_refused_until_a_stage_can_run_them() {
+    let err = refused(&quick_spec_json(r#""matrix": { "calibration": ["mse"] }"#));
+    assert!(err.contains("$.matrix.calibration"), "{err}");
+    assert!(err.contains("cannot run yet"), "{err}");
+}
+
+#[test]
+fn missing_model_file() {
+    let text = quick_spec_json("").replace(
+        reference_model().to_str().unwrap(),
+        "/nonexistent/model.onnx",
+    );
+    let err = refused(&text);
+    assert!(
+        err.contains("$.model") && err.contains("/nonexistent/model.onnx"),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_model_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write(
+        dir.path(),
+        "model.onnx",
+        "this is not protobuf at all, just text",
+    );
+    let text =
+        quick_spec_json("").replace(reference_model().to_str().unwrap(), model.to_str().unwrap());
+    let err = refused_in(dir.path(), &text);
+    assert!(err.contains("is not a valid ONNX model"), "{err}");
+}
+
+#[test]
+fn model_whose_input_does_not_match_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("rgb.onnx");
+    std::fs::write(&model, rgb_identity_model()).unwrap();
+    let text =
+        quick_spec_json("").replace(reference_model().to_str().unwrap(), model.to_str().unwrap());
+    let err = refused_in(dir.path(), &text);
+    assert!(
+        err.contains("has shape [N, 3, 32, 32], but fashion-mnist images are [batch, 1, 28, 28]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = quick_spec_json("").replace(
+        r#""data": { "#,
+        &format!(
+            r#""data": {{ "dir": "{}", "#,
+            dir.path().join("no-such-dir").display()
+        ),
+    );
+    let err = refused_in(dir.path(), &text);
+    assert!(
+        err.contains("the fashion-mnist dataset is missing"),
+        "{err}"
+    );
+    assert!(
+        err.contains("apt-get install dataset-fashion-mnist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn results_directory_that_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(dir.path(), "spec.json", &quick_spec_json(""));
+    let blocker = write(dir.path(), "a-file", "");
+    let results = blocker.join("results");
+    let output = qsweep(&[
+        "run",
+        spec.to_str().unwrap(),
+        "--results",
+        results.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(
+        err.contains("cannot write results to") && err.contains("--results"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_flags_exit_2() {
+    assert_eq!(qsweep(&["run"]).status.code(), Some(2));
+    assert_eq!(
+        qsweep(&["run", "x.json", "--jobs", "0"]).status.code(),
+        Some(2)
+    );
+}
+
+/// A one-node model that takes 3x32x32 images, like a CIFAR network would.
+fn rgb_identity_model() -> Vec<u8> {
+    use onnx::tensor_shape_proto::{dimension::Value as D, Dimension};
+    let dims = |values: &[i64]| onnx::TensorShapeProto {
+        dim: std::iter::once(Dimension {
+            value: Some(D::DimParam("N".into())),
+            denotation: String::new(),
+        })
+        .chain(values.iter().map(|&v| Dimension {
+            value: Some(D::DimValue(v)),
+            denotation: String::new(),
+        }))
+        .collect(),
+    };
+    let info = |name: &str, shape: &[i64]| onnx::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(onnx::TypeProto {
+            value: Some(onnx::type_proto::Value::TensorType(
+                onnx::type_proto::Tensor {
+                    elem_type: 1,
+                    shape: Some(dims(shape)),
+                },
+            )),
+            denotation: String::new(),
+        }),
+        ..Default::default()
+    };
+    onnx::ModelProto {
+        ir_version: 8,
+        opset_import: vec![onnx::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(onnx::GraphProto {
+            name: "rgb".into(),
+            node: vec![onnx::NodeProto {
+                op_type: "Identity".into(),
+                input: vec!["x".into()],
+                output: vec!["y".into()],
+                ..Default::default()
+            }],
+            input: vec![info("x", &[3, 32, 32])],
+            output: vec![info("y", &[3, 32, 32])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}

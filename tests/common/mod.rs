@@ -1,0 +1,55 @@
+//! Helpers shared by the integration tests, which drive the real `qsweep`
+//! binary against the real dataset and a real ONNX Runtime.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn qsweep(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qsweep"))
+        .args(args)
+        .output()
+        .expect("qsweep starts")
+}
+
+pub fn reference_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/models/fashion-resnet8.onnx")
+}
+
+pub fn reference_spec() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/fashion-resnet.json")
+}
+
+/// A spec for the reference model, with quick evaluation settings; `extra`
+/// is spliced in as more top-level fields.
+pub fn quick_spec_json(extra: &str) -> String {
+    format!(
+        r#"{{
+  "name": "quick",
+  "model": "{}",
+  "data": {{ "preprocess": {{ "mean": [0.2860], "std": [0.3530] }} }},
+  "evaluate": {{ "batch_sizes": [1, 64], "warmup": 2, "iterations": 20, "threads": 1 }}{}
+}}"#,
+        reference_model().display(),
+        if extra.is_empty() {
+            String::new()
+        } else {
+            format!(",\n  {extra}")
+        }
+    )
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).to_string()
+}

@@ -1,0 +1,243 @@
+//! End-to-end sweeps through the real binary: real Fashion-MNIST, real
+//! ONNX Runtime, real files.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn run_into(spec: &Path, results: &Path) -> std::process::Output {
+    qsweep(&[
+        "run",
+        spec.to_str().unwrap(),
+        "--results",
+        results.to_str().unwrap(),
+    ])
+}
+
+fn csv_rows(results: &Path) -> Vec<csv::StringRecord> {
+    csv::Reader::from_path(results.join("runs.csv"))
+        .unwrap()
+        .records()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// The reference sweep measures the committed model for real, writes every
+/// report, and a rerun skips everything.
+#[test]
+fn reference_sweep_measures_reports_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let results = dir.path().join("results");
+    let first = run_into(&reference_spec(), &results);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert!(
+        stderr(&first).contains("3 task(s) executed, 0 reused"),
+        "{}",
+        stderr(&first)
+    );
+
+    let csv_text = fs::read_to_string(results.join("runs.csv")).unwrap();
+    assert!(csv_text.starts_with(
+        "run,calibration,residual_fusion,qat_epochs,status,accuracy,accuracy_delta,latency_p50_ms,latency_p99_ms,throughput,"
+    ));
+    let rows = csv_rows(&results);
+    assert_eq!(rows.len(), 1);
+    let fp32 = &rows[0];
+    assert_eq!((&fp32[0], &fp32[1], &fp32[4]), ("fp32", "", "ok"));
+    let accuracy: f64 = fp32[5].parse().unwrap();
+    assert!(
+        accuracy >= 91.0,
+        "reference model top-1 {accuracy}% is below the 91% floor"
+    );
+    let (p50, p99): (f64, f64) = (fp32[7].parse().unwrap(), fp32[8].parse().unwrap());
+    assert!(p50 > 0.0 && p99 >= p50, "p50 {p50} p99 {p99}");
+
+    let jsonl = fs::read_to_string(results.join("runs.jsonl")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(jsonl.lines().next().unwrap()).unwrap();
+    assert_eq!(record["evaluation"]["test_images"], 10000);
+    assert_eq!(record["evaluation"]["threads"], 2);
+    assert_eq!(record["evaluation"]["latency"].as_array().unwrap().len(), 2);
+    assert!(record["evaluation"]["onnxruntime"]
+        .as_str()
+        .unwrap()
+        .starts_with("1.31"));
+
+    let summary = fs::read_to_string(results.join("summary.md")).unwrap();
+    assert!(summary.contains("| Model | Accuracy | Performance | Note |"));
+    assert!(summary.contains(&format!("| fp32 | {accuracy:.2}% |")));
+    let svg = fs::read_to_string(results.join("accuracy_latency.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("fp32"));
+
+    let second = run_into(&reference_spec(), &results);
+    assert_eq!(second.status.code(), Some(0));
+    assert!(
+        stderr(&second).contains("0 task(s) executed, 3 reused"),
+        "{}",
+        stderr(&second)
+    );
+
+    // `report` regenerates the same table from stored results alone.
+    fs::remove_file(results.join("runs.csv")).unwrap();
+    let report = qsweep(&["report", results.to_str().unwrap()]);
+    assert_eq!(report.status.code(), Some(0), "{}", stderr(&report));
+    assert_eq!(
+        fs::read_to_string(results.join("runs.csv")).unwrap(),
+        csv_text
+    );
+
+    // `plan` sees that everything is cached.
+    let plan = qsweep(&[
+        "plan",
+        reference_spec().to_str().unwrap(),
+        "--json",
+        "--results",
+        results.to_str().unwrap(),
+    ]);
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let tasks = plan["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 3);
+    assert!(tasks.iter().all(|t| t["cached"] == true), "{plan}");
+}
+
+/// An artifact whose file was damaged after completion is not trusted:
+/// the rerun executes that stage again and only that stage.
+#[test]
+fn damaged_artifact_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(dir.path(), "spec.json", &quick_spec_json(""));
+    let results = dir.path().join("results");
+    assert_eq!(run_into(&spec, &results).status.code(), Some(0));
+
+    let artifacts = results.join("artifacts");
+    let prepared = fs::read_dir(&artifacts)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("images.npy").exists())
+        .expect("the prepare-data artifact");
+    let mut bytes = fs::read(prepared.join("images.npy")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(prepared.join("images.npy"), bytes).unwrap();
+
+    let rerun = run_into(&spec, &results);
+    assert_eq!(rerun.status.code(), Some(0), "{}", stderr(&rerun));
+    assert!(
+        stderr(&rerun).contains("1 task(s) executed, 2 reused"),
+        "{}",
+        stderr(&rerun)
+    );
+}
+
+/// A stage that overruns its timeout is retried as the spec says, then its
+/// run is marked failed with the error kept; reports are still written and
+/// the exit code says some runs failed.
+#[test]
+fn a_stage_past_its_timeout_fails_its_run_after_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = quick_spec_json(r#""retries": 1, "timeout": 1"#)
+        .replace(r#""iterations": 20"#, r#""iterations": 100000000"#);
+    let spec = write(dir.path(), "spec.json", &text);
+    let results = dir.path().join("results");
+    let output = run_into(&spec, &results);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("retry  evaluate") || err.contains("] retry"),
+        "{err}"
+    );
+
+    let rows = csv_rows(&results);
+    assert_eq!(&rows[0][4], "failed");
+    let error = &rows[0][rows[0].len() - 1];
+    assert!(
+        error.contains("evaluate failed after 2 attempt(s): timed out after 1s"),
+        "{error}"
+    );
+    let summary = fs::read_to_string(results.join("summary.md")).unwrap();
+    assert!(
+        summary.contains("failed: evaluate failed after 2 attempt(s)"),
+        "{summary}"
+    );
+}
+
+/// Ctrl-C stops the sweep promptly without recording the interrupted stage
+/// as done; running the same command again resumes after the finished ones.
+#[test]
+fn ctrl_c_stops_cleanly_and_the_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = quick_spec_json("").replace(r#""iterations": 20"#, r#""iterations": 100000000"#);
+    let spec = write(dir.path(), "spec.json", &slow);
+    let results = dir.path().join("results");
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qsweep"))
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--results",
+            results.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("start evaluate")
+    {
+        assert!(Instant::now() < deadline, "evaluate never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let interrupted_at = Instant::now();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "{}",
+        fs::read_to_string(&log).unwrap()
+    );
+    assert!(
+        interrupted_at.elapsed() < Duration::from_secs(10),
+        "Ctrl-C took too long to stop the sweep"
+    );
+    assert_eq!(&csv_rows(&results)[0][4], "pending");
+    let leftovers: Vec<_> = fs::read_dir(results.join("artifacts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "staging directories left behind: {leftovers:?}"
+    );
+
+    let quick = write(dir.path(), "spec.json", &quick_spec_json(""));
+    let resumed = run_into(&quick, &results);
+    let err = stderr(&resumed);
+    assert_eq!(resumed.status.code(), Some(0), "{err}");
+    assert!(err.contains("1 task(s) executed, 2 reused"), "{err}");
+}
+
+/// experiments/schema.json is what `qsweep schema` prints.
+#[test]
+fn committed_schema_matches_the_binary() {
+    let printed = qsweep(&["schema"]);
+    let committed =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/schema.json"))
+            .unwrap();
+    assert_eq!(
+        stdout(&printed),
+        committed,
+        "regenerate it: qsweep schema > experiments/schema.json"
+    );
+}
