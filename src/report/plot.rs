@@ -69,18 +69,16 @@ pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult]) -> String {
                     .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED))
             });
         for (index, &(name, latency, accuracy)) in finished.iter().enumerate() {
-            let on_front = front.contains(&index);
-            let color = if on_front { RED } else { BLUE };
-            let _ = chart.draw_series(std::iter::once(Circle::new(
-                (latency, accuracy),
-                5,
-                color.filled(),
-            )));
-            let _ = chart.draw_series(std::iter::once(Text::new(
-                name.to_string(),
-                (latency, accuracy),
-                ("sans-serif", 13).into_font().color(&BLACK),
-            )));
+            let color = if front.contains(&index) { RED } else { BLUE };
+            // The label sits beside its dot, not on it.
+            let point = EmptyElement::at((latency, accuracy))
+                + Circle::new((0, 0), 5, color.filled())
+                + Text::new(
+                    name.to_string(),
+                    (8, -14),
+                    ("sans-serif", 13).into_font().color(&BLACK),
+                );
+            let _ = chart.draw_series(std::iter::once(point));
         }
         let _ = chart
             .configure_series_labels()
