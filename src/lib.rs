@@ -27,6 +27,7 @@ pub mod matrix;
 pub mod onnx;
 pub mod plan;
 pub mod progress;
+pub mod quant;
 pub mod report;
 pub mod runner;
 pub mod spec;

@@ -1,0 +1,149 @@
+//! A streaming histogram of |x|, built batch by batch so that memory stays
+//! bounded by the number of bins whatever the number of samples.
+//!
+//! The first batch with a non-zero value fixes the bin width: 2048 bins over
+//! [0, that batch's max]. A later batch that exceeds the range appends bins
+//! of the same width, so counts are never rebinned and never lose
+//! resolution, as pytorch_quantization's HistogramCalibrator does.
+
+use serde::{Deserialize, Serialize};
+
+/// Bins over the first batch's range.
+pub const INITIAL_BINS: usize = 2048;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// Zero until a non-zero value has been seen.
+    pub bin_width: f32,
+    pub counts: Vec<u64>,
+    /// Running max of |x|, the `max` method's amax.
+    pub max: f32,
+    /// Values seen while all were zero, before the width was known.
+    pending_zeros: u64,
+}
+
+/// A batch held NaN or infinity, which no scale can represent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonFinite {
+    pub count: usize,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Histogram {
+    pub fn new() -> Self {
+        Self {
+            bin_width: 0.0,
+            counts: Vec::new(),
+            max: 0.0,
+            pending_zeros: 0,
+        }
+    }
+
+    /// Adds a batch of values. Refuses NaN and infinity without adding
+    /// anything, as they mean the model or data is broken.
+    pub fn add(&mut self, values: &[f32]) -> Result<(), NonFinite> {
+        let mut batch_max = 0.0f32;
+        let mut non_finite = 0usize;
+        for &v in values {
+            if !v.is_finite() {
+                non_finite += 1;
+            }
+            batch_max = batch_max.max(v.abs());
+        }
+        if non_finite > 0 {
+            return Err(NonFinite { count: non_finite });
+        }
+        self.max = self.max.max(batch_max);
+        if self.bin_width == 0.0 {
+            if batch_max == 0.0 {
+                self.pending_zeros += values.len() as u64;
+                return Ok(());
+            }
+            self.bin_width = batch_max / INITIAL_BINS as f32;
+            self.counts = vec![0; INITIAL_BINS];
+            self.counts[0] += std::mem::take(&mut self.pending_zeros);
+        }
+        let needed = (batch_max / self.bin_width).ceil() as usize;
+        if needed > self.counts.len() {
+            self.counts.resize(needed, 0);
+        }
+        let last = self.counts.len() - 1;
+        let inverse_width = 1.0 / self.bin_width;
+        for &v in values {
+            let bin = ((v.abs() * inverse_width) as usize).min(last);
+            self.counts[bin] += 1;
+        }
+        Ok(())
+    }
+
+    /// Every value added so far.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum::<u64>() + self.pending_zeros
+    }
+
+    /// Upper edge of bin `i`.
+    pub fn edge(&self, i: usize) -> f32 {
+        i as f32 * self.bin_width
+    }
+
+    /// Whether every value seen was zero (or none were seen).
+    pub fn is_dead(&self) -> bool {
+        self.bin_width == 0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_nonzero_batch_fixes_2048_bins() {
+        let mut h = Histogram::new();
+        h.add(&[0.0, 0.0]).unwrap();
+        h.add(&[-2.0, 1.0, 0.5]).unwrap();
+        assert_eq!(h.counts.len(), 2048);
+        assert_eq!(h.bin_width, 2.0 / 2048.0);
+        assert_eq!(h.total(), 5);
+        assert_eq!(h.counts[0], 2, "early zeros land in bin 0");
+        assert_eq!(h.counts[2047], 1, "the max lands in the last bin");
+        assert_eq!(h.counts[1024], 1);
+    }
+
+    /// Growth appends bins of the same width, and every count survives.
+    #[test]
+    fn growth_keeps_width_and_loses_no_counts() {
+        let mut h = Histogram::new();
+        h.add(&[1.0, 0.25]).unwrap();
+        let width = h.bin_width;
+        h.add(&[3.0, -2.5, 0.25]).unwrap();
+        assert_eq!(h.bin_width, width);
+        assert_eq!(h.counts.len(), 3 * 2048);
+        assert_eq!(h.total(), 5);
+        assert_eq!(
+            h.counts[512], 2,
+            "0.25 twice, in the same bin before and after growth"
+        );
+        assert_eq!(h.counts[2047], 1, "1.0 stays in the old top bin");
+        assert_eq!(
+            (h.counts[5120], h.counts[6143]),
+            (1, 1),
+            "2.5 and 3.0 in the new bins"
+        );
+        assert_eq!(h.max, 3.0);
+    }
+
+    #[test]
+    fn non_finite_values_are_refused_whole() {
+        let mut h = Histogram::new();
+        assert_eq!(
+            h.add(&[1.0, f32::NAN, f32::INFINITY]),
+            Err(NonFinite { count: 2 })
+        );
+        assert_eq!(h.total(), 0);
+    }
+}

@@ -1,0 +1,5 @@
+//! Quantization math: streaming histograms, the calibration methods that
+//! turn them into amax values, and the Q/DQ rewrite of ONNX graphs.
+
+pub mod amax;
+pub mod histogram;
