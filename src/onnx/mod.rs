@@ -5,6 +5,8 @@
 //! prost from the official onnx.proto at build time), so no schema or
 //! generated code is copied into this repository.
 
+pub mod graph;
+
 use std::path::{Path, PathBuf};
 
 pub use candle_onnx::onnx::ModelProto;
