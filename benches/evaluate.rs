@@ -21,10 +21,7 @@ use qsweep::spec::{Dataset, Preprocess};
 const BATCH: usize = 64;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -38,32 +35,19 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("experiments/models/fashion-resnet8.onnx");
 
-    let raw = data::load_split(
-        Dataset::FashionMnist,
-        Path::new(Dataset::FashionMnist.default_dir()),
-        Split::Test,
-    )
-    .expect("the Fashion-MNIST test split (run scripts/setup)");
-    let preprocess = Preprocess {
-        scale: 255.0,
-        mean: vec![0.2860],
-        std: vec![0.3530],
-    };
+    let raw = data::load_split(Dataset::FashionMnist, Path::new(Dataset::FashionMnist.default_dir()), Split::Test)
+        .expect("the Fashion-MNIST test split (run scripts/setup)");
+    let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530] };
     let tensors = raw.preprocess(&preprocess, None);
     let scratch = tempfile::tempdir().unwrap();
-    let (images_path, labels_path) = (
-        scratch.path().join("images.npy"),
-        scratch.path().join("labels.npy"),
-    );
+    let (images_path, labels_path) = (scratch.path().join("images.npy"), scratch.path().join("labels.npy"));
     tensor_file::write_npy(&images_path, &tensors.images.view().into_dyn()).unwrap();
     tensor_file::write_npy(&labels_path, &tensors.labels.view().into_dyn()).unwrap();
     let labels = tensors.labels.to_vec();
 
     let never = AtomicBool::new(false);
-    let mut session =
-        InferenceSession::open(&model, threads, None).expect("ONNX Runtime (run scripts/setup)");
-    let rust_accuracy =
-        engine::accuracy(&mut session, tensors.images.view(), &labels, BATCH, &never).unwrap();
+    let mut session = InferenceSession::open(&model, threads, None).expect("ONNX Runtime (run scripts/setup)");
+    let rust_accuracy = engine::accuracy(&mut session, tensors.images.view(), &labels, BATCH, &never).unwrap();
     let mut rust_seconds: Vec<f64> = (0..repeats)
         .map(|_| {
             let started = Instant::now();
@@ -79,39 +63,19 @@ fn main() {
         .args([threads.to_string(), BATCH.to_string(), repeats.to_string()])
         .output()
         .expect("the .venv Python with onnxruntime (run scripts/setup)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let peer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let mut python_seconds: Vec<f64> = peer["pass_seconds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let mut python_seconds: Vec<f64> =
+        peer["pass_seconds"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let python_accuracy = peer["accuracy"].as_f64().unwrap();
 
     let (rust, python) = (median(&mut rust_seconds), median(&mut python_seconds));
-    println!("evaluate fp32 reference model, 10,000 images, batch {BATCH}, {threads} intra-op threads, median of {repeats}");
     println!(
-        "  qsweep (ort crate)      {:>8.1} ms  top-1 {:.2}%",
-        rust * 1e3,
-        rust_accuracy * 100.0
+        "evaluate fp32 reference model, 10,000 images, batch {BATCH}, {threads} intra-op threads, median of {repeats}"
     );
-    println!(
-        "  onnxruntime Python API  {:>8.1} ms  top-1 {:.2}%",
-        python * 1e3,
-        python_accuracy * 100.0
-    );
-    println!(
-        "  ratio qsweep / Python   {:>8.3}  (target <= 1.10)",
-        rust / python
-    );
+    println!("  qsweep (ort crate)      {:>8.1} ms  top-1 {:.2}%", rust * 1e3, rust_accuracy * 100.0);
+    println!("  onnxruntime Python API  {:>8.1} ms  top-1 {:.2}%", python * 1e3, python_accuracy * 100.0);
+    println!("  ratio qsweep / Python   {:>8.3}  (target <= 1.10)", rust / python);
     println!("  ONNX Runtime {}", engine::runtime().unwrap().version);
-    assert_eq!(
-        rust_accuracy, python_accuracy,
-        "both sides must compute the same predictions"
-    );
+    assert_eq!(rust_accuracy, python_accuracy, "both sides must compute the same predictions");
 }

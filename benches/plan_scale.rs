@@ -32,10 +32,7 @@ fn main() {
                         "residual_fusion": [false, true], "qat_epochs": [{}]}}}}"#,
         epochs.join(", ")
     );
-    let sources = Sources {
-        model_digest: "0".repeat(64),
-        data_digest: "0".repeat(64),
-    };
+    let sources = Sources { model_digest: "0".repeat(64), data_digest: "0".repeat(64) };
 
     let mut best = f64::MAX;
     let mut shape = (0, 0);
@@ -47,13 +44,7 @@ fn main() {
         best = best.min(started.elapsed().as_secs_f64());
         shape = (plan.runs.len(), plan.tasks.len());
     }
-    println!(
-        "plan a 10,000-run spec: {} runs, {} distinct tasks",
-        shape.0, shape.1
-    );
-    println!(
-        "  time      {:>8.1} ms  (best of 5; target < 1000 ms)",
-        best * 1e3
-    );
+    println!("plan a 10,000-run spec: {} runs, {} distinct tasks", shape.0, shape.1);
+    println!("  time      {:>8.1} ms  (best of 5; target < 1000 ms)", best * 1e3);
     println!("  peak RSS  {:>8.1} MB  (target < 200 MB)", peak_rss_mb());
 }

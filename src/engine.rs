@@ -38,10 +38,7 @@ pub enum EngineError {
 impl EngineError {
     fn ort(doing: impl Into<String>) -> impl FnOnce(ort::Error) -> EngineError {
         let doing = doing.into();
-        move |e| EngineError::Ort {
-            doing,
-            message: e.to_string(),
-        }
+        move |e| EngineError::Ort { doing, message: e.to_string() }
     }
 }
 
@@ -57,29 +54,21 @@ pub struct Runtime {
 pub fn runtime() -> Result<&'static Runtime, EngineError> {
     static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
     let loaded = RUNTIME.get_or_init(|| load_runtime().map_err(|e| e.to_string()));
-    loaded.as_ref().map_err(|message| EngineError::Load {
-        path: PathBuf::from("libonnxruntime"),
-        reason: message.clone(),
-    })
+    loaded
+        .as_ref()
+        .map_err(|message| EngineError::Load { path: PathBuf::from("libonnxruntime"), reason: message.clone() })
 }
 
 fn load_runtime() -> Result<Runtime, EngineError> {
     let library = find_library()?;
-    let load_error = |reason: String| EngineError::Load {
-        path: library.clone(),
-        reason,
-    };
+    let load_error = |reason: String| EngineError::Load { path: library.clone(), reason };
     let environment = ort::init_from(&library)
         .map_err(|e| load_error(e.to_string()))?
         .with_name("qsweep")
         .build()
         .map_err(|e| load_error(e.to_string()))?;
     let version = library_version(&library).unwrap_or_else(|| "unknown".to_string());
-    Ok(Runtime {
-        environment,
-        library,
-        version,
-    })
+    Ok(Runtime { environment, library, version })
 }
 
 /// "1.31.1" from `libonnxruntime.so.1.31.1` or a symlink to it; the
@@ -111,10 +100,7 @@ pub fn find_library() -> Result<PathBuf, EngineError> {
     }
     // target/<profile>/qsweep -> the checkout's .venv, so the binary works
     // from any directory after scripts/setup.
-    if let Some(checkout) = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
-    {
+    if let Some(checkout) = std::env::current_exe().ok().and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf)) {
         roots.push(checkout.join(".venv"));
     }
     for root in &roots {
@@ -127,13 +113,8 @@ pub fn find_library() -> Result<PathBuf, EngineError> {
             return Ok(found);
         }
     }
-    let searched = roots
-        .iter()
-        .map(|r| r.display().to_string())
-        .chain(["python3's site-packages".to_string()]);
-    Err(EngineError::LibraryNotFound {
-        searched: searched.collect::<Vec<_>>().join(", "),
-    })
+    let searched = roots.iter().map(|r| r.display().to_string()).chain(["python3's site-packages".to_string()]);
+    Err(EngineError::LibraryNotFound { searched: searched.collect::<Vec<_>>().join(", ") })
 }
 
 fn library_in_venv(root: &Path) -> Option<PathBuf> {
@@ -141,15 +122,10 @@ fn library_in_venv(root: &Path) -> Option<PathBuf> {
     let mut pythons: Vec<PathBuf> = std::fs::read_dir(&lib)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
-        })
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3")))
         .collect();
     pythons.sort();
-    pythons
-        .iter()
-        .find_map(|python| library_in_package(&python.join("site-packages/onnxruntime")))
+    pythons.iter().find_map(|python| library_in_package(&python.join("site-packages/onnxruntime")))
 }
 
 fn library_in_package(package_dir: &Path) -> Option<PathBuf> {
@@ -157,10 +133,7 @@ fn library_in_package(package_dir: &Path) -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = std::fs::read_dir(&capi)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so"))
-        })
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so")))
         .collect();
     // The fully versioned name sorts last and is the real file.
     candidates.sort();
@@ -171,17 +144,11 @@ fn library_in_package(package_dir: &Path) -> Option<PathBuf> {
 /// nothing from a spec reaches it.
 fn python_package_dir() -> Option<PathBuf> {
     let output = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import os, onnxruntime; print(os.path.dirname(onnxruntime.__file__))",
-        ])
+        .args(["-c", "import os, onnxruntime; print(os.path.dirname(onnxruntime.__file__))"])
         .stderr(std::process::Stdio::null())
         .output()
         .ok()?;
-    output
-        .status
-        .success()
-        .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+    output.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
 }
 
 /// How many intra-op threads `threads = 0` means on this machine.
@@ -205,11 +172,7 @@ impl InferenceSession {
     /// Opens `model` with every graph optimization on. When
     /// `save_optimized` is given, ONNX Runtime writes the optimized graph
     /// there: that file is the "engine" the build stage produces.
-    pub fn open(
-        model: &Path,
-        threads: usize,
-        save_optimized: Option<&Path>,
-    ) -> Result<Self, EngineError> {
+    pub fn open(model: &Path, threads: usize, save_optimized: Option<&Path>) -> Result<Self, EngineError> {
         let runtime = runtime()?;
         let doing = format!("opening {}", model.display());
         let mut builder = Session::builder(&runtime.environment)
@@ -221,17 +184,13 @@ impl InferenceSession {
             .with_inter_threads(1)
             .map_err(|e| EngineError::ort(&doing)(e.into()))?;
         if let Some(path) = save_optimized {
-            builder = builder
-                .with_optimized_model_path(path)
-                .map_err(|e| EngineError::ort(&doing)(e.into()))?;
+            builder = builder.with_optimized_model_path(path).map_err(|e| EngineError::ort(&doing)(e.into()))?;
         }
-        let session = builder
-            .commit_from_file(model)
-            .map_err(EngineError::ort(&doing))?;
-        let input = session.inputs().first().ok_or_else(|| EngineError::Ort {
-            doing: doing.clone(),
-            message: "the model has no inputs".into(),
-        })?;
+        let session = builder.commit_from_file(model).map_err(EngineError::ort(&doing))?;
+        let input = session
+            .inputs()
+            .first()
+            .ok_or_else(|| EngineError::Ort { doing: doing.clone(), message: "the model has no inputs".into() })?;
         let input_name = input.name().to_string();
         let fixed_batch = input
             .dtype()
@@ -239,48 +198,65 @@ impl InferenceSession {
             .and_then(|shape| shape.first().copied())
             .filter(|&d| d > 0)
             .map(|d| d as usize);
-        Ok(Self {
-            session,
-            input_name,
-            fixed_batch,
-        })
+        Ok(Self { session, input_name, fixed_batch })
+    }
+
+    pub fn output_names(&self) -> Vec<String> {
+        self.session.outputs().iter().map(|o| o.name().to_string()).collect()
     }
 
     /// Runs one batch and returns the first output as [batch, classes].
     pub fn run(&mut self, batch: ArrayView4<'_, f32>) -> Result<Array2<f32>, EngineError> {
+        let mut logits = None;
+        self.run_visit(batch, |output, shape, values| {
+            if output == 0 {
+                logits = Some(ndarray::ArrayView::from_shape(shape.to_vec(), values).map(|v| v.to_owned()));
+            }
+        })?;
+        let reading = |message: String| EngineError::Ort { doing: "reading the output".into(), message };
+        let logits =
+            logits.ok_or_else(|| reading("the model has no outputs".into()))?.map_err(|e| reading(e.to_string()))?;
+        logits.into_dimensionality::<ndarray::Ix2>().map_err(|e| reading(format!("expected [batch, classes]: {e}")))
+    }
+
+    /// Runs one batch and hands every output to `visit` as (output index,
+    /// shape, values), with rows that only padded a fixed batch cut off.
+    pub fn run_visit(
+        &mut self,
+        batch: ArrayView4<'_, f32>,
+        mut visit: impl FnMut(usize, &[usize], &[f32]),
+    ) -> Result<(), EngineError> {
         let rows = batch.shape()[0];
         let padded;
         let input = match self.fixed_batch {
             Some(fixed) if fixed > rows => {
-                let mut full = ndarray::Array4::<f32>::zeros((
-                    fixed,
-                    batch.shape()[1],
-                    batch.shape()[2],
-                    batch.shape()[3],
-                ));
+                let mut full =
+                    ndarray::Array4::<f32>::zeros((fixed, batch.shape()[1], batch.shape()[2], batch.shape()[3]));
                 full.slice_mut(s![..rows, .., .., ..]).assign(&batch);
                 padded = full;
                 padded.view()
             }
             _ => batch,
         };
-        let tensor = TensorRef::from_array_view(input)
-            .map_err(EngineError::ort("preparing an input batch"))?;
+        let tensor = TensorRef::from_array_view(input).map_err(EngineError::ort("preparing an input batch"))?;
         let outputs = self
             .session
             .run(ort::inputs![self.input_name.as_str() => tensor])
             .map_err(EngineError::ort("running a batch"))?;
-        let logits = outputs[0]
-            .try_extract_array::<f32>()
-            .map_err(EngineError::ort("reading the output"))?;
-        let logits =
-            logits
-                .into_dimensionality::<ndarray::Ix2>()
-                .map_err(|e| EngineError::Ort {
-                    doing: "reading the output".into(),
-                    message: format!("expected [batch, classes]: {e}"),
-                })?;
-        Ok(logits.slice(s![..rows, ..]).to_owned())
+        for (index, (_, value)) in outputs.iter().enumerate() {
+            let (shape, values) = value.try_extract_tensor::<f32>().map_err(EngineError::ort("reading an output"))?;
+            let mut shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+            let full_rows = shape.first().copied().unwrap_or(0);
+            if full_rows > rows {
+                // A fixed batch was padded: keep only the real rows.
+                let per_row = values.len() / full_rows;
+                shape[0] = rows;
+                visit(index, &shape, &values[..rows * per_row]);
+            } else {
+                visit(index, &shape, values);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -293,10 +269,7 @@ pub fn accuracy(
     cancel: &AtomicBool,
 ) -> Result<f64, EngineError> {
     let mut correct = 0usize;
-    for (chunk, chunk_labels) in images
-        .axis_chunks_iter(Axis(0), batch)
-        .zip(labels.chunks(batch))
-    {
+    for (chunk, chunk_labels) in images.axis_chunks_iter(Axis(0), batch).zip(labels.chunks(batch)) {
         if cancel.load(Ordering::Relaxed) {
             return Err(EngineError::Cancelled);
         }
@@ -304,26 +277,14 @@ pub fn accuracy(
         correct += logits
             .outer_iter()
             .zip(chunk_labels)
-            .filter(|(row, &label)| {
-                argmax(row.as_slice().unwrap_or(&row.to_vec())) == label as usize
-            })
+            .filter(|(row, &label)| argmax(row.as_slice().unwrap_or(&row.to_vec())) == label as usize)
             .count();
     }
     Ok(correct as f64 / labels.len().max(1) as f64)
 }
 
 fn argmax(values: &[f32]) -> usize {
-    values
-        .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 {
-                (i, v)
-            } else {
-                best
-            }
-        })
-        .0
+    values.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0
 }
 
 /// Latency and throughput at one batch size.
@@ -372,11 +333,7 @@ fn summarize(batch: usize, mut times_ms: Vec<f64>) -> LatencyStats {
         p90_ms: percentile(&times_ms, 90.0),
         p99_ms: percentile(&times_ms, 99.0),
         mean_ms,
-        throughput: if mean_ms > 0.0 {
-            batch as f64 * 1e3 / mean_ms
-        } else {
-            0.0
-        },
+        throughput: if mean_ms > 0.0 { batch as f64 * 1e3 / mean_ms } else { 0.0 },
     }
 }
 
@@ -396,10 +353,7 @@ mod tests {
     #[test]
     fn nearest_rank_percentiles() {
         let stats = summarize(4, (1..=100).map(f64::from).collect());
-        assert_eq!(
-            (stats.p50_ms, stats.p90_ms, stats.p99_ms),
-            (50.0, 90.0, 99.0)
-        );
+        assert_eq!((stats.p50_ms, stats.p90_ms, stats.p99_ms), (50.0, 90.0, 99.0));
         assert!((stats.mean_ms - 50.5).abs() < 1e-9);
         assert!((stats.throughput - 4.0 * 1e3 / 50.5).abs() < 1e-9);
     }

@@ -13,11 +13,7 @@ use qsweep::store::ResultsDir;
 use qsweep::{engine, report, runner, spec, sweep};
 
 #[derive(Parser)]
-#[command(
-    name = "qsweep",
-    version,
-    about = "Runs int8 quantization experiment sweeps on CNN models"
-)]
+#[command(name = "qsweep", version, about = "Runs int8 quantization experiment sweeps on CNN models")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,8 +55,7 @@ const USAGE: u8 = 2;
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QSWEEP_LOG")
-                .unwrap_or_else(|_| "warn,ort=error".into()),
+            tracing_subscriber::EnvFilter::try_from_env("QSWEEP_LOG").unwrap_or_else(|_| "warn,ort=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -73,16 +68,8 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Validate { spec } => validate(&spec),
-        Command::Plan {
-            spec,
-            json,
-            results,
-        } => plan(&spec, json, results),
-        Command::Run {
-            spec,
-            jobs,
-            results,
-        } => run(&spec, jobs as usize, results),
+        Command::Plan { spec, json, results } => plan(&spec, json, results),
+        Command::Run { spec, jobs, results } => run(&spec, jobs as usize, results),
         Command::Report { dir } => regenerate_reports(&dir),
         Command::Schema => {
             print!("{}", spec::schema_text());
@@ -108,12 +95,7 @@ fn validate(spec: &Path) -> ExitCode {
     match load(spec) {
         Ok(sweep) => {
             let ids: Vec<&str> = sweep.runs.iter().map(|r| r.id.as_str()).collect();
-            println!(
-                "{} is valid: {} run(s): {}",
-                spec.display(),
-                ids.len(),
-                ids.join(", ")
-            );
+            println!("{} is valid: {} run(s): {}", spec.display(), ids.len(), ids.join(", "));
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -121,9 +103,7 @@ fn validate(spec: &Path) -> ExitCode {
 }
 
 fn make_plan(sweep: &sweep::Sweep) -> Result<Plan, ExitCode> {
-    let sources = sweep
-        .sources()
-        .map_err(|e| fail(format!("cannot fingerprint the model and data: {e}")))?;
+    let sources = sweep.sources().map_err(|e| fail(format!("cannot fingerprint the model and data: {e}")))?;
     Ok(Plan::build(&sweep.spec, &sweep.runs, &sources))
 }
 
@@ -156,18 +136,10 @@ fn plan(spec: &Path, json: bool, results: Option<PathBuf>) -> ExitCode {
             .map(|r| serde_json::json!({"id": r.run.id, "kind": r.run.kind, "tasks": r.tasks}))
             .collect();
         let out = serde_json::json!({"sweep": plan.sweep, "sources": plan.sources, "runs": runs, "tasks": tasks});
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("a plan serializes")
-        );
+        println!("{}", serde_json::to_string_pretty(&out).expect("a plan serializes"));
         return ExitCode::SUCCESS;
     }
-    println!(
-        "sweep {}: {} run(s), {} distinct task(s)\n",
-        plan.sweep,
-        plan.runs.len(),
-        plan.tasks.len()
-    );
+    println!("sweep {}: {} run(s), {} distinct task(s)\n", plan.sweep, plan.runs.len(), plan.tasks.len());
     for run in &plan.runs {
         println!("{}", run.run.id);
         for key in &run.tasks {
@@ -178,19 +150,12 @@ fn plan(spec: &Path, json: bool, results: Option<PathBuf>) -> ExitCode {
                 task.stage.name(),
                 key.short(),
                 if cached(key) { "cached" } else { "to run" },
-                if shared > 1 {
-                    format!(", shared by {shared} runs")
-                } else {
-                    String::new()
-                }
+                if shared > 1 { format!(", shared by {shared} runs") } else { String::new() }
             );
         }
     }
     let to_run = plan.tasks.iter().filter(|t| !cached(&t.key)).count();
-    println!(
-        "\n{to_run} task(s) to run, {} cached",
-        plan.tasks.len() - to_run
-    );
+    println!("\n{to_run} task(s) to run, {} cached", plan.tasks.len() - to_run);
     ExitCode::SUCCESS
 }
 
@@ -216,17 +181,11 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>) -> ExitCode {
             ))
         }
     };
-    if let Err(e) = results
-        .remove_abandoned_staging()
-        .and_then(|_| results.save_plan(&plan))
-    {
+    if let Err(e) = results.remove_abandoned_staging().and_then(|_| results.save_plan(&plan)) {
         return fail(format!("cannot write to {}: {e}", dir.display()));
     }
 
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime starts");
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime starts");
     let summary = tokio.block_on(runner::run(
         Arc::new(sweep),
         Arc::new(plan),
@@ -241,15 +200,9 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>) -> ExitCode {
         Ok(runs) => report::print_table(runs, &dir),
         Err(e) => eprintln!("error: cannot write the reports to {}: {e}", dir.display()),
     }
-    eprintln!(
-        "{} task(s) executed, {} reused from earlier runs",
-        summary.executed_tasks, summary.cached_tasks
-    );
+    eprintln!("{} task(s) executed, {} reused from earlier runs", summary.executed_tasks, summary.cached_tasks);
     if summary.interrupted {
-        eprintln!(
-            "interrupted; `qsweep run {}` resumes where this stopped",
-            spec.display()
-        );
+        eprintln!("interrupted; `qsweep run {}` resumes where this stopped", spec.display());
         ExitCode::from(130)
     } else if summary.counts.failed > 0 || reported.is_err() {
         ExitCode::FAILURE

@@ -53,19 +53,11 @@ pub struct Run {
 
 impl Run {
     pub fn baseline(baseline: Baseline, index: usize) -> Self {
-        Self {
-            id: baseline.name().to_string(),
-            kind: RunKind::Baseline(baseline),
-            origin: Origin::Baseline(index),
-        }
+        Self { id: baseline.name().to_string(), kind: RunKind::Baseline(baseline), origin: Origin::Baseline(index) }
     }
 
     pub fn quantized(recipe: Recipe, origin: Origin) -> Self {
-        Self {
-            id: recipe.run_id(),
-            kind: RunKind::Quantized(recipe),
-            origin,
-        }
+        Self { id: recipe.run_id(), kind: RunKind::Quantized(recipe), origin }
     }
 
     pub fn recipe(&self) -> Option<&Recipe> {
@@ -78,16 +70,8 @@ impl Run {
 
 impl Recipe {
     pub fn run_id(&self) -> String {
-        let fusion = if self.residual_fusion {
-            "fused"
-        } else {
-            "unfused"
-        };
-        let training = if self.qat_epochs == 0 {
-            "ptq".to_string()
-        } else {
-            format!("qat{}", self.qat_epochs)
-        };
+        let fusion = if self.residual_fusion { "fused" } else { "unfused" };
+        let training = if self.qat_epochs == 0 { "ptq".to_string() } else { format!("qat{}", self.qat_epochs) };
         format!("{}-{fusion}-{training}", self.calibration.name())
     }
 }
@@ -173,16 +157,11 @@ pub fn expand(spec: &SweepSpec) -> Result<Vec<Run>, Vec<IncompleteInclude>> {
     }
     for combo in product {
         let recipe = Recipe {
-            calibration: combo
-                .calibration
-                .expect("every combination names a calibration method"),
+            calibration: combo.calibration.expect("every combination names a calibration method"),
             residual_fusion: combo.residual_fusion.unwrap_or(false),
             qat_epochs: combo.qat_epochs.unwrap_or(0),
         };
-        push_unique(Run::quantized(
-            recipe,
-            combo.origin.unwrap_or(Origin::Matrix),
-        ));
+        push_unique(Run::quantized(recipe, combo.origin.unwrap_or(Origin::Matrix)));
     }
     Ok(runs)
 }
@@ -201,27 +180,16 @@ fn excludes(entry: &MatrixEntry, combo: &Combination) -> bool {
     if entry == &MatrixEntry::default() {
         return false;
     }
-    entry
-        .calibration
-        .is_none_or(|c| Some(c) == combo.calibration)
-        && entry
-            .residual_fusion
-            .is_none_or(|f| f == combo.residual_fusion.unwrap_or(false))
-        && entry
-            .qat_epochs
-            .is_none_or(|q| q == combo.qat_epochs.unwrap_or(0))
+    entry.calibration.is_none_or(|c| Some(c) == combo.calibration)
+        && entry.residual_fusion.is_none_or(|f| f == combo.residual_fusion.unwrap_or(false))
+        && entry.qat_epochs.is_none_or(|q| q == combo.qat_epochs.unwrap_or(0))
 }
 
 /// Whether an include entry can extend a combination without overwriting a
 /// value that came from an axis the matrix named.
 fn fits(entry: &MatrixEntry, combo: &Combination, named_fusion: bool, named_qat: bool) -> bool {
-    entry
-        .calibration
-        .is_none_or(|c| Some(c) == combo.calibration)
-        && (!named_fusion
-            || entry
-                .residual_fusion
-                .is_none_or(|f| Some(f) == combo.residual_fusion))
+    entry.calibration.is_none_or(|c| Some(c) == combo.calibration)
+        && (!named_fusion || entry.residual_fusion.is_none_or(|f| Some(f) == combo.residual_fusion))
         && (!named_qat || entry.qat_epochs.is_none_or(|q| Some(q) == combo.qat_epochs))
 }
 
@@ -244,13 +212,7 @@ mod tests {
         );
         assert_eq!(
             ids(&expand(&s).unwrap()),
-            [
-                "fp32",
-                "max-unfused-ptq",
-                "max-fused-ptq",
-                "mse-unfused-ptq",
-                "mse-fused-ptq"
-            ]
+            ["fp32", "max-unfused-ptq", "max-fused-ptq", "mse-unfused-ptq", "mse-fused-ptq"]
         );
     }
 
@@ -263,12 +225,7 @@ mod tests {
         );
         assert_eq!(
             ids(&expand(&s).unwrap()),
-            [
-                "max-unfused-ptq",
-                "mse-unfused-ptq",
-                "mse-unfused-qat2",
-                "mse-fused-qat2"
-            ]
+            ["max-unfused-ptq", "mse-unfused-ptq", "mse-unfused-qat2", "mse-fused-qat2"]
         );
     }
 
@@ -281,19 +238,13 @@ mod tests {
                 "matrix":{"calibration":["max","mse"],"qat_epochs":[0]},
                 "include":[{"calibration":"mse","residual_fusion":true},{"calibration":"entropy","qat_epochs":2}]}"#,
         );
-        assert_eq!(
-            ids(&expand(&s).unwrap()),
-            ["max-unfused-ptq", "mse-fused-ptq", "entropy-unfused-qat2"]
-        );
+        assert_eq!(ids(&expand(&s).unwrap()), ["max-unfused-ptq", "mse-fused-ptq", "entropy-unfused-qat2"]);
     }
 
     #[test]
     fn include_without_method_that_fits_nothing_is_an_error() {
         let s = spec(r#"{"name":"s","model":"m.onnx","include":[{"qat_epochs":3}]}"#);
-        assert_eq!(
-            expand(&s).unwrap_err(),
-            vec![IncompleteInclude { index: 0 }]
-        );
+        assert_eq!(expand(&s).unwrap_err(), vec![IncompleteInclude { index: 0 }]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::matrix::{Recipe, Run, RunKind};
-use crate::spec::{Baseline, SweepSpec};
+use crate::spec::{Baseline, CalibrationMethod, SweepSpec};
 
 /// The kinds of work a run is made of, in the order data flows through them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -28,13 +28,8 @@ pub enum StageKind {
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 5] = [
-        StageKind::PrepareData,
-        StageKind::Calibrate,
-        StageKind::Qat,
-        StageKind::Build,
-        StageKind::Evaluate,
-    ];
+    pub const ALL: [StageKind; 5] =
+        [StageKind::PrepareData, StageKind::Calibrate, StageKind::Qat, StageKind::Build, StageKind::Evaluate];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -132,11 +127,7 @@ impl Plan {
             "data_digest": sources.data_digest,
             "preprocess": spec.data.preprocess,
         });
-        let test_data = plan.add(
-            StageKind::PrepareData,
-            json!({"split": "test", "data": data}),
-            vec![],
-        );
+        let test_data = plan.add(StageKind::PrepareData, json!({"split": "test", "data": data}), vec![]);
         let evaluate_params = json!({
             "batch_sizes": spec.evaluate.batch_sizes,
             "warmup": spec.evaluate.warmup,
@@ -162,10 +153,7 @@ impl Plan {
                 vec![input("model", &built), input("data", &test_data)],
             );
             chain.push(evaluated);
-            plan.runs.push(PlannedRun {
-                run: run.clone(),
-                tasks: chain,
-            });
+            plan.runs.push(PlannedRun { run: run.clone(), tasks: chain });
         }
         plan
     }
@@ -190,8 +178,7 @@ impl Plan {
             vec![input("data", &calibration_data)],
         );
         chain.extend([calibration_data, calibrated.clone()]);
-        let quantizer =
-            json!({"calibration": recipe.calibration, "residual_fusion": recipe.residual_fusion});
+        let quantizer = json!({"calibration": recipe.calibration, "residual_fusion": recipe.residual_fusion});
         let quantized_model = if recipe.qat_epochs > 0 {
             let trained = self.add(
                 StageKind::Qat,
@@ -203,11 +190,18 @@ impl Plan {
         } else {
             vec![input("calibration", &calibrated)]
         };
-        self.add(
-            StageKind::Build,
-            json!({"precision": "int8", "model_digest": sources.model_digest, "quantizer": quantizer, "engine": spec.evaluate.engine}),
-            quantized_model,
-        )
+        let mut build_params = json!({
+            "precision": "int8",
+            "model_digest": sources.model_digest,
+            "quantizer": quantizer,
+            "engine": spec.evaluate.engine,
+        });
+        // Only the percentile method reads the percentile, so only its
+        // builds are invalidated when it changes.
+        if recipe.calibration == CalibrationMethod::Percentile {
+            build_params["percentile"] = json!(spec.calibration.percentile);
+        }
+        self.add(StageKind::Build, build_params, quantized_model)
     }
 
     /// Adds a task unless one with the same key exists; returns its key.
@@ -215,12 +209,7 @@ impl Plan {
         let key = content_key(stage, &params, &inputs);
         if !self.index.contains_key(&key) {
             self.index.insert(key.clone(), self.tasks.len());
-            self.tasks.push(Task {
-                key: key.clone(),
-                stage,
-                params,
-                inputs,
-            });
+            self.tasks.push(Task { key: key.clone(), stage, params, inputs });
         }
         key
     }
@@ -231,12 +220,7 @@ impl Plan {
 
     /// Restores the lookup index after deserializing a stored plan.
     pub fn reindex(&mut self) {
-        self.index = self
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.key.clone(), i))
-            .collect();
+        self.index = self.tasks.iter().enumerate().map(|(i, t)| (t.key.clone(), i)).collect();
     }
 
     /// How many runs need each task; a count above one is shared work.
@@ -252,10 +236,7 @@ impl Plan {
 }
 
 fn input(role: &str, key: &TaskKey) -> Input {
-    Input {
-        role: role.to_string(),
-        key: key.clone(),
-    }
+    Input { role: role.to_string(), key: key.clone() }
 }
 
 /// The version of each stage's code; see `stages` for the rule on bumping.
@@ -265,8 +246,9 @@ pub fn stage_version(stage: StageKind) -> u32 {
         StageKind::PrepareData => stages::prepare_data::VERSION,
         StageKind::Build => stages::build::VERSION,
         StageKind::Evaluate => stages::evaluate::VERSION,
-        // No code produces these yet, so no artifact of theirs can exist.
-        StageKind::Calibrate | StageKind::Qat => 0,
+        StageKind::Calibrate => stages::calibrate::VERSION,
+        // No code produces QAT artifacts yet, so none can exist.
+        StageKind::Qat => 0,
     }
 }
 
@@ -292,10 +274,7 @@ mod tests {
     fn plan_of(json: &str) -> Plan {
         let spec: SweepSpec = serde_json::from_str(json).unwrap();
         let runs = matrix::expand(&spec).unwrap();
-        let sources = Sources {
-            model_digest: "m".into(),
-            data_digest: "d".into(),
-        };
+        let sources = Sources { model_digest: "m".into(), data_digest: "d".into() };
         Plan::build(&spec, &runs, &sources)
     }
 
@@ -312,18 +291,8 @@ mod tests {
         assert_eq!(count(StageKind::Build), 1 + 8);
         assert_eq!(count(StageKind::Evaluate), 9);
         // Runs differing only in qat_epochs share their PTQ ancestors.
-        let ptq = &plan
-            .runs
-            .iter()
-            .find(|r| r.run.id == "mse-unfused-ptq")
-            .unwrap()
-            .tasks;
-        let qat = &plan
-            .runs
-            .iter()
-            .find(|r| r.run.id == "mse-unfused-qat2")
-            .unwrap()
-            .tasks;
+        let ptq = &plan.runs.iter().find(|r| r.run.id == "mse-unfused-ptq").unwrap().tasks;
+        let qat = &plan.runs.iter().find(|r| r.run.id == "mse-unfused-qat2").unwrap().tasks;
         assert_eq!(ptq[..3], qat[..3]);
     }
 
@@ -338,27 +307,14 @@ mod tests {
 
         let spec: SweepSpec = serde_json::from_str(r#"{"name":"s","model":"m.onnx"}"#).unwrap();
         let runs = matrix::expand(&spec).unwrap();
-        let other = Plan::build(
-            &spec,
-            &runs,
-            &Sources {
-                model_digest: "m2".into(),
-                data_digest: "d".into(),
-            },
-        );
+        let other = Plan::build(&spec, &runs, &Sources { model_digest: "m2".into(), data_digest: "d".into() });
         assert_ne!(build(&a), build(&other));
-        assert_ne!(
-            eval(&a),
-            eval(&other),
-            "a new model must invalidate its evaluation too"
-        );
+        assert_ne!(eval(&a), eval(&other), "a new model must invalidate its evaluation too");
     }
 
     #[test]
     fn tasks_come_after_their_inputs() {
-        let plan = plan_of(
-            r#"{"name":"s","model":"m.onnx","matrix":{"calibration":["max"],"qat_epochs":[1]}}"#,
-        );
+        let plan = plan_of(r#"{"name":"s","model":"m.onnx","matrix":{"calibration":["max"],"qat_epochs":[1]}}"#);
         for (position, task) in plan.tasks.iter().enumerate() {
             for input in &task.inputs {
                 assert!(plan.tasks[..position].iter().any(|t| t.key == input.key));

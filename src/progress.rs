@@ -34,39 +34,25 @@ impl Progress {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let overall = multi.add(ProgressBar::new(tasks_to_run as u64));
         overall.set_style(
-            ProgressStyle::with_template(
-                "{bar:30.cyan/blue} {pos}/{len} tasks  {msg}  [{elapsed_precise}, ETA {eta}]",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} tasks  {msg}  [{elapsed_precise}, ETA {eta}]")
+                .expect("a valid template")
+                .progress_chars("=> "),
         );
         let slots = (0..slots)
             .map(|i| {
                 let bar = multi.add(ProgressBar::new_spinner());
-                bar.set_style(
-                    ProgressStyle::with_template("  {spinner} {prefix} {msg}")
-                        .expect("a valid template"),
-                );
+                bar.set_style(ProgressStyle::with_template("  {spinner} {prefix} {msg}").expect("a valid template"));
                 bar.set_prefix(format!("worker {}", i + 1));
                 bar.set_message("idle");
                 bar.enable_steady_tick(Duration::from_millis(120));
                 bar
             })
             .collect();
-        Self {
-            display: Some(Live {
-                _multi: multi,
-                overall,
-                slots,
-            }),
-        }
+        Self { display: Some(Live { _multi: multi, overall, slots }) }
     }
 
     pub fn runs(&self, counts: RunCounts) {
-        let text = format!(
-            "runs: {} done, {} failed, {} remaining",
-            counts.done, counts.failed, counts.remaining
-        );
+        let text = format!("runs: {} done, {} failed, {} remaining", counts.done, counts.failed, counts.remaining);
         match &self.display {
             Some(live) => live.overall.set_message(text),
             None => eprintln!("{text}"),
@@ -85,8 +71,7 @@ impl Progress {
             Some(live) => {
                 live.overall.inc(1);
                 live.slots[slot].set_message("idle");
-                live.overall
-                    .println(format!("done   {label} in {elapsed_s:.1}s"));
+                live.overall.println(format!("done   {label} in {elapsed_s:.1}s"));
             }
             None => eprintln!("[worker {}] done  {label} in {elapsed_s:.1}s", slot + 1),
         }

@@ -60,11 +60,9 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
         .map(|planned| {
             let (calibration, residual_fusion, qat_epochs) = match &planned.run.kind {
                 RunKind::Baseline(_) => (String::new(), String::new(), String::new()),
-                RunKind::Quantized(r) => (
-                    r.calibration.name().to_string(),
-                    r.residual_fusion.to_string(),
-                    r.qat_epochs.to_string(),
-                ),
+                RunKind::Quantized(r) => {
+                    (r.calibration.name().to_string(), r.residual_fusion.to_string(), r.qat_epochs.to_string())
+                }
             };
             let mut row = RunRow {
                 run: planned.run.id.clone(),
@@ -115,10 +113,8 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
                             row.status = "failed".into();
                             if row.error.is_empty() {
                                 let stage = stage.map_or("a stage".to_string(), |s| s.to_string());
-                                row.error = format!(
-                                    "{stage} failed after {} attempt(s): {}",
-                                    failure.attempts, failure.error
-                                );
+                                row.error =
+                                    format!("{stage} failed after {} attempt(s): {}", failure.attempts, failure.error);
                             }
                         }
                     }
@@ -138,10 +134,7 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
         })
         .collect();
 
-    let fp32 = out
-        .iter()
-        .find(|r| r.row.run == "fp32")
-        .and_then(|r| r.row.accuracy);
+    let fp32 = out.iter().find(|r| r.row.run == "fp32").and_then(|r| r.row.accuracy);
     for result in &mut out {
         result.row.accuracy_delta = result.row.accuracy.zip(fp32).map(|(a, base)| a - base);
     }
@@ -155,14 +148,8 @@ pub fn write_all(results: &ResultsDir) -> std::io::Result<Vec<RunResult>> {
     let root = results.root();
     write_atomically(&root.join("runs.csv"), &runs_csv(&runs)?)?;
     write_atomically(&root.join("runs.jsonl"), runs_jsonl(&runs).as_bytes())?;
-    write_atomically(
-        &root.join("summary.md"),
-        summary_markdown(&plan.sweep, &runs).as_bytes(),
-    )?;
-    write_atomically(
-        &root.join("accuracy_latency.svg"),
-        plot::accuracy_latency_svg(&plan.sweep, &runs).as_bytes(),
-    )?;
+    write_atomically(&root.join("summary.md"), summary_markdown(&plan.sweep, &runs).as_bytes())?;
+    write_atomically(&root.join("accuracy_latency.svg"), plot::accuracy_latency_svg(&plan.sweep, &runs).as_bytes())?;
     Ok(runs)
 }
 
@@ -171,9 +158,7 @@ fn runs_csv(runs: &[RunResult]) -> std::io::Result<Vec<u8>> {
     for run in runs {
         writer.serialize(&run.row).map_err(std::io::Error::other)?;
     }
-    writer
-        .into_inner()
-        .map_err(|e| std::io::Error::other(e.to_string()))
+    writer.into_inner().map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 fn runs_jsonl(runs: &[RunResult]) -> String {
@@ -189,9 +174,7 @@ fn runs_jsonl(runs: &[RunResult]) -> String {
 
 fn summary_markdown(sweep: &str, runs: &[RunResult]) -> String {
     let mut md = format!("# Sweep `{sweep}`\n\n");
-    let fp32 = runs
-        .iter()
-        .find(|r| r.row.run == "fp32" && r.row.status == "ok");
+    let fp32 = runs.iter().find(|r| r.row.run == "fp32" && r.row.status == "ok");
     if let Some(evaluation) = runs.iter().find_map(|r| r.evaluation.as_ref()) {
         let batches: Vec<String> = evaluation["latency"]
             .as_array()
@@ -244,15 +227,8 @@ fn summary_markdown(sweep: &str, runs: &[RunResult]) -> String {
     pivots(&mut md, runs);
 
     let best = runs.iter().filter(|r| r.row.status == "ok").max_by(|a, b| {
-        let key = |r: &RunResult| {
-            (
-                r.row.accuracy.unwrap_or(0.0),
-                -r.row.latency_p50_ms.unwrap_or(f64::MAX),
-            )
-        };
-        key(a)
-            .partial_cmp(&key(b))
-            .unwrap_or(std::cmp::Ordering::Equal)
+        let key = |r: &RunResult| (r.row.accuracy.unwrap_or(0.0), -r.row.latency_p50_ms.unwrap_or(f64::MAX));
+        key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal)
     });
     if let Some(best) = best {
         let r = &best.row;
@@ -268,24 +244,11 @@ fn summary_markdown(sweep: &str, runs: &[RunResult]) -> String {
         );
     }
 
-    let unfinished: Vec<&RunRow> = runs
-        .iter()
-        .map(|r| &r.row)
-        .filter(|r| r.status != "ok")
-        .collect();
+    let unfinished: Vec<&RunRow> = runs.iter().map(|r| &r.row).filter(|r| r.status != "ok").collect();
     if !unfinished.is_empty() {
         md.push_str("\n## Runs without results\n\n");
         for r in unfinished {
-            let _ = writeln!(
-                md,
-                "- `{}`: {}",
-                r.run,
-                if r.error.is_empty() {
-                    &r.status
-                } else {
-                    &r.error
-                }
-            );
+            let _ = writeln!(md, "- `{}`: {}", r.run, if r.error.is_empty() { &r.status } else { &r.error });
         }
     }
     md.push_str("\n![accuracy against latency](accuracy_latency.svg)\n");
@@ -300,45 +263,25 @@ fn pivots(md: &mut String, runs: &[RunResult]) {
         let Ok(epochs) = r.qat_epochs.parse::<u32>() else {
             continue;
         };
-        let cell = r
-            .accuracy
-            .map_or_else(|| r.status.clone(), |a| format!("{a:.2}%"));
-        by_epochs
-            .entry(epochs)
-            .or_default()
-            .insert((r.calibration.clone(), r.residual_fusion.clone()), cell);
+        let cell = r.accuracy.map_or_else(|| r.status.clone(), |a| format!("{a:.2}%"));
+        by_epochs.entry(epochs).or_default().insert((r.calibration.clone(), r.residual_fusion.clone()), cell);
     }
     for (epochs, cells) in by_epochs {
-        let title = if epochs == 0 {
-            "PTQ (qat_epochs = 0)".to_string()
-        } else {
-            format!("QAT, {epochs} epoch(s)")
-        };
-        let _ = writeln!(
-            md,
-            "\n## {title}: accuracy by calibration and residual fusion\n"
-        );
+        let title = if epochs == 0 { "PTQ (qat_epochs = 0)".to_string() } else { format!("QAT, {epochs} epoch(s)") };
+        let _ = writeln!(md, "\n## {title}: accuracy by calibration and residual fusion\n");
         md.push_str("| calibration | unfused | fused |\n|---|---|---|\n");
         let mut methods: Vec<&String> = cells.keys().map(|(m, _)| m).collect();
         methods.dedup();
         for method in methods {
-            let cell = |fused: &str| {
-                cells
-                    .get(&(method.clone(), fused.to_string()))
-                    .cloned()
-                    .unwrap_or_else(|| "-".into())
-            };
+            let cell =
+                |fused: &str| cells.get(&(method.clone(), fused.to_string())).cloned().unwrap_or_else(|| "-".into());
             let _ = writeln!(md, "| {method} | {} | {} |", cell("false"), cell("true"));
         }
     }
 }
 
 fn describe(r: &RunRow) -> String {
-    let fusion = if r.residual_fusion == "true" {
-        ", residual fusion"
-    } else {
-        ""
-    };
+    let fusion = if r.residual_fusion == "true" { ", residual fusion" } else { "" };
     match r.qat_epochs.as_str() {
         "0" => format!("PTQ, {} calibration{fusion}", r.calibration),
         epochs => format!("QAT {epochs} epoch(s) from {} PTQ{fusion}", r.calibration),
@@ -351,14 +294,10 @@ fn first_line(text: &str) -> &str {
 
 /// Prints a short table of results for the terminal.
 pub fn print_table(runs: &[RunResult], out: &Path) {
-    println!(
-        "{:<24} {:>8} {:>10} {:>10} {:>12}  status",
-        "run", "top-1", "delta", "p50 ms", "img/s"
-    );
+    println!("{:<24} {:>8} {:>10} {:>10} {:>12}  status", "run", "top-1", "delta", "p50 ms", "img/s");
     for run in runs {
         let r = &run.row;
-        let show =
-            |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+        let show = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
             "{:<24} {:>8} {:>10} {:>10} {:>12}  {}",
             r.run,
@@ -369,8 +308,5 @@ pub fn print_table(runs: &[RunResult], out: &Path) {
             r.status
         );
     }
-    println!(
-        "\nreports in {}: runs.csv, runs.jsonl, summary.md, accuracy_latency.svg",
-        out.display()
-    );
+    println!("\nreports in {}: runs.csv, runs.jsonl, summary.md, accuracy_latency.svg", out.display());
 }

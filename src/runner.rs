@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::plan::{Plan, TaskKey};
+use crate::plan::{Plan, StageKind, Task, TaskKey};
 use crate::progress::{Progress, RunCounts};
 use crate::store::ResultsDir;
 use crate::sweep::Sweep;
@@ -50,26 +50,17 @@ pub async fn run(
     for task in &plan.tasks {
         let done = results.verified(&task.key).is_some();
         cached_tasks += usize::from(done);
-        state.insert(
-            task.key.clone(),
-            if done { State::Done } else { State::Waiting },
-        );
+        state.insert(task.key.clone(), if done { State::Done } else { State::Waiting });
     }
     let dependents = dependents(&plan);
     let labels = labels(&plan);
     let progress = Progress::new(plan.tasks.len() - cached_tasks, jobs);
     if cached_tasks > 0 {
-        progress.note(&format!(
-            "{cached_tasks} of {} tasks already complete; skipping them",
-            plan.tasks.len()
-        ));
+        progress.note(&format!("{cached_tasks} of {} tasks already complete; skipping them", plan.tasks.len()));
     }
     progress.runs(run_counts(&plan, &state));
 
-    let policy = Attempts {
-        retries: sweep.spec.retries,
-        timeout: Duration::from_secs(sweep.spec.timeout),
-    };
+    let policy = Attempts { retries: sweep.spec.retries, timeout: Duration::from_secs(sweep.spec.timeout) };
     let (stop, shutdown) = watch::channel(false);
     let progress = Arc::new(progress);
     let mut free_slots: Vec<usize> = (0..jobs).rev().collect();
@@ -79,43 +70,22 @@ pub async fn run(
 
     loop {
         if !interrupted {
-            for task in &plan.tasks {
-                if free_slots.is_empty() {
-                    break;
-                }
-                let ready = state[&task.key] == State::Waiting
-                    && task
-                        .inputs
-                        .iter()
-                        .all(|input| state[&input.key] == State::Done);
-                if !ready {
-                    continue;
-                }
-                let slot = free_slots.pop().expect("checked non-empty");
+            for task in next_tasks(&plan, &state, free_slots.len(), in_flight.len()) {
+                let slot = free_slots.pop().expect("next_tasks respects the free slots");
                 state.insert(task.key.clone(), State::Running);
                 let label = labels[&task.key].clone();
                 progress.started(slot, &label);
                 let task = Arc::new(task.clone());
-                let (sweep, results, shutdown, progress) = (
-                    sweep.clone(),
-                    results.clone(),
-                    shutdown.clone(),
-                    progress.clone(),
-                );
+                let (sweep, results, shutdown, progress) =
+                    (sweep.clone(), results.clone(), shutdown.clone(), progress.clone());
                 in_flight.spawn(async move {
                     let retry_label = label.clone();
                     let retry_progress = progress.clone();
-                    let outcome = worker::run_task(
-                        task.clone(),
-                        sweep,
-                        results,
-                        policy,
-                        shutdown,
-                        move |attempt, error| {
+                    let outcome =
+                        worker::run_task(task.clone(), sweep, results, policy, shutdown, move |attempt, error| {
                             retry_progress.retrying(slot, &retry_label, attempt, error)
-                        },
-                    )
-                    .await;
+                        })
+                        .await;
                     (slot, task.key.clone(), label, outcome)
                 });
             }
@@ -152,12 +122,31 @@ pub async fn run(
         }
     }
     progress.finish();
-    RunSummary {
-        counts: run_counts(&plan, &state),
-        cached_tasks,
-        executed_tasks,
-        interrupted,
+    RunSummary { counts: run_counts(&plan, &state), cached_tasks, executed_tasks, interrupted }
+}
+
+/// The tasks to start now. Evaluation measures latency, so it runs alone:
+/// it starts only when nothing else runs and nothing else is ready, and
+/// nothing starts beside it.
+fn next_tasks<'p>(plan: &'p Plan, state: &HashMap<TaskKey, State>, free_slots: usize, running: usize) -> Vec<&'p Task> {
+    let measuring = plan.tasks.iter().any(|t| t.stage == StageKind::Evaluate && state[&t.key] == State::Running);
+    if measuring {
+        return Vec::new();
     }
+    let ready: Vec<&Task> = plan
+        .tasks
+        .iter()
+        .filter(|t| state[&t.key] == State::Waiting && t.inputs.iter().all(|i| state[&i.key] == State::Done))
+        .collect();
+    let (measurements, work): (Vec<&Task>, Vec<&Task>) =
+        ready.into_iter().partition(|t| t.stage == StageKind::Evaluate);
+    if !work.is_empty() {
+        return work.into_iter().take(free_slots).collect();
+    }
+    if running == 0 {
+        return measurements.into_iter().take(free_slots.min(1)).collect();
+    }
+    Vec::new()
 }
 
 /// For each task, the tasks that take it as an input.
@@ -165,19 +154,13 @@ fn dependents(plan: &Plan) -> HashMap<TaskKey, Vec<TaskKey>> {
     let mut map: HashMap<TaskKey, Vec<TaskKey>> = HashMap::new();
     for task in &plan.tasks {
         for input in &task.inputs {
-            map.entry(input.key.clone())
-                .or_default()
-                .push(task.key.clone());
+            map.entry(input.key.clone()).or_default().push(task.key.clone());
         }
     }
     map
 }
 
-fn fail_downstream(
-    key: &TaskKey,
-    dependents: &HashMap<TaskKey, Vec<TaskKey>>,
-    state: &mut HashMap<TaskKey, State>,
-) {
+fn fail_downstream(key: &TaskKey, dependents: &HashMap<TaskKey, Vec<TaskKey>>, state: &mut HashMap<TaskKey, State>) {
     let mut stack = vec![key.clone()];
     let mut seen = HashSet::new();
     while let Some(key) = stack.pop() {
@@ -206,10 +189,7 @@ fn labels(plan: &Plan) -> HashMap<TaskKey, String> {
                 1 => runs[0].to_string(),
                 n => format!("{} and {} more", runs[0], n - 1),
             };
-            (
-                task.key.clone(),
-                format!("{} {} ({who})", task.stage, task.key.short()),
-            )
+            (task.key.clone(), format!("{} {} ({who})", task.stage, task.key.short()))
         })
         .collect()
 }

@@ -66,16 +66,12 @@ impl ResultsDir {
         let probe = root.join(format!(".write-probe-{}", std::process::id()));
         fs::write(&probe, b"")?;
         fs::remove_file(&probe)?;
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
+        Ok(Self { root: root.to_path_buf() })
     }
 
     /// Opens an existing results directory for reading.
     pub fn open(root: &Path) -> Self {
-        Self {
-            root: root.to_path_buf(),
-        }
+        Self { root: root.to_path_buf() }
     }
 
     pub fn root(&self) -> &Path {
@@ -89,14 +85,12 @@ impl ResultsDir {
     /// The manifest of a complete artifact whose files all verify.
     pub fn verified(&self, key: &TaskKey) -> Option<Manifest> {
         let dir = self.artifact_dir(key);
-        let manifest: Manifest =
-            serde_json::from_slice(&fs::read(dir.join(MANIFEST)).ok()?).ok()?;
+        let manifest: Manifest = serde_json::from_slice(&fs::read(dir.join(MANIFEST)).ok()?).ok()?;
         if &manifest.key != key {
             return None;
         }
         let intact = manifest.files.iter().all(|entry| {
-            hash_file(&dir.join(&entry.name))
-                .is_ok_and(|(bytes, sha)| bytes == entry.bytes && sha == entry.sha256)
+            hash_file(&dir.join(&entry.name)).is_ok_and(|(bytes, sha)| bytes == entry.bytes && sha == entry.sha256)
         });
         intact.then_some(manifest)
     }
@@ -118,13 +112,7 @@ impl ResultsDir {
         );
         let dir = self.root.join("artifacts").join(name);
         fs::create_dir_all(&dir)?;
-        Ok(Staging {
-            dir,
-            key: key.clone(),
-            stage,
-            target: self.artifact_dir(key),
-            committed: false,
-        })
+        Ok(Staging { dir, key: key.clone(), stage, target: self.artifact_dir(key), committed: false })
     }
 
     /// Removes staging directories left by a process that died mid-stage.
@@ -133,11 +121,7 @@ impl ResultsDir {
         let mut removed = 0;
         for entry in fs::read_dir(self.root.join("artifacts"))? {
             let entry = entry?;
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(STAGING_PREFIX)
-            {
+            if entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
                 fs::remove_dir_all(entry.path())?;
                 removed += 1;
             }
@@ -201,18 +185,10 @@ impl Staging {
         let mut files = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
-            let name = path
-                .file_name()
-                .expect("a directory entry has a name")
-                .to_string_lossy()
-                .to_string();
+            let name = path.file_name().expect("a directory entry has a name").to_string_lossy().to_string();
             let (bytes, sha256) = hash_file(&path)?;
             fs::File::open(&path)?.sync_all()?;
-            files.push(FileEntry {
-                name,
-                bytes,
-                sha256,
-            });
+            files.push(FileEntry { name, bytes, sha256 });
         }
         files.sort_by(|a, b| a.name.cmp(&b.name));
         let manifest = Manifest {
@@ -248,15 +224,11 @@ impl Drop for Staging {
 
 /// Writes a file so that readers see either the old or the new content.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent)?;
     let temp = parent.join(format!(
         ".{}.tmp-{}",
-        path.file_name()
-            .map_or("file".into(), |n| n.to_string_lossy()),
+        path.file_name().map_or("file".into(), |n| n.to_string_lossy()),
         std::process::id()
     ));
     let mut file = fs::File::create(&temp)?;
@@ -283,9 +255,7 @@ pub fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -303,10 +273,7 @@ mod tests {
         let k = key("a");
         let staging = results.begin(&k, StageKind::Build).unwrap();
         fs::write(staging.dir().join("model.onnx"), b"bytes").unwrap();
-        assert!(
-            results.verified(&k).is_none(),
-            "a staging directory is not an artifact"
-        );
+        assert!(results.verified(&k).is_none(), "a staging directory is not an artifact");
         let manifest = staging.commit(serde_json::json!({"size": 5}), 0.1).unwrap();
         assert_eq!(manifest.files[0].bytes, 5);
         assert_eq!(results.verified(&k).unwrap().metrics["size"], 5);

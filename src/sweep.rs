@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use crate::data::{self, Split};
 use crate::matrix::{self, Origin, Run};
+use crate::onnx::graph::{weighted_ops, GraphIndex};
 use crate::onnx::{self, Dim, TensorSpec};
 use crate::plan::Sources;
+use crate::quant::qdq;
 use crate::spec::{self, Diagnostic, JsonPath, ParsedSpec, SpecErrors, SweepSpec};
 use crate::stages;
 
@@ -46,17 +48,15 @@ pub fn load(file: &Path) -> Result<Sweep, SpecErrors> {
     for run in &runs {
         if let Some(reason) = stages::unsupported(run, &parsed.spec) {
             let path = match run.origin {
-                _ if parsed.spec.evaluate.engine != spec::Engine::Cpu => {
-                    JsonPath::parse("evaluate.engine")
-                }
+                _ if parsed.spec.evaluate.engine != spec::Engine::Cpu => JsonPath::parse("evaluate.engine"),
                 Origin::Baseline(index) => JsonPath::parse("baselines").index(index),
-                Origin::Matrix => JsonPath::parse("matrix.calibration"),
+                Origin::Matrix => JsonPath::parse("matrix.qat_epochs"),
                 Origin::Include(index) => JsonPath::parse("include").index(index),
             };
             let fix = if path == JsonPath::parse("evaluate.engine") {
                 "use \"engine\": \"cpu\""
             } else {
-                "leave the quantization axes out and keep the fp32 baseline until this qsweep gains PTQ support"
+                "use qat_epochs 0 (PTQ) until this qsweep gains QAT support"
             };
             let diagnostic = parsed.diagnostic(path, reason, fix);
             if !errors.iter().any(|e| e.path == diagnostic.path) {
@@ -67,30 +67,31 @@ pub fn load(file: &Path) -> Result<Sweep, SpecErrors> {
 
     let base = parsed.base_dir();
     let model_path = base.join(&parsed.spec.model);
-    let data_dir = parsed.spec.data.dir.as_ref().map_or_else(
-        || PathBuf::from(parsed.spec.data.dataset.default_dir()),
-        |dir| base.join(dir),
-    );
+    let data_dir = parsed
+        .spec
+        .data
+        .dir
+        .as_ref()
+        .map_or_else(|| PathBuf::from(parsed.spec.data.dataset.default_dir()), |dir| base.join(dir));
 
     let mut dataset_shape = None;
     match data::load_split(parsed.spec.data.dataset, &data_dir, Split::Test) {
         Ok(test) => dataset_shape = Some((test.height, test.width)),
-        Err(e) => errors.push(parsed.diagnostic(
-            JsonPath::parse("data"),
-            e.to_string(),
-            e.fix(parsed.spec.data.dataset),
-        )),
+        Err(e) => {
+            errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(parsed.spec.data.dataset)))
+        }
     }
     if let Err(e) = data::split_files(parsed.spec.data.dataset, &data_dir, Split::Train) {
-        errors.push(parsed.diagnostic(
-            JsonPath::parse("data"),
-            e.to_string(),
-            e.fix(parsed.spec.data.dataset),
-        ));
+        errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(parsed.spec.data.dataset)));
     }
 
     let model_input = match onnx::Model::load(&model_path) {
-        Ok(model) => check_model(&parsed, &model, dataset_shape, &mut errors),
+        Ok(model) => {
+            if runs.iter().any(|r| r.recipe().is_some()) {
+                check_quantizable(&parsed, &model, &mut errors);
+            }
+            check_model(&parsed, &model, dataset_shape, &mut errors)
+        }
         Err(e) => {
             errors.push(parsed.diagnostic(
                 JsonPath::parse("model"),
@@ -154,9 +155,7 @@ fn semantic_errors(parsed: &ParsedSpec) -> Vec<Diagnostic> {
             if given {
                 errors.push(parsed.diagnostic(
                     JsonPath::parse("matrix").key(axis),
-                    format!(
-                        "`{axis}` is given but `calibration` is empty, so no quantized run uses it"
-                    ),
+                    format!("`{axis}` is given but `calibration` is empty, so no quantized run uses it"),
                     "add calibration methods to matrix.calibration, or remove this axis",
                 ));
             }
@@ -194,6 +193,29 @@ fn no_runs(parsed: &ParsedSpec) -> Diagnostic {
     parsed.diagnostic(JsonPath::parse(path), problem, fix)
 }
 
+/// Quantized runs need per-channel Q/DQ (opset 13) and something to quantize.
+fn check_quantizable(parsed: &ParsedSpec, model: &onnx::Model, errors: &mut Vec<Diagnostic>) {
+    let opset = model.opset().unwrap_or(0);
+    if opset < qdq::MIN_OPSET {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("model"),
+            format!("the model uses opset {opset}, which cannot express per-channel Q/DQ (opset {} or later)", qdq::MIN_OPSET),
+            &format!(
+                "re-export the model with opset_version={} or later (e.g. torch.onnx.export(..., opset_version=17)), or upgrade it with onnx.version_converter",
+                qdq::MIN_OPSET
+            ),
+        ));
+    }
+    let graph = model.proto.graph.as_ref().expect("a loaded model has a graph");
+    if weighted_ops(&GraphIndex::new(graph)).is_empty() {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("model"),
+            qdq::QdqError::NothingToQuantize.to_string(),
+            "quantize a model with Conv, Gemm or MatMul layers, or keep only the fp32 baseline",
+        ));
+    }
+}
+
 /// The model must take one float image batch the dataset can feed, and
 /// give one score per class.
 fn check_model(
@@ -203,25 +225,18 @@ fn check_model(
     errors: &mut Vec<Diagnostic>,
 ) -> Option<TensorSpec> {
     let path = JsonPath::parse("model");
-    let mut fail =
-        |problem: String, fix: &str| errors.push(parsed.diagnostic(path.clone(), problem, fix));
+    let mut fail = |problem: String, fix: &str| errors.push(parsed.diagnostic(path.clone(), problem, fix));
     let inputs = model.inputs();
     let [input] = inputs.as_slice() else {
         fail(
-            format!(
-                "the model has {} runtime inputs; qsweep feeds exactly one image tensor",
-                inputs.len()
-            ),
+            format!("the model has {} runtime inputs; qsweep feeds exactly one image tensor", inputs.len()),
             "export the model with a single image input",
         );
         return None;
     };
     if input.elem_type != onnx::FLOAT {
         fail(
-            format!(
-                "input `{}` has element type {}, not float32",
-                input.name, input.elem_type
-            ),
+            format!("input `{}` has element type {}, not float32", input.name, input.elem_type),
             "use the fp32 export of the model",
         );
     }
@@ -229,9 +244,7 @@ fn check_model(
     let expected = format!("[batch, 1, {height}, {width}]");
     let shape_ok = match input.shape.as_deref() {
         Some([_, channels, h, w]) => {
-            *channels == Dim::Fixed(1)
-                && *h == Dim::Fixed(height as i64)
-                && *w == Dim::Fixed(width as i64)
+            *channels == Dim::Fixed(1) && *h == Dim::Fixed(height as i64) && *w == Dim::Fixed(width as i64)
         }
         _ => false,
     };
@@ -257,17 +270,11 @@ fn check_model(
         }
     }
     let outputs = model.outputs();
-    if let Some(Some(Dim::Fixed(classes))) = outputs
-        .first()
-        .and_then(|o| o.shape.as_ref().map(|s| s.last().cloned()))
-    {
+    if let Some(Some(Dim::Fixed(classes))) = outputs.first().and_then(|o| o.shape.as_ref().map(|s| s.last().cloned())) {
         if classes != 10 {
             errors.push(parsed.diagnostic(
                 JsonPath::parse("model"),
-                format!(
-                    "the model scores {classes} classes, but {} has 10",
-                    parsed.spec.data.dataset.name()
-                ),
+                format!("the model scores {classes} classes, but {} has 10", parsed.spec.data.dataset.name()),
                 "use a model with a 10-class head",
             ));
         }
@@ -286,15 +293,12 @@ impl Sweep {
         let (_, model_digest) = crate::store::hash_file(&self.model_path)?;
         let mut data_digest = String::new();
         for split in [Split::Train, Split::Test] {
-            let (images, labels) = data::split_files(self.spec.data.dataset, &self.data_dir, split)
-                .map_err(std::io::Error::other)?;
+            let (images, labels) =
+                data::split_files(self.spec.data.dataset, &self.data_dir, split).map_err(std::io::Error::other)?;
             for file in [images, labels] {
                 data_digest.push_str(&crate::store::hash_file(&file)?.1[..16]);
             }
         }
-        Ok(Sources {
-            model_digest,
-            data_digest,
-        })
+        Ok(Sources { model_digest, data_digest })
     }
 }

@@ -51,18 +51,8 @@ pub async fn run_task(
         }
         let cancel = Arc::new(AtomicBool::new(false));
         let handle = tokio::task::spawn_blocking({
-            let (task, sweep, results, cancel) =
-                (task.clone(), sweep.clone(), results.clone(), cancel.clone());
-            move || {
-                stages::execute(
-                    &task,
-                    &StageContext {
-                        sweep: &sweep,
-                        results: &results,
-                        cancel: &cancel,
-                    },
-                )
-            }
+            let (task, sweep, results, cancel) = (task.clone(), sweep.clone(), results.clone(), cancel.clone());
+            move || stages::execute(&task, &StageContext { sweep: &sweep, results: &results, cancel: &cancel })
         });
         tokio::pin!(handle);
         let result = tokio::select! {
@@ -105,11 +95,7 @@ pub async fn run_task(
         failed_unix: unix_now(),
     };
     if let Err(e) = results.record_failure(&record) {
-        tracing::error!(
-            "cannot record the failure of {} {}: {e}",
-            task.stage,
-            task.key.short()
-        );
+        tracing::error!("cannot record the failure of {} {}: {e}", task.stage, task.key.short());
     }
     Outcome::Failed(record)
 }

@@ -20,22 +20,13 @@ fn refused(spec_text: &str) -> String {
 fn refused_in(dir: &Path, spec_text: &str) -> String {
     let spec = write(dir, "spec.json", spec_text);
     let results = dir.join("results");
-    let output = qsweep(&[
-        "run",
-        spec.to_str().unwrap(),
-        "--results",
-        results.to_str().unwrap(),
-    ]);
+    let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
     let err = stderr(&output);
     assert_eq!(output.status.code(), Some(2), "stderr: {err}");
     assert!(!results.exists(), "nothing may be written for bad input");
     let validated = qsweep(&["validate", spec.to_str().unwrap()]);
     assert_eq!(validated.status.code(), Some(2));
-    assert_eq!(
-        stderr(&validated),
-        err,
-        "validate and run report the same errors"
-    );
+    assert_eq!(stderr(&validated), err, "validate and run report the same errors");
     assert!(err.contains("spec.json"), "the error names the file: {err}");
     assert!(err.contains("fix:"), "the error says what to do: {err}");
     err
@@ -53,42 +44,26 @@ fn unknown_field_suggests_the_right_name() {
     let err = refused(&quick_spec_json("\"retreis\": 2"));
     assert!(err.contains("$.retreis: unknown field `retreis`"), "{err}");
     assert!(err.contains("did you mean `retries`?"), "{err}");
-    assert!(
-        err.contains("spec.json:6:3: $.retreis"),
-        "line and column of the key: {err}"
-    );
+    assert!(err.contains("spec.json:6:3: $.retreis"), "line and column of the key: {err}");
 }
 
 #[test]
 fn wrong_type_says_what_was_expected() {
     let err = refused(&quick_spec_json("\"retries\": \"two\""));
-    assert!(
-        err.contains("$.retries: \"two\" has the wrong type"),
-        "{err}"
-    );
+    assert!(err.contains("$.retries: \"two\" has the wrong type"), "{err}");
     assert!(err.contains("expected: an integer"), "{err}");
 }
 
 #[test]
 fn unknown_calibration_method_lists_the_methods() {
-    let err = refused(&quick_spec_json(
-        r#""matrix": { "calibration": ["mse", "histogram"] }"#,
-    ));
-    assert!(
-        err.contains("$.matrix.calibration[1]: \"histogram\" is not an allowed value"),
-        "{err}"
-    );
-    assert!(
-        err.contains(r#"expected: one of "max", "mse", "entropy", "percentile""#),
-        "{err}"
-    );
+    let err = refused(&quick_spec_json(r#""matrix": { "calibration": ["mse", "histogram"] }"#));
+    assert!(err.contains("$.matrix.calibration[1]: \"histogram\" is not an allowed value"), "{err}");
+    assert!(err.contains(r#"expected: one of "max", "mse", "entropy", "percentile""#), "{err}");
 }
 
 #[test]
 fn every_error_is_reported_at_once() {
-    let err = refused(&quick_spec_json(
-        r#""retries": -1, "timeout": "soon", "colour": 1"#,
-    ));
+    let err = refused(&quick_spec_json(r#""retries": -1, "timeout": "soon", "colour": 1"#));
     assert!(err.contains("has 3 errors"), "{err}");
     for path in ["$.retries", "$.timeout", "$.colour"] {
         assert!(err.contains(path), "{path} missing from: {err}");
@@ -109,38 +84,50 @@ fn exclude_removing_everything_is_refused() {
     assert!(err.contains("`exclude` removes every run"), "{err}");
 }
 
-/// Axis values are valid spec, but no stage can execute them yet; the spec
+/// QAT epochs are valid spec, but no stage can execute them yet; the spec
 /// is refused rather than pretending to run them.
 #[test]
-fn quantized_runs_are_refused_until_a_stage_can_run_them() {
-    let err = refused(&quick_spec_json(r#""matrix": { "calibration": ["mse"] }"#));
-    assert!(err.contains("$.matrix.calibration"), "{err}");
-    assert!(err.contains("cannot run yet"), "{err}");
+fn qat_runs_are_refused_until_a_stage_can_run_them() {
+    let err = refused(&quick_spec_json(r#""matrix": { "calibration": ["mse"], "qat_epochs": [0, 2] }"#));
+    assert!(err.contains("$.matrix.qat_epochs"), "{err}");
+    assert!(err.contains("run `mse-unfused-qat2` cannot run yet"), "{err}");
+}
+
+#[test]
+fn quantizing_a_model_older_than_opset_13_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("old.onnx");
+    std::fs::write(&model, conv_model(11)).unwrap();
+    let text = quick_spec_json(r#""matrix": { "calibration": ["max"] }"#)
+        .replace(reference_model().to_str().unwrap(), model.to_str().unwrap());
+    let err = refused_in(dir.path(), &text);
+    assert!(err.contains("the model uses opset 11"), "{err}");
+    assert!(err.contains("opset_version=13"), "{err}");
+}
+
+#[test]
+fn quantizing_a_model_with_nothing_to_quantize_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("identity.onnx");
+    std::fs::write(&model, single_node_model("Identity", 17, &[1, 28, 28], &[1, 28, 28])).unwrap();
+    let text = quick_spec_json(r#""matrix": { "calibration": ["max"] }"#)
+        .replace(reference_model().to_str().unwrap(), model.to_str().unwrap());
+    let err = refused_in(dir.path(), &text);
+    assert!(err.contains("no Conv, Gemm or MatMul node"), "{err}");
 }
 
 #[test]
 fn missing_model_file() {
-    let text = quick_spec_json("").replace(
-        reference_model().to_str().unwrap(),
-        "/nonexistent/model.onnx",
-    );
+    let text = quick_spec_json("").replace(reference_model().to_str().unwrap(), "/nonexistent/model.onnx");
     let err = refused(&text);
-    assert!(
-        err.contains("$.model") && err.contains("/nonexistent/model.onnx"),
-        "{err}"
-    );
+    assert!(err.contains("$.model") && err.contains("/nonexistent/model.onnx"), "{err}");
 }
 
 #[test]
 fn corrupt_model_file() {
     let dir = tempfile::tempdir().unwrap();
-    let model = write(
-        dir.path(),
-        "model.onnx",
-        "this is not protobuf at all, just text",
-    );
-    let text =
-        quick_spec_json("").replace(reference_model().to_str().unwrap(), model.to_str().unwrap());
+    let model = write(dir.path(), "model.onnx", "this is not protobuf at all, just text");
+    let text = quick_spec_json("").replace(reference_model().to_str().unwrap(), model.to_str().unwrap());
     let err = refused_in(dir.path(), &text);
     assert!(err.contains("is not a valid ONNX model"), "{err}");
 }
@@ -149,35 +136,20 @@ fn corrupt_model_file() {
 fn model_whose_input_does_not_match_the_data() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("rgb.onnx");
-    std::fs::write(&model, rgb_identity_model()).unwrap();
-    let text =
-        quick_spec_json("").replace(reference_model().to_str().unwrap(), model.to_str().unwrap());
+    std::fs::write(&model, single_node_model("Identity", 17, &[3, 32, 32], &[3, 32, 32])).unwrap();
+    let text = quick_spec_json("").replace(reference_model().to_str().unwrap(), model.to_str().unwrap());
     let err = refused_in(dir.path(), &text);
-    assert!(
-        err.contains("has shape [N, 3, 32, 32], but fashion-mnist images are [batch, 1, 28, 28]"),
-        "{err}"
-    );
+    assert!(err.contains("has shape [N, 3, 32, 32], but fashion-mnist images are [batch, 1, 28, 28]"), "{err}");
 }
 
 #[test]
 fn missing_dataset() {
     let dir = tempfile::tempdir().unwrap();
-    let text = quick_spec_json("").replace(
-        r#""data": { "#,
-        &format!(
-            r#""data": {{ "dir": "{}", "#,
-            dir.path().join("no-such-dir").display()
-        ),
-    );
+    let text = quick_spec_json("")
+        .replace(r#""data": { "#, &format!(r#""data": {{ "dir": "{}", "#, dir.path().join("no-such-dir").display()));
     let err = refused_in(dir.path(), &text);
-    assert!(
-        err.contains("the fashion-mnist dataset is missing"),
-        "{err}"
-    );
-    assert!(
-        err.contains("apt-get install dataset-fashion-mnist"),
-        "{err}"
-    );
+    assert!(err.contains("the fashion-mnist dataset is missing"), "{err}");
+    assert!(err.contains("apt-get install dataset-fashion-mnist"), "{err}");
 }
 
 #[test]
@@ -186,72 +158,74 @@ fn results_directory_that_cannot_be_written() {
     let spec = write(dir.path(), "spec.json", &quick_spec_json(""));
     let blocker = write(dir.path(), "a-file", "");
     let results = blocker.join("results");
-    let output = qsweep(&[
-        "run",
-        spec.to_str().unwrap(),
-        "--results",
-        results.to_str().unwrap(),
-    ]);
+    let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
     let err = stderr(&output);
-    assert!(
-        err.contains("cannot write results to") && err.contains("--results"),
-        "{err}"
-    );
+    assert!(err.contains("cannot write results to") && err.contains("--results"), "{err}");
 }
 
 #[test]
 fn bad_flags_exit_2() {
     assert_eq!(qsweep(&["run"]).status.code(), Some(2));
-    assert_eq!(
-        qsweep(&["run", "x.json", "--jobs", "0"]).status.code(),
-        Some(2)
-    );
+    assert_eq!(qsweep(&["run", "x.json", "--jobs", "0"]).status.code(), Some(2));
 }
 
-/// A one-node model that takes 3x32x32 images, like a CIFAR network would.
-fn rgb_identity_model() -> Vec<u8> {
+/// A one-node model with a dynamic batch axis.
+fn single_node_model(op_type: &str, opset: i64, input: &[i64], output: &[i64]) -> Vec<u8> {
+    model_with(op_type, opset, input, output, vec![], vec![])
+}
+
+/// A model with one 1x1 Conv from 1 to 10 channels.
+fn conv_model(opset: i64) -> Vec<u8> {
+    let weight = onnx::TensorProto {
+        name: "w".into(),
+        dims: vec![10, 1, 1, 1],
+        data_type: 1,
+        float_data: vec![0.5; 10],
+        ..Default::default()
+    };
+    model_with("Conv", opset, &[1, 28, 28], &[10, 28, 28], vec!["w".into()], vec![weight])
+}
+
+fn model_with(
+    op_type: &str,
+    opset: i64,
+    input: &[i64],
+    output: &[i64],
+    extra_inputs: Vec<String>,
+    initializer: Vec<onnx::TensorProto>,
+) -> Vec<u8> {
     use onnx::tensor_shape_proto::{dimension::Value as D, Dimension};
     let dims = |values: &[i64]| onnx::TensorShapeProto {
-        dim: std::iter::once(Dimension {
-            value: Some(D::DimParam("N".into())),
-            denotation: String::new(),
-        })
-        .chain(values.iter().map(|&v| Dimension {
-            value: Some(D::DimValue(v)),
-            denotation: String::new(),
-        }))
-        .collect(),
+        dim: std::iter::once(Dimension { value: Some(D::DimParam("N".into())), denotation: String::new() })
+            .chain(values.iter().map(|&v| Dimension { value: Some(D::DimValue(v)), denotation: String::new() }))
+            .collect(),
     };
     let info = |name: &str, shape: &[i64]| onnx::ValueInfoProto {
         name: name.into(),
         r#type: Some(onnx::TypeProto {
-            value: Some(onnx::type_proto::Value::TensorType(
-                onnx::type_proto::Tensor {
-                    elem_type: 1,
-                    shape: Some(dims(shape)),
-                },
-            )),
+            value: Some(onnx::type_proto::Value::TensorType(onnx::type_proto::Tensor {
+                elem_type: 1,
+                shape: Some(dims(shape)),
+            })),
             denotation: String::new(),
         }),
         ..Default::default()
     };
     onnx::ModelProto {
         ir_version: 8,
-        opset_import: vec![onnx::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
+        opset_import: vec![onnx::OperatorSetIdProto { domain: String::new(), version: opset }],
         graph: Some(onnx::GraphProto {
-            name: "rgb".into(),
+            name: "tiny".into(),
             node: vec![onnx::NodeProto {
-                op_type: "Identity".into(),
-                input: vec!["x".into()],
+                op_type: op_type.into(),
+                input: std::iter::once("x".to_string()).chain(extra_inputs).collect(),
                 output: vec!["y".into()],
                 ..Default::default()
             }],
-            input: vec![info("x", &[3, 32, 32])],
-            output: vec![info("y", &[3, 32, 32])],
+            input: vec![info("x", input)],
+            output: vec![info("y", output)],
+            initializer,
             ..Default::default()
         }),
         ..Default::default()

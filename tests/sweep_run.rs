@@ -11,20 +11,11 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn run_into(spec: &Path, results: &Path) -> std::process::Output {
-    qsweep(&[
-        "run",
-        spec.to_str().unwrap(),
-        "--results",
-        results.to_str().unwrap(),
-    ])
+    qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()])
 }
 
 fn csv_rows(results: &Path) -> Vec<csv::StringRecord> {
-    csv::Reader::from_path(results.join("runs.csv"))
-        .unwrap()
-        .records()
-        .map(Result::unwrap)
-        .collect()
+    csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect()
 }
 
 /// The reference sweep measures the committed model for real, writes every
@@ -35,11 +26,7 @@ fn reference_sweep_measures_reports_and_resumes() {
     let results = dir.path().join("results");
     let first = run_into(&reference_spec(), &results);
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
-    assert!(
-        stderr(&first).contains("3 task(s) executed, 0 reused"),
-        "{}",
-        stderr(&first)
-    );
+    assert!(stderr(&first).contains("3 task(s) executed, 0 reused"), "{}", stderr(&first));
 
     let csv_text = fs::read_to_string(results.join("runs.csv")).unwrap();
     assert!(csv_text.starts_with(
@@ -50,10 +37,7 @@ fn reference_sweep_measures_reports_and_resumes() {
     let fp32 = &rows[0];
     assert_eq!((&fp32[0], &fp32[1], &fp32[4]), ("fp32", "", "ok"));
     let accuracy: f64 = fp32[5].parse().unwrap();
-    assert!(
-        accuracy >= 91.0,
-        "reference model top-1 {accuracy}% is below the 91% floor"
-    );
+    assert!(accuracy >= 91.0, "reference model top-1 {accuracy}% is below the 91% floor");
     let (p50, p99): (f64, f64) = (fp32[7].parse().unwrap(), fp32[8].parse().unwrap());
     assert!(p50 > 0.0 && p99 >= p50, "p50 {p50} p99 {p99}");
 
@@ -62,10 +46,7 @@ fn reference_sweep_measures_reports_and_resumes() {
     assert_eq!(record["evaluation"]["test_images"], 10000);
     assert_eq!(record["evaluation"]["threads"], 2);
     assert_eq!(record["evaluation"]["latency"].as_array().unwrap().len(), 2);
-    assert!(record["evaluation"]["onnxruntime"]
-        .as_str()
-        .unwrap()
-        .starts_with("1.31"));
+    assert!(record["evaluation"]["onnxruntime"].as_str().unwrap().starts_with("1.31"));
 
     let summary = fs::read_to_string(results.join("summary.md")).unwrap();
     assert!(summary.contains("| Model | Accuracy | Performance | Note |"));
@@ -75,29 +56,16 @@ fn reference_sweep_measures_reports_and_resumes() {
 
     let second = run_into(&reference_spec(), &results);
     assert_eq!(second.status.code(), Some(0));
-    assert!(
-        stderr(&second).contains("0 task(s) executed, 3 reused"),
-        "{}",
-        stderr(&second)
-    );
+    assert!(stderr(&second).contains("0 task(s) executed, 3 reused"), "{}", stderr(&second));
 
     // `report` regenerates the same table from stored results alone.
     fs::remove_file(results.join("runs.csv")).unwrap();
     let report = qsweep(&["report", results.to_str().unwrap()]);
     assert_eq!(report.status.code(), Some(0), "{}", stderr(&report));
-    assert_eq!(
-        fs::read_to_string(results.join("runs.csv")).unwrap(),
-        csv_text
-    );
+    assert_eq!(fs::read_to_string(results.join("runs.csv")).unwrap(), csv_text);
 
     // `plan` sees that everything is cached.
-    let plan = qsweep(&[
-        "plan",
-        reference_spec().to_str().unwrap(),
-        "--json",
-        "--results",
-        results.to_str().unwrap(),
-    ]);
+    let plan = qsweep(&["plan", reference_spec().to_str().unwrap(), "--json", "--results", results.to_str().unwrap()]);
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     let tasks = plan["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), 3);
@@ -126,11 +94,7 @@ fn damaged_artifact_is_rebuilt() {
 
     let rerun = run_into(&spec, &results);
     assert_eq!(rerun.status.code(), Some(0), "{}", stderr(&rerun));
-    assert!(
-        stderr(&rerun).contains("1 task(s) executed, 2 reused"),
-        "{}",
-        stderr(&rerun)
-    );
+    assert!(stderr(&rerun).contains("1 task(s) executed, 2 reused"), "{}", stderr(&rerun));
 }
 
 /// A stage that overruns its timeout is retried as the spec says, then its
@@ -139,30 +103,21 @@ fn damaged_artifact_is_rebuilt() {
 #[test]
 fn a_stage_past_its_timeout_fails_its_run_after_retries() {
     let dir = tempfile::tempdir().unwrap();
-    let text = quick_spec_json(r#""retries": 1, "timeout": 1"#)
-        .replace(r#""iterations": 20"#, r#""iterations": 100000000"#);
+    let text =
+        quick_spec_json(r#""retries": 1, "timeout": 1"#).replace(r#""iterations": 20"#, r#""iterations": 100000000"#);
     let spec = write(dir.path(), "spec.json", &text);
     let results = dir.path().join("results");
     let output = run_into(&spec, &results);
     let err = stderr(&output);
     assert_eq!(output.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("retry  evaluate") || err.contains("] retry"),
-        "{err}"
-    );
+    assert!(err.contains("retry  evaluate") || err.contains("] retry"), "{err}");
 
     let rows = csv_rows(&results);
     assert_eq!(&rows[0][4], "failed");
     let error = &rows[0][rows[0].len() - 1];
-    assert!(
-        error.contains("evaluate failed after 2 attempt(s): timed out after 1s"),
-        "{error}"
-    );
+    assert!(error.contains("evaluate failed after 2 attempt(s): timed out after 1s"), "{error}");
     let summary = fs::read_to_string(results.join("summary.md")).unwrap();
-    assert!(
-        summary.contains("failed: evaluate failed after 2 attempt(s)"),
-        "{summary}"
-    );
+    assert!(summary.contains("failed: evaluate failed after 2 attempt(s)"), "{summary}");
 }
 
 /// Ctrl-C stops the sweep promptly without recording the interrupted stage
@@ -175,51 +130,29 @@ fn ctrl_c_stops_cleanly_and_the_rerun_resumes() {
     let results = dir.path().join("results");
     let log = dir.path().join("stderr.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_qsweep"))
-        .args([
-            "run",
-            spec.to_str().unwrap(),
-            "--results",
-            results.to_str().unwrap(),
-        ])
+        .args(["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("start evaluate")
-    {
+    while !fs::read_to_string(&log).unwrap_or_default().contains("start evaluate") {
         assert!(Instant::now() < deadline, "evaluate never started");
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
     let interrupted_at = Instant::now();
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     let status = child.wait().unwrap();
-    assert_eq!(
-        status.code(),
-        Some(130),
-        "{}",
-        fs::read_to_string(&log).unwrap()
-    );
-    assert!(
-        interrupted_at.elapsed() < Duration::from_secs(10),
-        "Ctrl-C took too long to stop the sweep"
-    );
+    assert_eq!(status.code(), Some(130), "{}", fs::read_to_string(&log).unwrap());
+    assert!(interrupted_at.elapsed() < Duration::from_secs(10), "Ctrl-C took too long to stop the sweep");
     assert_eq!(&csv_rows(&results)[0][4], "pending");
     let leftovers: Vec<_> = fs::read_dir(results.join("artifacts"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .filter(|n| n.starts_with('.'))
         .collect();
-    assert!(
-        leftovers.is_empty(),
-        "staging directories left behind: {leftovers:?}"
-    );
+    assert!(leftovers.is_empty(), "staging directories left behind: {leftovers:?}");
 
     let quick = write(dir.path(), "spec.json", &quick_spec_json(""));
     let resumed = run_into(&quick, &results);
@@ -232,12 +165,6 @@ fn ctrl_c_stops_cleanly_and_the_rerun_resumes() {
 #[test]
 fn committed_schema_matches_the_binary() {
     let printed = qsweep(&["schema"]);
-    let committed =
-        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/schema.json"))
-            .unwrap();
-    assert_eq!(
-        stdout(&printed),
-        committed,
-        "regenerate it: qsweep schema > experiments/schema.json"
-    );
+    let committed = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/schema.json")).unwrap();
+    assert_eq!(stdout(&printed), committed, "regenerate it: qsweep schema > experiments/schema.json");
 }

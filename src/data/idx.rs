@@ -13,10 +13,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum IdxError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not an unsigned-byte IDX file ({reason})")]
     Format { path: PathBuf, reason: String },
 }
@@ -30,24 +27,16 @@ pub struct IdxArray {
 
 /// Reads an IDX file, decompressing it first if it is gzipped.
 pub fn read(path: &Path) -> Result<IdxArray, IdxError> {
-    let io = |source| IdxError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| IdxError::Io { path: path.to_path_buf(), source };
     let raw = std::fs::read(path).map_err(io)?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(io)?;
+        flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(io)?;
         out
     } else {
         raw
     };
-    parse(&bytes).map_err(|reason| IdxError::Format {
-        path: path.to_path_buf(),
-        reason,
-    })
+    parse(&bytes).map_err(|reason| IdxError::Format { path: path.to_path_buf(), reason })
 }
 
 fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
@@ -55,10 +44,7 @@ fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
         return Err("bad magic number".into());
     }
     if bytes[2] != 0x08 {
-        return Err(format!(
-            "element type 0x{:02x}, expected 0x08 (unsigned byte)",
-            bytes[2]
-        ));
+        return Err(format!("element type 0x{:02x}, expected 0x08 (unsigned byte)", bytes[2]));
     }
     let ndim = bytes[3] as usize;
     let header = 4 + 4 * ndim;
@@ -66,22 +52,14 @@ fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
         return Err("truncated header".into());
     }
     let dims: Vec<usize> = (0..ndim)
-        .map(|i| {
-            u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize
-        })
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
         .collect();
     let count: usize = dims.iter().product();
     let data = &bytes[header..];
     if data.len() != count {
-        return Err(format!(
-            "header promises {count} values but the file holds {}",
-            data.len()
-        ));
+        return Err(format!("header promises {count} values but the file holds {}", data.len()));
     }
-    Ok(IdxArray {
-        dims,
-        data: data.to_vec(),
-    })
+    Ok(IdxArray { dims, data: data.to_vec() })
 }
 
 #[cfg(test)]
@@ -106,9 +84,7 @@ mod tests {
 
     #[test]
     fn rejects_truncated_and_foreign_files() {
-        assert!(parse(&encode(&[2, 3], &[1, 2, 3]))
-            .unwrap_err()
-            .contains("promises 6"));
+        assert!(parse(&encode(&[2, 3], &[1, 2, 3])).unwrap_err().contains("promises 6"));
         assert!(parse(b"PK\x03\x04rest").unwrap_err().contains("magic"));
         let mut float = encode(&[1], &[0, 0, 0, 0]);
         float[2] = 0x0d;

@@ -15,26 +15,13 @@ use crate::spec::{Dataset, Preprocess};
 #[derive(Debug, Error)]
 pub enum DataError {
     #[error("the {dataset} dataset is missing: {missing} is not in {dir}")]
-    Missing {
-        dataset: &'static str,
-        dir: PathBuf,
-        missing: String,
-    },
+    Missing { dataset: &'static str, dir: PathBuf, missing: String },
     #[error(transparent)]
     Idx(#[from] idx::IdxError),
     #[error("{path} holds {found}, expected {expected}")]
-    Shape {
-        path: PathBuf,
-        found: String,
-        expected: String,
-    },
+    Shape { path: PathBuf, found: String, expected: String },
     #[error("{images} has {image_count} images but {labels} has {label_count} labels")]
-    CountMismatch {
-        images: PathBuf,
-        image_count: usize,
-        labels: PathBuf,
-        label_count: usize,
-    },
+    CountMismatch { images: PathBuf, image_count: usize, labels: PathBuf, label_count: usize },
 }
 
 impl DataError {
@@ -75,11 +62,7 @@ pub struct RawImages {
 }
 
 /// The IDX files of one split, gzipped or not, whichever exists.
-pub fn split_files(
-    dataset: Dataset,
-    dir: &Path,
-    split: Split,
-) -> Result<(PathBuf, PathBuf), DataError> {
+pub fn split_files(dataset: Dataset, dir: &Path, split: Split) -> Result<(PathBuf, PathBuf), DataError> {
     let find = |stem: String| -> Result<PathBuf, DataError> {
         [format!("{stem}.gz"), stem.clone()]
             .into_iter()
@@ -91,10 +74,7 @@ pub fn split_files(
                 missing: format!("{stem}[.gz]"),
             })
     };
-    Ok((
-        find(format!("{}-images-idx3-ubyte", split.prefix()))?,
-        find(format!("{}-labels-idx1-ubyte", split.prefix()))?,
-    ))
+    Ok((find(format!("{}-images-idx3-ubyte", split.prefix()))?, find(format!("{}-labels-idx1-ubyte", split.prefix()))?))
 }
 
 /// Reads one split and checks that images and labels agree.
@@ -124,13 +104,7 @@ pub fn load_split(dataset: Dataset, dir: &Path, split: Split) -> Result<RawImage
             label_count: labels.dims[0],
         });
     }
-    Ok(RawImages {
-        count,
-        height,
-        width,
-        pixels: images.data,
-        labels: labels.data,
-    })
+    Ok(RawImages { count, height, width, pixels: images.data, labels: labels.data })
 }
 
 /// A batch of model inputs, NCHW f32, with their labels.
@@ -170,8 +144,7 @@ impl RawImages {
 /// on every machine (ChaCha8 is value-stable across platforms and releases).
 pub fn calibration_indices(population: usize, samples: usize, seed: u64) -> Vec<usize> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut indices =
-        rand::seq::index::sample(&mut rng, population, samples.min(population)).into_vec();
+    let mut indices = rand::seq::index::sample(&mut rng, population, samples.min(population)).into_vec();
     // Sorted so the subset reads as a set, not as an order.
     indices.sort_unstable();
     indices
@@ -194,18 +167,8 @@ mod tests {
 
     #[test]
     fn preprocessing_scales_then_normalises() {
-        let raw = RawImages {
-            count: 2,
-            height: 1,
-            width: 2,
-            pixels: vec![0, 255, 51, 102],
-            labels: vec![3, 4],
-        };
-        let pre = Preprocess {
-            scale: 255.0,
-            mean: vec![0.2],
-            std: vec![0.5],
-        };
+        let raw = RawImages { count: 2, height: 1, width: 2, pixels: vec![0, 255, 51, 102], labels: vec![3, 4] };
+        let pre = Preprocess { scale: 255.0, mean: vec![0.2], std: vec![0.5] };
         let t = raw.preprocess(&pre, Some(&[1]));
         let values: Vec<f32> = t.images.iter().copied().collect();
         assert!((values[0] - (0.2 - 0.2) / 0.5).abs() < 1e-6);

@@ -57,12 +57,9 @@ pub fn write_pt(path: &Path, tensors: &[(&str, PtTensor<'_>)]) -> std::io::Resul
 
     let file = std::fs::File::create(path)?;
     let mut zip = zip::ZipWriter::new(file);
-    let options = SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored)
-        .with_alignment(64);
+    let options = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored).with_alignment(64);
     let mut add = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
-        zip.start_file(format!("archive/{name}"), options)
-            .map_err(std::io::Error::other)?;
+        zip.start_file(format!("archive/{name}"), options).map_err(std::io::Error::other)?;
         zip.write_all(bytes)
     };
     add("data.pkl", &pickle.bytes)?;
@@ -95,8 +92,7 @@ impl Pickle {
     }
 
     fn int(&mut self, value: usize) -> std::io::Result<()> {
-        let value = i32::try_from(value)
-            .map_err(|_| std::io::Error::other("tensor too large for a .pt header"))?;
+        let value = i32::try_from(value).map_err(|_| std::io::Error::other("tensor too large for a .pt header"))?;
         self.op(b"J");
         self.op(&value.to_le_bytes());
         Ok(())
@@ -140,17 +136,13 @@ impl Pickle {
 }
 
 /// Writes a `.npy` file.
-pub fn write_npy<T: ndarray_npy::WritableElement>(
-    path: &Path,
-    array: &ArrayViewD<'_, T>,
-) -> std::io::Result<()> {
+pub fn write_npy<T: ndarray_npy::WritableElement>(path: &Path, array: &ArrayViewD<'_, T>) -> std::io::Result<()> {
     ndarray_npy::write_npy(path, array).map_err(std::io::Error::other)
 }
 
 /// Reads a `.npy` file of any rank.
 pub fn read_npy<T: ndarray_npy::ReadableElement>(path: &Path) -> std::io::Result<ArrayD<T>> {
-    ndarray_npy::read_npy(path)
-        .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
+    ndarray_npy::read_npy(path).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -164,18 +156,9 @@ mod tests {
     fn pt_round_trips_through_an_independent_reader() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("calibration.pt");
-        let images = Array::from_shape_fn(IxDyn(&[3, 1, 2, 2]), |i| {
-            (i[0] * 10 + i[2] * 2 + i[3]) as f32 - 0.5
-        });
+        let images = Array::from_shape_fn(IxDyn(&[3, 1, 2, 2]), |i| (i[0] * 10 + i[2] * 2 + i[3]) as f32 - 0.5);
         let labels = Array::from_shape_vec(IxDyn(&[3]), vec![7i64, 0, 9]).unwrap();
-        write_pt(
-            &path,
-            &[
-                ("images", PtTensor::F32(images.view())),
-                ("labels", PtTensor::I64(labels.view())),
-            ],
-        )
-        .unwrap();
+        write_pt(&path, &[("images", PtTensor::F32(images.view())), ("labels", PtTensor::I64(labels.view()))]).unwrap();
 
         let loaded = candle_core::pickle::read_all(&path).unwrap();
         let get = |name: &str| loaded.iter().find(|(n, _)| n == name).unwrap().1.clone();

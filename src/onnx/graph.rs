@@ -19,8 +19,7 @@ pub struct GraphIndex<'g> {
 impl<'g> GraphIndex<'g> {
     pub fn new(graph: &'g GraphProto) -> Self {
         let mut producer = HashMap::new();
-        let mut constants: HashSet<&str> =
-            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let mut constants: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
         for (index, node) in graph.node.iter().enumerate() {
             for output in &node.output {
                 producer.insert(output.as_str(), index);
@@ -29,11 +28,7 @@ impl<'g> GraphIndex<'g> {
                 }
             }
         }
-        Self {
-            graph,
-            producer,
-            constants,
-        }
+        Self { graph, producer, constants }
     }
 
     pub fn producer(&self, tensor: &str) -> Option<&'g NodeProto> {
@@ -88,11 +83,7 @@ pub fn weighted_ops(index: &GraphIndex<'_>) -> Vec<WeightedOp> {
                     "Gemm" if int_attribute(node, "transB") == Some(1) => 0,
                     _ => 1,
                 };
-                weight = Some(Weight {
-                    slot,
-                    tensor: tensor.clone(),
-                    channel_axis,
-                });
+                weight = Some(Weight { slot, tensor: tensor.clone(), channel_axis });
             } else if !index.is_constant(tensor) {
                 activations.push((slot, tensor.clone()));
             }
@@ -124,21 +115,14 @@ pub struct ResidualAdd {
 pub fn residual_adds(index: &GraphIndex<'_>) -> Vec<ResidualAdd> {
     let mut adds = Vec::new();
     for (node_index, node) in index.graph.node.iter().enumerate() {
-        if node.op_type != "Add"
-            || node.input.len() != 2
-            || node.input.iter().any(|t| index.is_constant(t))
-        {
+        if node.op_type != "Add" || node.input.len() != 2 || node.input.iter().any(|t| index.is_constant(t)) {
             continue;
         }
-        let (a, b) = (
-            ancestry(index, &node.input[0]),
-            ancestry(index, &node.input[1]),
-        );
-        let Some((ops_a, ops_b)) = a.iter().find_map(|(tensor, ops_a)| {
-            b.iter()
-                .find(|(other, _)| other == tensor)
-                .map(|(_, ops_b)| (*ops_a, *ops_b))
-        }) else {
+        let (a, b) = (ancestry(index, &node.input[0]), ancestry(index, &node.input[1]));
+        let Some((ops_a, ops_b)) = a
+            .iter()
+            .find_map(|(tensor, ops_a)| b.iter().find(|(other, _)| other == tensor).map(|(_, ops_b)| (*ops_a, *ops_b)))
+        else {
             continue;
         };
         if ops_a == ops_b {
@@ -166,11 +150,7 @@ fn ancestry<'g>(index: &GraphIndex<'g>, tensor: &'g str) -> Vec<(&'g str, usize)
         if WEIGHTED_OPS.contains(&node.op_type.as_str()) {
             weighted += 1;
         }
-        let Some(next) = node
-            .input
-            .first()
-            .filter(|t| !t.is_empty() && !index.is_constant(t))
-        else {
+        let Some(next) = node.input.first().filter(|t| !t.is_empty() && !index.is_constant(t)) else {
             break;
         };
         current = next;
@@ -183,10 +163,7 @@ fn ancestry<'g>(index: &GraphIndex<'g>, tensor: &'g str) -> Vec<(&'g str, usize)
 }
 
 pub fn int_attribute(node: &NodeProto, name: &str) -> Option<i64> {
-    node.attribute
-        .iter()
-        .find(|a| a.name == name && a.r#type == AttributeType::Int as i32)
-        .map(|a| a.i)
+    node.attribute.iter().find(|a| a.name == name && a.r#type == AttributeType::Int as i32).map(|a| a.i)
 }
 
 /// A node's name, or a stable stand-in for unnamed nodes.

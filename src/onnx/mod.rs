@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 
 pub use candle_onnx::onnx::ModelProto;
 use candle_onnx::onnx::{
-    tensor_shape_proto::dimension::Value as DimValue, type_proto::Value as TypeValue,
-    ValueInfoProto,
+    tensor_shape_proto::dimension::Value as DimValue, type_proto::Value as TypeValue, ValueInfoProto,
 };
 use prost::Message;
 use thiserror::Error;
@@ -20,10 +19,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum OnnxError {
     #[error("cannot read model {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid ONNX model: {reason}")]
     Decode { path: PathBuf, reason: String },
 }
@@ -58,13 +54,7 @@ pub struct TensorSpec {
 impl TensorSpec {
     pub fn shape_text(&self) -> String {
         match &self.shape {
-            Some(dims) => format!(
-                "[{}]",
-                dims.iter()
-                    .map(Dim::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            Some(dims) => format!("[{}]", dims.iter().map(Dim::to_string).collect::<Vec<_>>().join(", ")),
             None => "[unknown rank]".to_string(),
         }
     }
@@ -80,39 +70,23 @@ pub struct Model {
 
 impl Model {
     pub fn load(path: &Path) -> Result<Self, OnnxError> {
-        let bytes = std::fs::read(path).map_err(|source| OnnxError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| OnnxError::Io { path: path.to_path_buf(), source })?;
         Self::decode(path, &bytes)
     }
 
     pub fn decode(path: &Path, bytes: &[u8]) -> Result<Self, OnnxError> {
-        let decode_error = |reason: String| OnnxError::Decode {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let decode_error = |reason: String| OnnxError::Decode { path: path.to_path_buf(), reason };
         let proto = ModelProto::decode(bytes).map_err(|e| decode_error(e.to_string()))?;
-        let graph = proto
-            .graph
-            .as_ref()
-            .ok_or_else(|| decode_error("it has no graph".into()))?;
+        let graph = proto.graph.as_ref().ok_or_else(|| decode_error("it has no graph".into()))?;
         if graph.node.is_empty() {
             return Err(decode_error("its graph has no nodes".into()));
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            proto,
-        })
+        Ok(Self { path: path.to_path_buf(), proto })
     }
 
     /// The default-domain opset the model was exported with.
     pub fn opset(&self) -> Option<i64> {
-        self.proto
-            .opset_import
-            .iter()
-            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
-            .map(|o| o.version)
+        self.proto.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version)
     }
 
     /// Graph inputs that are fed at run time (initializers excluded, as
@@ -128,14 +102,7 @@ impl Model {
     }
 
     pub fn outputs(&self) -> Vec<TensorSpec> {
-        self.proto
-            .graph
-            .as_ref()
-            .expect("checked at load")
-            .output
-            .iter()
-            .map(tensor_spec)
-            .collect()
+        self.proto.graph.as_ref().expect("checked at load").output.iter().map(tensor_spec).collect()
     }
 
     pub fn node_count(&self) -> usize {
@@ -159,9 +126,5 @@ fn tensor_spec(info: &ValueInfoProto) -> TensorSpec {
             })
             .collect()
     });
-    TensorSpec {
-        name: info.name.clone(),
-        elem_type: tensor.map_or(0, |t| t.elem_type),
-        shape,
-    }
+    TensorSpec { name: info.name.clone(), elem_type: tensor.map_or(0, |t| t.elem_type), shape }
 }

@@ -51,9 +51,7 @@ fn fake_quantize(x: f32, amax: f32) -> f32 {
 }
 
 fn mse_amax(histogram: &Histogram) -> f32 {
-    let centres: Vec<f32> = (0..histogram.counts.len())
-        .map(|i| (i as f32 + 0.5) * histogram.bin_width)
-        .collect();
+    let centres: Vec<f32> = (0..histogram.counts.len()).map(|i| (i as f32 + 0.5) * histogram.bin_width).collect();
     let mut best = (f64::INFINITY, histogram.max);
     for &candidate in centres.iter().skip(START_BIN) {
         let error: f64 = centres
@@ -111,11 +109,7 @@ fn entropy_amax(histogram: &Histogram) -> f32 {
             if p == 0.0 {
                 continue;
             }
-            let q = if count > 0.0 {
-                level_sum[level(j)] / level_nonzero[level(j)] as f64
-            } else {
-                0.0
-            };
+            let q = if count > 0.0 { level_sum[level(j)] / level_nonzero[level(j)] as f64 } else { 0.0 };
             if q == 0.0 {
                 divergence = f64::INFINITY;
                 break;
@@ -161,10 +155,8 @@ mod reference_tests {
 
     #[test]
     fn matches_the_numpy_reference_on_synthetic_distributions() {
-        let fixture: Value = serde_json::from_str(include_str!(
-            "../../tests/fixtures/calibration/expected.json"
-        ))
-        .unwrap();
+        let fixture: Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/calibration/expected.json")).unwrap();
         let percentile = fixture["percentile"].as_f64().unwrap();
         for case in fixture["cases"].as_array().unwrap() {
             let max = case["max"].as_f64().unwrap() as f32;

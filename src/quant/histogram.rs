@@ -36,12 +36,7 @@ impl Default for Histogram {
 
 impl Histogram {
     pub fn new() -> Self {
-        Self {
-            bin_width: 0.0,
-            counts: Vec::new(),
-            max: 0.0,
-            pending_zeros: 0,
-        }
+        Self { bin_width: 0.0, counts: Vec::new(), max: 0.0, pending_zeros: 0 }
     }
 
     /// Adds a batch of values. Refuses NaN and infinity without adding
@@ -124,26 +119,16 @@ mod tests {
         assert_eq!(h.bin_width, width);
         assert_eq!(h.counts.len(), 3 * 2048);
         assert_eq!(h.total(), 5);
-        assert_eq!(
-            h.counts[512], 2,
-            "0.25 twice, in the same bin before and after growth"
-        );
+        assert_eq!(h.counts[512], 2, "0.25 twice, in the same bin before and after growth");
         assert_eq!(h.counts[2047], 1, "1.0 stays in the old top bin");
-        assert_eq!(
-            (h.counts[5120], h.counts[6143]),
-            (1, 1),
-            "2.5 and 3.0 in the new bins"
-        );
+        assert_eq!((h.counts[5120], h.counts[6143]), (1, 1), "2.5 and 3.0 in the new bins");
         assert_eq!(h.max, 3.0);
     }
 
     #[test]
     fn non_finite_values_are_refused_whole() {
         let mut h = Histogram::new();
-        assert_eq!(
-            h.add(&[1.0, f32::NAN, f32::INFINITY]),
-            Err(NonFinite { count: 2 })
-        );
+        assert_eq!(h.add(&[1.0, f32::NAN, f32::INFINITY]), Err(NonFinite { count: 2 }));
         assert_eq!(h.total(), 0);
     }
 }

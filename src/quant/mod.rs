@@ -2,4 +2,6 @@
 //! turn them into amax values, and the Q/DQ rewrite of ONNX graphs.
 
 pub mod amax;
+pub mod coverage;
 pub mod histogram;
+pub mod qdq;

@@ -10,12 +10,7 @@ use super::RunResult;
 /// accurate point.
 pub fn pareto_front(points: &[(f64, f64)]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..points.len()).collect();
-    order.sort_by(|&a, &b| {
-        points[a]
-            .0
-            .total_cmp(&points[b].0)
-            .then(points[b].1.total_cmp(&points[a].1))
-    });
+    order.sort_by(|&a, &b| points[a].0.total_cmp(&points[b].0).then(points[b].1.total_cmp(&points[a].1)));
     let mut front = Vec::new();
     let mut best_accuracy = f64::NEG_INFINITY;
     for index in order {
@@ -28,10 +23,8 @@ pub fn pareto_front(points: &[(f64, f64)]) -> Vec<usize> {
 }
 
 pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult]) -> String {
-    let finished: Vec<(&str, f64, f64)> = runs
-        .iter()
-        .filter_map(|r| Some((r.row.run.as_str(), r.row.latency_p50_ms?, r.row.accuracy?)))
-        .collect();
+    let finished: Vec<(&str, f64, f64)> =
+        runs.iter().filter_map(|r| Some((r.row.run.as_str(), r.row.latency_p50_ms?, r.row.accuracy?))).collect();
     let points: Vec<(f64, f64)> = finished.iter().map(|&(_, l, a)| (l, a)).collect();
     let front = pareto_front(&points);
 
@@ -41,10 +34,7 @@ pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult]) -> String {
         let _ = root.fill(&WHITE);
         let (x_range, y_range) = ranges(&points);
         let chart = ChartBuilder::on(&root)
-            .caption(
-                format!("{sweep}: accuracy against latency"),
-                ("sans-serif", 22),
-            )
+            .caption(format!("{sweep}: accuracy against latency"), ("sans-serif", 22))
             .margin(16)
             .x_label_area_size(44)
             .y_label_area_size(60)
@@ -52,39 +42,20 @@ pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult]) -> String {
         let Ok(mut chart) = chart else {
             return svg_fallback(sweep);
         };
-        let _ = chart
-            .configure_mesh()
-            .x_desc("latency p50 (ms, smallest batch)")
-            .y_desc("top-1 accuracy (%)")
-            .draw();
+        let _ = chart.configure_mesh().x_desc("latency p50 (ms, smallest batch)").y_desc("top-1 accuracy (%)").draw();
         let front_line: Vec<(f64, f64)> = front.iter().map(|&i| points[i]).collect();
         let _ = chart
-            .draw_series(LineSeries::new(
-                front_line,
-                ShapeStyle::from(&RED).stroke_width(2),
-            ))
-            .map(|series| {
-                series
-                    .label("Pareto front")
-                    .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED))
-            });
+            .draw_series(LineSeries::new(front_line, ShapeStyle::from(&RED).stroke_width(2)))
+            .map(|series| series.label("Pareto front").legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED)));
         for (index, &(name, latency, accuracy)) in finished.iter().enumerate() {
             let color = if front.contains(&index) { RED } else { BLUE };
             // The label sits beside its dot, not on it.
             let point = EmptyElement::at((latency, accuracy))
                 + Circle::new((0, 0), 5, color.filled())
-                + Text::new(
-                    name.to_string(),
-                    (8, -14),
-                    ("sans-serif", 13).into_font().color(&BLACK),
-                );
+                + Text::new(name.to_string(), (8, -14), ("sans-serif", 13).into_font().color(&BLACK));
             let _ = chart.draw_series(std::iter::once(point));
         }
-        let _ = chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw();
+        let _ = chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw();
         let _ = root.present();
     }
     svg
@@ -104,10 +75,7 @@ fn ranges(points: &[(f64, f64)]) -> (std::ops::Range<f64>, std::ops::Range<f64>)
     }
     let x_pad = ((x1 - x0) * 0.25).max(x1 * 0.1).max(1e-3);
     let y_pad = ((y1 - y0) * 0.25).max(0.5);
-    (
-        (x0 - x_pad).max(0.0)..x1 + x_pad,
-        (y0 - y_pad).max(0.0)..(y1 + y_pad).min(100.5),
-    )
+    ((x0 - x_pad).max(0.0)..x1 + x_pad, (y0 - y_pad).max(0.0)..(y1 + y_pad).min(100.5))
 }
 
 fn svg_fallback(sweep: &str) -> String {

@@ -42,13 +42,7 @@ impl JsonPath {
 
     /// Parses the dotted form used in code, e.g. `"matrix.calibration"`.
     pub fn parse(dotted: &str) -> Self {
-        Self(
-            dotted
-                .split('.')
-                .filter(|s| !s.is_empty())
-                .map(|s| Segment::Key(s.to_string()))
-                .collect(),
-        )
+        Self(dotted.split('.').filter(|s| !s.is_empty()).map(|s| Segment::Key(s.to_string())).collect())
     }
 }
 
@@ -79,14 +73,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(path: JsonPath, problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self {
-            path,
-            line: 0,
-            column: 0,
-            problem: problem.into(),
-            expected: None,
-            fix: fix.into(),
-        }
+        Self { path, line: 0, column: 0, problem: problem.into(), expected: None, fix: fix.into() }
     }
 
     pub fn expected(mut self, expected: impl Into<String>) -> Self {
@@ -110,22 +97,14 @@ pub struct SpecErrors {
 
 impl SpecErrors {
     pub fn single(file: &Path, diagnostic: Diagnostic) -> Self {
-        Self {
-            file: file.to_path_buf(),
-            diagnostics: vec![diagnostic],
-        }
+        Self { file: file.to_path_buf(), diagnostics: vec![diagnostic] }
     }
 }
 
 impl fmt::Display for SpecErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.diagnostics.len();
-        writeln!(
-            f,
-            "{} has {count} error{}:",
-            self.file.display(),
-            if count == 1 { "" } else { "s" }
-        )?;
+        writeln!(f, "{} has {count} error{}:", self.file.display(), if count == 1 { "" } else { "s" })?;
         for d in &self.diagnostics {
             if d.line > 0 {
                 write!(f, "\n{}:{}:{}: ", self.file.display(), d.line, d.column)?;
@@ -170,15 +149,11 @@ impl<'a> SourceMap<'a> {
         for segment in &path.0 {
             let child = match (segment, node) {
                 (Segment::Key(key), ast::Value::Object(object)) => {
-                    object
-                        .properties
-                        .iter()
-                        .find(|p| p.name.as_str() == key)
-                        .map(|p| {
-                            // Point at the key for objects/arrays, which span lines,
-                            // and at the value for scalars, which is what is wrong.
-                            (&p.value, p.range.start)
-                        })
+                    object.properties.iter().find(|p| p.name.as_str() == key).map(|p| {
+                        // Point at the key for objects/arrays, which span lines,
+                        // and at the value for scalars, which is what is wrong.
+                        (&p.value, p.range.start)
+                    })
                 }
                 (Segment::Index(index), ast::Value::Array(array)) => {
                     array.elements.get(*index).map(|e| (e, e.range().start))
@@ -206,11 +181,9 @@ impl<'a> SourceMap<'a> {
         };
         for segment in &parent.0 {
             let child = match (segment, node) {
-                (Segment::Key(k), ast::Value::Object(object)) => object
-                    .properties
-                    .iter()
-                    .find(|p| p.name.as_str() == k)
-                    .map(|p| &p.value),
+                (Segment::Key(k), ast::Value::Object(object)) => {
+                    object.properties.iter().find(|p| p.name.as_str() == k).map(|p| &p.value)
+                }
                 (Segment::Index(i), ast::Value::Array(array)) => array.elements.get(*i),
                 _ => None,
             };
@@ -238,10 +211,7 @@ pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
 
 /// The closest candidate to a misspelt name, if it is close enough to be a
 /// plausible typo.
-pub fn did_you_mean<'c>(
-    given: &str,
-    candidates: impl IntoIterator<Item = &'c str>,
-) -> Option<&'c str> {
+pub fn did_you_mean<'c>(given: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(given, c), c))
@@ -256,8 +226,7 @@ mod tests {
 
     #[test]
     fn locates_nested_values_and_keys() {
-        let text =
-            "{\n  \"matrix\": {\n    \"calibration\": [\"max\", \"mse2\"]\n  },\n  \"bogus\": 1\n}";
+        let text = "{\n  \"matrix\": {\n    \"calibration\": [\"max\", \"mse2\"]\n  },\n  \"bogus\": 1\n}";
         let map = SourceMap::new(text);
         let path = JsonPath::parse("matrix.calibration").index(1);
         assert_eq!(map.locate(&path), (3, 28));
@@ -268,10 +237,7 @@ mod tests {
 
     #[test]
     fn suggests_only_plausible_typos() {
-        assert_eq!(
-            did_you_mean("calibraton", ["calibration", "matrix"]),
-            Some("calibration")
-        );
+        assert_eq!(did_you_mean("calibraton", ["calibration", "matrix"]), Some("calibration"));
         assert_eq!(did_you_mean("zzz", ["calibration", "matrix"]), None);
     }
 }

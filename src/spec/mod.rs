@@ -39,29 +39,18 @@ pub struct ParsedSpec {
 
 impl ParsedSpec {
     /// A diagnostic located at `path` in this spec's text.
-    pub fn diagnostic(
-        &self,
-        path: JsonPath,
-        problem: impl Into<String>,
-        fix: impl Into<String>,
-    ) -> Diagnostic {
+    pub fn diagnostic(&self, path: JsonPath, problem: impl Into<String>, fix: impl Into<String>) -> Diagnostic {
         let (line, column) = SourceMap::new(&self.text).locate(&path);
         Diagnostic::new(path, problem, fix).at(line, column)
     }
 
     pub fn errors(&self, diagnostics: Vec<Diagnostic>) -> SpecErrors {
-        SpecErrors {
-            file: self.file.clone(),
-            diagnostics,
-        }
+        SpecErrors { file: self.file.clone(), diagnostics }
     }
 
     /// The directory that relative paths in the spec are resolved against.
     pub fn base_dir(&self) -> PathBuf {
-        self.file
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
+        self.file.parent().map(Path::to_path_buf).unwrap_or_default()
     }
 }
 
@@ -98,10 +87,7 @@ pub fn parse(file: &Path, text: String) -> Result<ParsedSpec, SpecErrors> {
 
     let diagnostics = schema_diagnostics(&text, &value);
     if !diagnostics.is_empty() {
-        return Err(SpecErrors {
-            file: file.to_path_buf(),
-            diagnostics,
-        });
+        return Err(SpecErrors { file: file.to_path_buf(), diagnostics });
     }
     // The schema is derived from the same types, so this only fails if the
     // two disagree; report it rather than panic.
@@ -115,18 +101,12 @@ pub fn parse(file: &Path, text: String) -> Result<ParsedSpec, SpecErrors> {
             ),
         )
     })?;
-    Ok(ParsedSpec {
-        file: file.to_path_buf(),
-        text,
-        spec,
-    })
+    Ok(ParsedSpec { file: file.to_path_buf(), text, spec })
 }
 
 fn validator() -> &'static jsonschema::Validator {
     static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
-    VALIDATOR.get_or_init(|| {
-        jsonschema::validator_for(&json_schema()).expect("the derived schema is valid")
-    })
+    VALIDATOR.get_or_init(|| jsonschema::validator_for(&json_schema()).expect("the derived schema is valid"))
 }
 
 /// Every schema violation in `value`, each located in `text`.
@@ -142,9 +122,7 @@ fn schema_diagnostics(text: &str, value: &Value) -> Vec<Diagnostic> {
                 .instance_path()
                 .iter()
                 .map(|segment| match segment {
-                    jsonschema::paths::LocationSegment::Property(key) => {
-                        Segment::Key(key.to_string())
-                    }
+                    jsonschema::paths::LocationSegment::Property(key) => Segment::Key(key.to_string()),
                     jsonschema::paths::LocationSegment::Index(index) => Segment::Index(index),
                 })
                 .collect(),
@@ -170,29 +148,18 @@ fn schema_diagnostics(text: &str, value: &Value) -> Vec<Diagnostic> {
             Kind::Enum { options } => {
                 let allowed: Vec<String> = options
                     .as_array()
-                    .map(|values| {
-                        values
-                            .iter()
-                            .map(|v| v.as_str().map_or(v.to_string(), str::to_string))
-                            .collect()
-                    })
+                    .map(|values| values.iter().map(|v| v.as_str().map_or(v.to_string(), str::to_string)).collect())
                     .unwrap_or_default();
-                let given = found
-                    .map(|v| v.as_str().map_or(v.to_string(), str::to_string))
-                    .unwrap_or_default();
+                let given = found.map(|v| v.as_str().map_or(v.to_string(), str::to_string)).unwrap_or_default();
                 let fix = match did_you_mean(&given, allowed.iter().map(String::as_str)) {
                     Some(close) => format!("did you mean \"{close}\"?"),
                     None => "use one of the allowed values".to_string(),
                 };
                 let (line, column) = map.locate(&path);
                 out.push(
-                    Diagnostic::new(
-                        path.clone(),
-                        format!("{} is not an allowed value", show(found)),
-                        fix,
-                    )
-                    .expected(format!("one of {}", quoted_list(&allowed)))
-                    .at(line, column),
+                    Diagnostic::new(path.clone(), format!("{} is not an allowed value", show(found)), fix)
+                        .expected(format!("one of {}", quoted_list(&allowed)))
+                        .at(line, column),
                 );
                 continue;
             }
@@ -209,22 +176,14 @@ fn schema_diagnostics(text: &str, value: &Value) -> Vec<Diagnostic> {
             }
             Kind::Required { property } => {
                 let name = property.as_str().unwrap_or_default().to_string();
-                (
-                    format!("missing required field `{name}`"),
-                    format!("a `{name}` field here"),
-                    format!("add `{name}`"),
-                )
+                (format!("missing required field `{name}`"), format!("a `{name}` field here"), format!("add `{name}`"))
             }
-            Kind::Minimum { limit } | Kind::ExclusiveMinimum { limit } => (
-                format!("{} is too small", show(found)),
-                format!("at least {limit}"),
-                "raise the value".to_string(),
-            ),
-            Kind::Maximum { limit } | Kind::ExclusiveMaximum { limit } => (
-                format!("{} is too large", show(found)),
-                format!("at most {limit}"),
-                "lower the value".to_string(),
-            ),
+            Kind::Minimum { limit } | Kind::ExclusiveMinimum { limit } => {
+                (format!("{} is too small", show(found)), format!("at least {limit}"), "raise the value".to_string())
+            }
+            Kind::Maximum { limit } | Kind::ExclusiveMaximum { limit } => {
+                (format!("{} is too large", show(found)), format!("at most {limit}"), "lower the value".to_string())
+            }
             Kind::MinItems { limit } => (
                 "the list is too short".to_string(),
                 format!("at least {limit} item(s)"),
@@ -238,19 +197,14 @@ fn schema_diagnostics(text: &str, value: &Value) -> Vec<Diagnostic> {
             Kind::Pattern { pattern } | Kind::Format { format: pattern } => (
                 format!("{} has the wrong form", show(found)),
                 format!("text matching {pattern}"),
-                "use letters, digits, '.', '_' and '-' only, starting with a letter or digit"
-                    .to_string(),
+                "use letters, digits, '.', '_' and '-' only, starting with a letter or digit".to_string(),
             ),
             Kind::MaxLength { limit } => (
                 format!("{} is too long", show(found)),
                 format!("at most {limit} characters"),
                 "shorten it".to_string(),
             ),
-            _ => (
-                error.to_string(),
-                String::new(),
-                "compare the spec with `qsweep schema`".to_string(),
-            ),
+            _ => (error.to_string(), String::new(), "compare the spec with `qsweep schema`".to_string()),
         };
         let (line, column) = map.locate(&path);
         let mut diagnostic = Diagnostic::new(path, problem, fix).at(line, column);
@@ -264,12 +218,10 @@ fn schema_diagnostics(text: &str, value: &Value) -> Vec<Diagnostic> {
 }
 
 fn lookup<'v>(value: &'v Value, path: &JsonPath) -> Option<&'v Value> {
-    path.0
-        .iter()
-        .try_fold(value, |node, segment| match segment {
-            Segment::Key(key) => node.get(key),
-            Segment::Index(index) => node.get(index),
-        })
+    path.0.iter().try_fold(value, |node, segment| match segment {
+        Segment::Key(key) => node.get(key),
+        Segment::Index(index) => node.get(index),
+    })
 }
 
 /// The field names the schema allows in the object at `path`.
@@ -280,14 +232,10 @@ fn field_names(schema: &Value, path: &JsonPath) -> Vec<String> {
             if let Some(reference) = node.get("$ref").and_then(Value::as_str) {
                 let name = reference.rsplit('/').next().unwrap_or_default();
                 node = schema["$defs"][name].clone();
-            } else if let Some(first) =
-                node.get("anyOf")
-                    .and_then(Value::as_array)
-                    .and_then(|alternatives| {
-                        alternatives
-                            .iter()
-                            .find(|a| a.get("type") != Some(&Value::from("null")))
-                    })
+            } else if let Some(first) = node
+                .get("anyOf")
+                .and_then(Value::as_array)
+                .and_then(|alternatives| alternatives.iter().find(|a| a.get("type") != Some(&Value::from("null"))))
             {
                 node = first.clone();
             } else {
@@ -309,11 +257,7 @@ fn field_names(schema: &Value, path: &JsonPath) -> Vec<String> {
 }
 
 fn quoted_list(items: &[String]) -> String {
-    items
-        .iter()
-        .map(|item| format!("\"{item}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
+    items.iter().map(|item| format!("\"{item}\"")).collect::<Vec<_>>().join(", ")
 }
 
 fn show(value: Option<&Value>) -> String {
@@ -321,10 +265,7 @@ fn show(value: Option<&Value>) -> String {
         Some(value) => {
             let text = value.to_string();
             if text.len() > 40 {
-                format!(
-                    "{}...",
-                    &text[..text.char_indices().nth(37).map_or(text.len(), |(i, _)| i)]
-                )
+                format!("{}...", &text[..text.char_indices().nth(37).map_or(text.len(), |(i, _)| i)])
             } else {
                 text
             }
@@ -346,11 +287,7 @@ fn type_kind_name(kind: &jsonschema::error::TypeKind) -> String {
     };
     match kind {
         TypeKind::Single(t) => name(t),
-        TypeKind::Multiple(set) => set
-            .iter()
-            .map(|t| name(&t))
-            .collect::<Vec<_>>()
-            .join(" or "),
+        TypeKind::Multiple(set) => set.iter().map(|t| name(&t)).collect::<Vec<_>>().join(" or "),
     }
 }
 

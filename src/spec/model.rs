@@ -69,11 +69,7 @@ pub struct DataSpec {
 
 impl Default for DataSpec {
     fn default() -> Self {
-        Self {
-            dataset: Dataset::default(),
-            dir: None,
-            preprocess: Preprocess::default(),
-        }
+        Self { dataset: Dataset::default(), dir: None, preprocess: Preprocess::default() }
     }
 }
 
@@ -123,11 +119,7 @@ pub struct Preprocess {
 
 impl Default for Preprocess {
     fn default() -> Self {
-        Self {
-            scale: default_scale(),
-            mean: default_mean(),
-            std: default_std(),
-        }
+        Self { scale: default_scale(), mean: default_mean(), std: default_std() }
     }
 }
 
@@ -141,14 +133,15 @@ pub struct CalibrationSpec {
     /// Seed of the draw, so the same spec always calibrates on the same images.
     #[serde(default)]
     pub seed: u64,
+    /// The percentile of |x| the `percentile` method clips at.
+    #[serde(default = "default_percentile")]
+    #[schemars(range(max = 100.0), extend("exclusiveMinimum" = 0.0))]
+    pub percentile: f64,
 }
 
 impl Default for CalibrationSpec {
     fn default() -> Self {
-        Self {
-            samples: default_samples(),
-            seed: 0,
-        }
+        Self { samples: default_samples(), seed: 0, percentile: default_percentile() }
     }
 }
 
@@ -182,9 +175,7 @@ pub struct MatrixEntry {
     pub qat_epochs: Option<u32>,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CalibrationMethod {
     Max,
@@ -194,12 +185,8 @@ pub enum CalibrationMethod {
 }
 
 impl CalibrationMethod {
-    pub const ALL: [CalibrationMethod; 4] = [
-        CalibrationMethod::Max,
-        CalibrationMethod::Mse,
-        CalibrationMethod::Entropy,
-        CalibrationMethod::Percentile,
-    ];
+    pub const ALL: [CalibrationMethod; 4] =
+        [CalibrationMethod::Max, CalibrationMethod::Mse, CalibrationMethod::Entropy, CalibrationMethod::Percentile];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -296,6 +283,9 @@ fn default_mean() -> Vec<f32> {
 }
 fn default_std() -> Vec<f32> {
     vec![1.0]
+}
+fn default_percentile() -> f64 {
+    99.99
 }
 fn default_samples() -> u32 {
     500

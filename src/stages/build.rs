@@ -8,32 +8,65 @@
 
 use std::path::Path;
 
+use std::collections::HashMap;
+
+use prost::Message;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::calibrate::Statistics;
 use super::{params, StageContext, StageError};
 use crate::engine::{self, InferenceSession};
 use crate::onnx;
 use crate::plan::Task;
+use crate::quant::{amax, coverage, qdq};
+use crate::spec::CalibrationMethod;
 
 pub const VERSION: u32 = 1;
 
 pub const ENGINE_MODEL: &str = "model.onnx";
 
+/// The Q/DQ model the int8 build writes before optimizing it: the file
+/// to hand to TensorRT or any other explicit-quantization engine.
+pub const QDQ_MODEL: &str = "qdq.onnx";
+
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case", tag = "precision")]
 enum Params {
     Fp32 {},
-    Int8 {},
+    Int8 { quantizer: Quantizer, percentile: Option<f64> },
+}
+
+#[derive(Deserialize)]
+struct Quantizer {
+    calibration: CalibrationMethod,
+    residual_fusion: bool,
 }
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
-    let source = match params::<Params>(task)? {
-        Params::Fp32 {} => context.sweep.model_path.clone(),
-        Params::Int8 {} => {
-            return Err(StageError::Fatal(
-                "this qsweep cannot build int8 engines yet; upgrade it".into(),
-            ));
+    let (source, mut metrics) = match params::<Params>(task)? {
+        Params::Fp32 {} => (context.sweep.model_path.clone(), json!({"precision": "fp32"})),
+        Params::Int8 { quantizer, percentile } => {
+            let statistics = Statistics::read(&context.input_dir(task, "calibration")?)?;
+            let amax: HashMap<String, f32> = statistics
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), amax::amax(quantizer.calibration, &t.histogram, percentile.unwrap_or(99.99))))
+                .collect();
+            let model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
+            let (quantized, summary) = qdq::quantize(&model.proto, &amax, quantizer.residual_fusion)
+                .map_err(|e| StageError::Fatal(e.to_string()))?;
+            let qdq_path = out.join(QDQ_MODEL);
+            std::fs::write(&qdq_path, quantized.encode_to_vec())?;
+            let metrics = json!({
+                "precision": "int8",
+                "calibration": quantizer.calibration,
+                "residual_fusion": quantizer.residual_fusion,
+                "qdq_pairs": summary.qdq_pairs,
+                "dead": summary.dead,
+                "float_residual_adds": summary.float_adds,
+            });
+            (qdq_path, metrics)
         }
     };
     let built = out.join(ENGINE_MODEL);
@@ -41,14 +74,15 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     // does not depend on the thread count.
     InferenceSession::open(&source, 1, Some(&built))?;
     let source_model = onnx::Model::load(&source).map_err(|e| StageError::Fatal(e.to_string()))?;
-    let built_model =
-        onnx::Model::load(&built).map_err(|e| StageError::Retryable(e.to_string()))?;
-    Ok(json!({
-        "precision": "fp32",
+    let built_model = onnx::Model::load(&built).map_err(|e| StageError::Retryable(e.to_string()))?;
+    let extra = json!({
         "model_bytes": std::fs::metadata(&source)?.len(),
         "engine_bytes": std::fs::metadata(&built)?.len(),
         "nodes_before": source_model.node_count(),
         "nodes_after": built_model.node_count(),
+        "coverage": coverage::of(&source_model, &built_model),
         "onnxruntime": engine::runtime()?.version,
-    }))
+    });
+    metrics.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
+    Ok(metrics)
 }

@@ -32,34 +32,20 @@ pub fn run(task: &Task, context: &StageContext<'_>, _out: &Path) -> Result<Value
     let images: Array4<f32> = tensor_file::read_npy::<f32>(&data.join(prepare_data::IMAGES))?
         .into_dimensionality::<Ix4>()
         .map_err(|e| StageError::Fatal(format!("test images are not NCHW: {e}")))?;
-    let labels = tensor_file::read_npy::<u8>(&data.join(prepare_data::LABELS))?
-        .into_raw_vec_and_offset()
-        .0;
+    let labels = tensor_file::read_npy::<u8>(&data.join(prepare_data::LABELS))?.into_raw_vec_and_offset().0;
 
     let threads = engine::resolve_threads(p.threads);
     let mut session = InferenceSession::open(&model, threads, None)?;
     let accuracy_batch = p.batch_sizes.iter().copied().max().unwrap_or(1);
     let started = std::time::Instant::now();
-    let accuracy = engine::accuracy(
-        &mut session,
-        images.view(),
-        &labels,
-        accuracy_batch,
-        context.cancel,
-    )?;
+    let accuracy = engine::accuracy(&mut session, images.view(), &labels, accuracy_batch, context.cancel)?;
     let accuracy_pass_s = started.elapsed().as_secs_f64();
 
     let mut latency = Vec::new();
     for &batch in &p.batch_sizes {
         let rows = batch.min(images.shape()[0]);
         let input = images.slice(s![..rows, .., .., ..]);
-        latency.push(engine::measure_latency(
-            &mut session,
-            input,
-            p.warmup,
-            p.iterations,
-            context.cancel,
-        )?);
+        latency.push(engine::measure_latency(&mut session, input, p.warmup, p.iterations, context.cancel)?);
     }
 
     Ok(json!({
@@ -80,15 +66,11 @@ fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
-            info.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-            })
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     json!({
         "cpu": cpu,
         "cores": std::thread::available_parallelism().map_or(1, usize::from),

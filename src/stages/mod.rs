@@ -7,6 +7,7 @@
 //! key, so old artifacts then stop matching instead of being reused.
 
 pub mod build;
+pub mod calibrate;
 pub mod evaluate;
 pub mod prepare_data;
 
@@ -55,9 +56,7 @@ impl From<EngineError> for StageError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Cancelled => StageError::Cancelled,
-            EngineError::LibraryNotFound { .. } | EngineError::Load { .. } => {
-                StageError::Fatal(e.to_string())
-            }
+            EngineError::LibraryNotFound { .. } | EngineError::Load { .. } => StageError::Fatal(e.to_string()),
             EngineError::Ort { .. } => StageError::Retryable(e.to_string()),
         }
     }
@@ -66,18 +65,16 @@ impl From<EngineError> for StageError {
 impl StageContext<'_> {
     /// The artifact directory of the input playing `role`.
     pub fn input_dir(&self, task: &Task, role: &str) -> Result<PathBuf, StageError> {
-        let key = task.input(role).ok_or_else(|| {
-            StageError::Fatal(format!("{} task has no `{role}` input", task.stage))
-        })?;
+        let key =
+            task.input(role).ok_or_else(|| StageError::Fatal(format!("{} task has no `{role}` input", task.stage)))?;
         Ok(self.results.artifact_dir(key))
     }
 }
 
 /// Decodes a task's parameters into the stage's own type.
 pub fn params<T: DeserializeOwned>(task: &Task) -> Result<T, StageError> {
-    serde_json::from_value(task.params.clone()).map_err(|e| {
-        StageError::Fatal(format!("{} task has malformed parameters: {e}", task.stage))
-    })
+    serde_json::from_value(task.params.clone())
+        .map_err(|e| StageError::Fatal(format!("{} task has malformed parameters: {e}", task.stage)))
 }
 
 /// Runs one attempt of a task and seals its artifact.
@@ -88,13 +85,11 @@ pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, Stag
         StageKind::PrepareData => prepare_data::run(task, context, staging.dir())?,
         StageKind::Build => build::run(task, context, staging.dir())?,
         StageKind::Evaluate => evaluate::run(task, context, staging.dir())?,
-        // `unsupported` refuses specs that need these, so only a plan made
-        // by a newer qsweep can get here.
-        StageKind::Calibrate | StageKind::Qat => {
-            return Err(StageError::Fatal(format!(
-                "this qsweep cannot execute {} tasks; upgrade it",
-                task.stage
-            )))
+        StageKind::Calibrate => calibrate::run(task, context, staging.dir())?,
+        // `unsupported` refuses specs that need QAT, so only a plan made by
+        // a newer qsweep can get here.
+        StageKind::Qat => {
+            return Err(StageError::Fatal(format!("this qsweep cannot execute {} tasks; upgrade it", task.stage)))
         }
     };
     Ok(staging.commit(metrics, started.elapsed().as_secs_f64())?)
@@ -110,11 +105,10 @@ pub fn unsupported(run: &Run, spec: &SweepSpec) -> Option<String> {
         ));
     }
     match run.kind {
-        RunKind::Baseline(_) => None,
-        RunKind::Quantized(recipe) => Some(format!(
-            "run `{}` cannot run yet: this qsweep has no calibrate stage, so calibration method \"{}\" is not available",
-            run.id,
-            recipe.calibration.name()
+        RunKind::Quantized(recipe) if recipe.qat_epochs > 0 => Some(format!(
+            "run `{}` cannot run yet: this qsweep has no QAT stage, so qat_epochs {} is not available (0 means PTQ)",
+            run.id, recipe.qat_epochs
         )),
+        _ => None,
     }
 }

@@ -27,14 +27,8 @@ pub const CALIBRATION_PT: &str = "calibration.pt";
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case", tag = "split")]
 enum Params {
-    Test {
-        data: DataParams,
-    },
-    Calibration {
-        data: DataParams,
-        samples: usize,
-        seed: u64,
-    },
+    Test { data: DataParams },
+    Calibration { data: DataParams, samples: usize, seed: u64 },
 }
 
 #[derive(Deserialize)]
@@ -45,9 +39,8 @@ struct DataParams {
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let data_dir = &context.sweep.data_dir;
-    let load = |dataset, split| {
-        data::load_split(dataset, data_dir, split).map_err(|e| StageError::Fatal(e.to_string()))
-    };
+    let load =
+        |dataset, split| data::load_split(dataset, data_dir, split).map_err(|e| StageError::Fatal(e.to_string()));
     match params::<Params>(task)? {
         Params::Test { data } => {
             let raw = load(data.dataset, Split::Test)?;
@@ -56,11 +49,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
             tensor_file::write_npy(&out.join(LABELS), &tensors.labels.view().into_dyn())?;
             Ok(json!({"split": "test", "count": raw.count}))
         }
-        Params::Calibration {
-            data,
-            samples,
-            seed,
-        } => {
+        Params::Calibration { data, samples, seed } => {
             let raw = load(data.dataset, Split::Train)?;
             let indices = data::calibration_indices(raw.count, samples, seed);
             let tensors = raw.preprocess(&data.preprocess, Some(&indices));

@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn qsweep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qsweep"))
-        .args(args)
-        .output()
-        .expect("qsweep starts")
+    Command::new(env!("CARGO_BIN_EXE_qsweep")).args(args).output().expect("qsweep starts")
 }
 
 pub fn reference_model() -> PathBuf {
@@ -32,11 +29,7 @@ pub fn quick_spec_json(extra: &str) -> String {
   "evaluate": {{ "batch_sizes": [1, 64], "warmup": 2, "iterations": 20, "threads": 1 }}{}
 }}"#,
         reference_model().display(),
-        if extra.is_empty() {
-            String::new()
-        } else {
-            format!(",\n  {extra}")
-        }
+        if extra.is_empty() { String::new() } else { format!(",\n  {extra}") }
     )
 }
 

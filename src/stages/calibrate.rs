@@ -1,0 +1,161 @@
+//! calibrate: one pass of the fp32 model over the calibration set, with
+//! every tensor the Q/DQ rewrite may quantize exposed as a graph output,
+//! streamed batch by batch into histograms. Memory is bounded by the
+//! histograms, not by the number of samples: nothing is kept per batch.
+//!
+//! One task serves every calibration method and both fusion settings: the
+//! artifact holds the histogram and running max of each tensor, and the
+//! build stage derives each method's amax from it.
+
+use std::path::Path;
+
+use candle_onnx::onnx::{type_proto, TensorShapeProto, TypeProto, ValueInfoProto};
+use ndarray::{Array4, Axis, Ix4};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{prepare_data, StageContext, StageError};
+use crate::data::tensor_file;
+use crate::engine::{self, InferenceSession};
+use crate::onnx;
+use crate::plan::Task;
+use crate::quant::histogram::{Histogram, INITIAL_BINS};
+use crate::quant::qdq;
+
+pub const VERSION: u32 = 1;
+
+pub const STATISTICS: &str = "histograms.json";
+
+/// Batch size of the pass; any size works, ragged last batch included.
+const BATCH: usize = 64;
+
+/// What the calibrate stage measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Statistics {
+    pub samples: usize,
+    pub tensors: Vec<TensorStatistics>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorStatistics {
+    pub name: String,
+    /// Shape of one sample of the tensor (batch axis removed).
+    pub shape: Vec<usize>,
+    pub histogram: Histogram,
+}
+
+impl Statistics {
+    pub fn read(dir: &Path) -> Result<Self, StageError> {
+        let path = dir.join(STATISTICS);
+        let bytes = std::fs::read(&path)?;
+        serde_json::from_slice(&bytes).map_err(|e| StageError::Fatal(format!("{} is damaged: {e}", path.display())))
+    }
+}
+
+pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
+    let model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
+    let graph = model.proto.graph.as_ref().expect("a loaded model has a graph");
+    let names = qdq::calibration_tensors(graph);
+    if names.is_empty() {
+        return Err(StageError::Fatal(qdq::QdqError::NothingToQuantize.to_string()));
+    }
+
+    // The same model with every tensor to measure exposed as an output.
+    let mut exposed = model.proto.clone();
+    let exposed_graph = exposed.graph.as_mut().expect("a loaded model has a graph");
+    for name in &names {
+        if !exposed_graph.output.iter().any(|o| &o.name == name) {
+            exposed_graph.output.push(float_output(name));
+        }
+    }
+    let exposed_path = out.join(".exposed.onnx");
+    std::fs::write(&exposed_path, exposed.encode_to_vec())?;
+    let session = InferenceSession::open(&exposed_path, engine::resolve_threads(0), None);
+    std::fs::remove_file(&exposed_path)?;
+    let mut session = session?;
+    let output_names = session.output_names();
+
+    let data = context.input_dir(task, "data")?;
+    let images: Array4<f32> = tensor_file::read_npy::<f32>(&data.join(prepare_data::IMAGES))?
+        .into_dimensionality::<Ix4>()
+        .map_err(|e| StageError::Fatal(format!("calibration images are not NCHW: {e}")))?;
+
+    let slots: Vec<Option<usize>> = output_names.iter().map(|o| names.iter().position(|n| n == o)).collect();
+    let mut tensors: Vec<TensorStatistics> = names
+        .iter()
+        .map(|name| TensorStatistics { name: name.clone(), shape: Vec::new(), histogram: Histogram::new() })
+        .collect();
+    let mut failure = None;
+    for chunk in images.axis_chunks_iter(Axis(0), BATCH) {
+        if context.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StageError::Cancelled);
+        }
+        session.run_visit(chunk, |output, shape, values| {
+            let Some(slot) = slots[output] else { return };
+            let stats = &mut tensors[slot];
+            stats.shape = shape.iter().skip(1).copied().collect();
+            if let Err(bad) = stats.histogram.add(values) {
+                failure.get_or_insert_with(|| {
+                    format!(
+                        "tensor `{}` holds {} NaN or infinite value(s) on the calibration set; check the model and data.preprocess",
+                        stats.name, bad.count
+                    )
+                });
+            }
+        })?;
+        if let Some(message) = failure.take() {
+            return Err(StageError::Fatal(message));
+        }
+    }
+
+    let warnings = warnings(images.shape()[0], &tensors);
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
+    let statistics = Statistics { samples: images.shape()[0], tensors };
+    std::fs::write(out.join(STATISTICS), serde_json::to_vec(&statistics).map_err(std::io::Error::other)?)?;
+    Ok(json!({
+        "samples": statistics.samples,
+        "tensors": statistics.tensors.len(),
+        "dead_tensors": statistics.tensors.iter().filter(|t| t.histogram.is_dead()).map(|t| &t.name).collect::<Vec<_>>(),
+        "warnings": warnings,
+    }))
+}
+
+/// A graph output declaration for an intermediate float tensor; ONNX
+/// Runtime infers its shape.
+fn float_output(name: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: onnx::FLOAT,
+                shape: None::<TensorShapeProto>,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Calibration sets too small to fill a histogram give amax values that
+/// move from seed to seed; say so rather than fail.
+fn warnings(samples: usize, tensors: &[TensorStatistics]) -> Vec<String> {
+    let mut out = Vec::new();
+    if samples < 100 {
+        out.push(format!(
+            "only {samples} calibration samples; amax values will be noisy (NVIDIA's flow uses about 500)"
+        ));
+    }
+    for t in tensors {
+        let values = t.histogram.total();
+        if values > 0 && values < (INITIAL_BINS * 10) as u64 {
+            out.push(format!(
+                "tensor `{}` has only {values} calibration values for {INITIAL_BINS} histogram bins; use more calibration samples",
+                t.name
+            ));
+        }
+    }
+    out
+}
