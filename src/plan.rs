@@ -194,6 +194,7 @@ impl Plan {
             "precision": "int8",
             "model_digest": sources.model_digest,
             "quantizer": quantizer,
+            "format": spec.int8_format(),
             "engine": spec.evaluate.engine,
         });
         // Only the percentile method reads the percentile, so only its

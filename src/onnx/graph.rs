@@ -13,14 +13,19 @@ use candle_onnx::onnx::{attribute_proto::AttributeType, GraphProto, NodeProto};
 pub struct GraphIndex<'g> {
     pub graph: &'g GraphProto,
     producer: HashMap<&'g str, usize>,
+    consumers: HashMap<&'g str, Vec<(usize, usize)>>,
     constants: HashSet<&'g str>,
 }
 
 impl<'g> GraphIndex<'g> {
     pub fn new(graph: &'g GraphProto) -> Self {
         let mut producer = HashMap::new();
+        let mut consumers: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
         let mut constants: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
         for (index, node) in graph.node.iter().enumerate() {
+            for (slot, input) in node.input.iter().enumerate() {
+                consumers.entry(input.as_str()).or_default().push((index, slot));
+            }
             for output in &node.output {
                 producer.insert(output.as_str(), index);
                 if node.op_type == "Constant" {
@@ -28,11 +33,20 @@ impl<'g> GraphIndex<'g> {
                 }
             }
         }
-        Self { graph, producer, constants }
+        Self { graph, producer, consumers, constants }
     }
 
     pub fn producer(&self, tensor: &str) -> Option<&'g NodeProto> {
-        self.producer.get(tensor).map(|&i| &self.graph.node[i])
+        self.producer_index(tensor).map(|i| &self.graph.node[i])
+    }
+
+    pub fn producer_index(&self, tensor: &str) -> Option<usize> {
+        self.producer.get(tensor).copied()
+    }
+
+    /// The (node, input slot) pairs that read `tensor`.
+    pub fn consumers(&self, tensor: &str) -> Vec<(usize, usize)> {
+        self.consumers.get(tensor).cloned().unwrap_or_default()
     }
 
     /// Initializers and Constant outputs: values fixed at export.

@@ -18,6 +18,10 @@ pub struct Histogram {
     pub counts: Vec<u64>,
     /// Running max of |x|, the `max` method's amax.
     pub max: f32,
+    /// Running min of x (signed): a tensor that is never negative can use
+    /// all 256 levels of an unsigned int8.
+    #[serde(default)]
+    pub min: f32,
     /// Values seen while all were zero, before the width was known.
     pending_zeros: u64,
 }
@@ -36,24 +40,27 @@ impl Default for Histogram {
 
 impl Histogram {
     pub fn new() -> Self {
-        Self { bin_width: 0.0, counts: Vec::new(), max: 0.0, pending_zeros: 0 }
+        Self { bin_width: 0.0, counts: Vec::new(), max: 0.0, min: 0.0, pending_zeros: 0 }
     }
 
     /// Adds a batch of values. Refuses NaN and infinity without adding
     /// anything, as they mean the model or data is broken.
     pub fn add(&mut self, values: &[f32]) -> Result<(), NonFinite> {
         let mut batch_max = 0.0f32;
+        let mut batch_min = 0.0f32;
         let mut non_finite = 0usize;
         for &v in values {
             if !v.is_finite() {
                 non_finite += 1;
             }
             batch_max = batch_max.max(v.abs());
+            batch_min = batch_min.min(v);
         }
         if non_finite > 0 {
             return Err(NonFinite { count: non_finite });
         }
         self.max = self.max.max(batch_max);
+        self.min = self.min.min(batch_min);
         if self.bin_width == 0.0 {
             if batch_max == 0.0 {
                 self.pending_zeros += values.len() as u64;
@@ -107,6 +114,7 @@ mod tests {
         assert_eq!(h.counts[0], 2, "early zeros land in bin 0");
         assert_eq!(h.counts[2047], 1, "the max lands in the last bin");
         assert_eq!(h.counts[1024], 1);
+        assert_eq!(h.min, -2.0);
     }
 
     /// Growth appends bins of the same width, and every count survives.

@@ -1,17 +1,28 @@
 //! The Q/DQ rewrite: inserts QuantizeLinear/DequantizeLinear pairs where
-//! TensorRT's explicit-quantization rules put them, then lints the result.
+//! an engine's int8 kernels need them, then lints the result.
 //!
 //! The rewrite is planned first (`edges`) and applied in one step, so the
 //! calibrate stage and the build stage agree on which tensors are quantized:
-//! calibrate measures exactly the tensors the rewrite will need.
+//! calibrate measures every tensor any format may need.
 //!
-//! Rules: quantize every input of Conv, Gemm and MatMul (activations per
-//! tensor, constant weights per output channel), never their outputs;
-//! leave BatchNorm and ReLU to the engine; with residual fusion, also
-//! quantize the shortcut input of each residual Add, which is what
-//! pytorch_quantization's `residual_quantizer` does, so TensorRT can fuse
-//! the Add into the conv producing the other input. A Q/DQ pair is never
-//! put between a Pad and its Conv: the Pad's input is quantized instead.
+//! The `tensorrt` format follows TensorRT's explicit-quantization rules:
+//! quantize every input of Conv, Gemm and MatMul (activations per tensor,
+//! constant weights per output channel), never their outputs; leave
+//! BatchNorm and ReLU to the engine; with residual fusion, also quantize the
+//! shortcut input of each residual Add, which is what pytorch_quantization's
+//! `residual_quantizer` does, so TensorRT can fuse the Add into the conv
+//! producing the other input. A Q/DQ pair is never put between a Pad and its
+//! Conv: the Pad's input is quantized instead.
+//!
+//! ONNX Runtime's CPU kernels need more: a weighted op becomes an int8
+//! kernel only as DQ -> op -> Q with an int32 bias, and BatchNorm must be
+//! folded first because the optimizer cannot fold it into DQ'd weights. So
+//! the `onnxruntime-cpu` format folds BatchNorm, also quantizes the outputs
+//! of weighted ops (after their ReLU, which ONNX Runtime then drops into the
+//! quantizer) and, with fusion, of residual Adds; uses uint8 activations
+//! (zero point 0 for tensors that are never negative, 128 otherwise); and
+//! uses 7-bit weights, because AVX2 without VNNI multiplies uint8 by int8
+//! into saturating int16 pairs, which full-range weights overflow.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -20,15 +31,22 @@ use candle_onnx::onnx::{
     TensorProto,
 };
 
-use crate::onnx::graph::{node_name, residual_adds, weighted_ops, GraphIndex, WEIGHTED_OPS};
+use crate::onnx::graph::{int_attribute, node_name, residual_adds, weighted_ops, GraphIndex, WEIGHTED_OPS};
+use crate::spec::Int8Format;
 
-/// int8 narrow range: scale = amax / 127.
-const QMAX: f32 = 127.0;
 /// The scale of a dead (all-zero) tensor or channel: any positive value
 /// represents zero exactly, and TensorRT rejects zero scales.
 pub const DEAD_SCALE: f32 = 1.0 / (1u32 << 20) as f32;
 /// Per-channel Q/DQ (the `axis` attribute) needs opset 13.
 pub const MIN_OPSET: i64 = 13;
+
+/// What calibration says about one activation tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Range {
+    pub amax: f32,
+    /// Never negative on the calibration set (e.g. after a ReLU).
+    pub nonnegative: bool,
+}
 
 /// One input slot that reads a quantized activation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,45 +56,85 @@ pub struct Edge {
     pub tensor: String,
 }
 
-/// The activation inputs to quantize: weighted ops' runtime inputs and,
-/// with fusion, residual shortcuts.
-pub fn edges(graph: &GraphProto, residual_fusion: bool) -> Vec<Edge> {
+/// The activation inputs to quantize in `format`: weighted ops' runtime
+/// inputs, with fusion the residual shortcuts, and for ONNX Runtime's CPU
+/// kernels the outputs of weighted ops (and of residual Adds with fusion).
+pub fn edges(graph: &GraphProto, format: Int8Format, residual_fusion: bool) -> Vec<Edge> {
     let index = GraphIndex::new(graph);
     let mut edges = Vec::new();
     for op in weighted_ops(&index) {
         for (slot, tensor) in op.activations {
             // Pad -> Q/DQ -> Conv blocks TensorRT's Pad fusion; move the
             // pair above the Pad.
-            match index.producer(&tensor).filter(|p| p.op_type == "Pad") {
-                Some(pad) => {
-                    let pad_index =
-                        graph.node.iter().position(|n| std::ptr::eq(n, pad)).expect("the producer is in the graph");
-                    edges.push(Edge { node: pad_index, slot: 0, tensor: pad.input[0].clone() });
-                }
+            match index.producer_index(&tensor).filter(|&p| graph.node[p].op_type == "Pad") {
+                Some(pad) => edges.push(Edge { node: pad, slot: 0, tensor: graph.node[pad].input[0].clone() }),
                 None => edges.push(Edge { node: op.node, slot, tensor }),
             }
         }
     }
+    let adds = residual_adds(&index);
     if residual_fusion {
-        for add in residual_adds(&index) {
-            edges.push(Edge { node: add.node, slot: add.skip_slot, tensor: add.skip });
+        for add in &adds {
+            edges.push(Edge { node: add.node, slot: add.skip_slot, tensor: add.skip.clone() });
+        }
+    }
+    if format == Int8Format::OnnxruntimeCpu {
+        let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+        let residual_nodes: HashSet<usize> = adds.iter().map(|a| a.node).collect();
+        let mut producers: Vec<usize> = weighted_ops(&index).into_iter().map(|op| op.node).collect();
+        if residual_fusion {
+            producers.extend(&residual_nodes);
+        }
+        for producer in producers {
+            let tensor = quantized_output(&index, producer);
+            if graph_outputs.contains(tensor.as_str()) {
+                continue;
+            }
+            let consumers = index.consumers(&tensor);
+            // Without fusion, a residual Add keeps both inputs in float.
+            if !residual_fusion && consumers.iter().any(|(node, _)| residual_nodes.contains(node)) {
+                continue;
+            }
+            edges.extend(consumers.into_iter().map(|(node, slot)| Edge { node, slot, tensor: tensor.clone() }));
         }
     }
     edges
+}
+
+/// Where a node's output is quantized: after a BatchNorm that will be
+/// folded into it and a ReLU that the quantizer absorbs, when each is the
+/// only consumer.
+fn quantized_output(index: &GraphIndex<'_>, node: usize) -> String {
+    let mut tensor = index.graph.node[node].output[0].clone();
+    for absorbed in ["BatchNormalization", "Relu"] {
+        if let [(consumer, 0)] = index.consumers(&tensor)[..] {
+            if index.graph.node[consumer].op_type == absorbed {
+                tensor = index.graph.node[consumer].output[0].clone();
+            }
+        }
+    }
+    tensor
 }
 
 /// Every activation tensor that any recipe may quantize, in graph order,
 /// each once: what the calibrate stage measures.
 pub fn calibration_tensors(graph: &GraphProto) -> Vec<String> {
     let mut seen = HashSet::new();
-    edges(graph, true).into_iter().map(|e| e.tensor).filter(|t| seen.insert(t.clone())).collect()
+    [Int8Format::Tensorrt, Int8Format::OnnxruntimeCpu]
+        .into_iter()
+        .flat_map(|format| edges(graph, format, true))
+        .map(|e| e.tensor)
+        .filter(|t| seen.insert(t.clone()))
+        .collect()
 }
 
 /// What the rewrite did, for the reports.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct QdqSummary {
-    /// Q/DQ pairs on activations plus DQ nodes on weights.
+    pub format: Option<Int8Format>,
+    /// Q/DQ pairs on activations plus DQ nodes on weights and biases.
     pub qdq_pairs: usize,
+    pub folded_batch_norms: usize,
     /// Weight channels and activations that were all zero, by name.
     pub dead: Vec<String>,
     /// Residual Adds left with a float shortcut.
@@ -91,88 +149,150 @@ pub enum QdqError {
     OpsetTooOld { found: i64 },
     #[error("no calibration statistics for tensor `{tensor}`; the calibrate stage is older than this build, rerun it")]
     MissingStatistics { tensor: String },
-    #[error("weight `{tensor}` of node `{node}` {problem}")]
-    BadWeight { node: String, tensor: String, problem: String },
+    #[error("tensor `{tensor}` of node `{node}` {problem}")]
+    BadTensor { node: String, tensor: String, problem: String },
     #[error("lint failed at node `{node}`: {problem}")]
     Lint { node: String, problem: String },
 }
 
-/// Rewrites `model` into a Q/DQ model. `amax` maps every tensor of
-/// `calibration_tensors` to its calibrated amax.
+/// How one format stores numbers.
+struct Encoding {
+    /// Largest weight magnitude in int8 steps (127, or 63 for 7-bit).
+    weight_levels: f32,
+    unsigned_activations: bool,
+}
+
+impl Encoding {
+    fn of(format: Int8Format) -> Self {
+        match format {
+            Int8Format::Tensorrt => Encoding { weight_levels: 127.0, unsigned_activations: false },
+            Int8Format::OnnxruntimeCpu => Encoding { weight_levels: 63.0, unsigned_activations: true },
+        }
+    }
+
+    /// Scale and zero point of an activation with this range.
+    fn activation(&self, range: Range) -> (f32, u8) {
+        match (self.unsigned_activations, range.nonnegative) {
+            (true, true) => (scale_of(range.amax, 255.0), 0),
+            (true, false) => (scale_of(range.amax, 127.0), 128),
+            (false, _) => (scale_of(range.amax, 127.0), 0),
+        }
+    }
+}
+
+/// Rewrites `model` into a Q/DQ model. `ranges` maps every tensor of
+/// `calibration_tensors` to its calibrated range.
 pub fn quantize(
     model: &ModelProto,
-    amax: &HashMap<String, f32>,
+    ranges: &HashMap<String, Range>,
+    format: Int8Format,
     residual_fusion: bool,
 ) -> Result<(ModelProto, QdqSummary), QdqError> {
     let opset = default_opset(model);
     if opset < MIN_OPSET {
         return Err(QdqError::OpsetTooOld { found: opset });
     }
+    let encoding = Encoding::of(format);
     let mut model = model.clone();
     let graph = model.graph.as_mut().expect("a loaded model has a graph");
+    let mut summary = QdqSummary { format: Some(format), ..Default::default() };
+    inline_constant_identities(graph);
+    if format == Int8Format::OnnxruntimeCpu {
+        summary.folded_batch_norms = fold_batch_norms(graph)?;
+    }
     let ops = weighted_ops(&GraphIndex::new(graph));
     if ops.is_empty() {
         return Err(QdqError::NothingToQuantize);
     }
-    let mut summary = QdqSummary::default();
 
     // Activations: one pair per tensor, shared by all the edges reading it.
-    let edges = edges(graph, residual_fusion);
-    let mut pairs: BTreeMap<String, String> = BTreeMap::new();
+    let edges = edges(graph, format, residual_fusion);
+    let mut scales: BTreeMap<String, (f32, u8)> = BTreeMap::new();
     for edge in &edges {
-        let &value =
-            amax.get(&edge.tensor).ok_or_else(|| QdqError::MissingStatistics { tensor: edge.tensor.clone() })?;
-        if value == 0.0 {
+        let &range =
+            ranges.get(&edge.tensor).ok_or_else(|| QdqError::MissingStatistics { tensor: edge.tensor.clone() })?;
+        if range.amax == 0.0 && !summary.dead.contains(&edge.tensor) {
             summary.dead.push(edge.tensor.clone());
         }
-        pairs.entry(edge.tensor.clone()).or_insert_with(|| format!("{}_dequantized", edge.tensor));
+        scales.entry(edge.tensor.clone()).or_insert_with(|| encoding.activation(range));
     }
-    summary.dead.dedup();
-    let mut after_producer: HashMap<String, Vec<NodeProto>> = HashMap::new();
     let producers: HashMap<String, usize> =
         graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
+    let mut after_producer: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut leading = Vec::new();
-    for (tensor, dequantized) in &pairs {
-        let scale = scale_of(amax[tensor]);
-        let (nodes, initializers) = activation_pair(tensor, dequantized, scale);
-        graph.initializer.extend(initializers);
+    for (tensor, &(scale, zero_point)) in &scales {
+        let zero = if encoding.unsigned_activations {
+            uint8_tensor(&format!("{tensor}_zero_point"), &[], &[zero_point])
+        } else {
+            int8_tensor(&format!("{tensor}_zero_point"), &[], &[0])
+        };
+        let (nodes, scale_tensor) = activation_pair(tensor, scale);
+        graph.initializer.extend([scale_tensor, zero]);
         match producers.get(tensor) {
-            Some(&producer) => after_producer.entry(graph.node[producer].output[0].clone()).or_default().extend(nodes),
+            Some(&producer) => after_producer.entry(producer).or_default().extend(nodes),
             None => leading.extend(nodes),
         }
         summary.qdq_pairs += 1;
     }
     for edge in &edges {
-        graph.node[edge.node].input[edge.slot] = pairs[&edge.tensor].clone();
+        graph.node[edge.node].input[edge.slot] = dequantized_name(&edge.tensor);
     }
 
-    // Weights: stored as int8 with one DequantizeLinear each.
+    // Weights as int8 with one DequantizeLinear each; on the CPU format,
+    // biases as int32 at the product of input and weight scales.
     let mut replaced = HashSet::new();
     for op in &ops {
         let Some(weight) = &op.weight else { continue };
-        let Some(position) = graph.initializer.iter().position(|t| t.name == weight.tensor) else { continue };
-        let original = graph.initializer[position].clone();
-        let (int8, scales, dead) = quantize_weight(&original, weight.channel_axis)
-            .map_err(|problem| QdqError::BadWeight { node: op.name.clone(), tensor: weight.tensor.clone(), problem })?;
+        let Some(original) = graph.initializer.iter().find(|t| t.name == weight.tensor).cloned() else { continue };
+        let bad =
+            |problem: String| QdqError::BadTensor { node: op.name.clone(), tensor: weight.tensor.clone(), problem };
+        let (int8, weight_scales, dead) =
+            quantize_weight(&original, weight.channel_axis, encoding.weight_levels).map_err(bad)?;
         summary.dead.extend(dead.into_iter().map(|c| format!("{}[{c}]", weight.tensor)));
-        let dequantized = format!("{}_dequantized", weight.tensor);
         if replaced.insert(weight.tensor.clone()) {
-            let (node, initializers) = weight_dequantize(&original, int8, scales, weight.channel_axis, &dequantized);
+            let (node, initializers) = weight_dequantize(&original, int8, &weight_scales, weight.channel_axis);
             graph.initializer.extend(initializers);
             leading.push(node);
             summary.qdq_pairs += 1;
         }
-        graph.node[op.node].input[weight.slot] = dequantized;
+        graph.node[op.node].input[weight.slot] = dequantized_name(&weight.tensor);
+
+        let bias = graph.node[op.node].input.get(2).filter(|b| !b.is_empty()).cloned();
+        let input_scale = op.activations.first().and_then(|(_, t)| {
+            scales.get(t).or_else(|| {
+                // The pair may sit above a Pad; a Pad keeps the scale.
+                let pad = producers.get(t).map(|&p| &graph.node[p]).filter(|p| p.op_type == "Pad")?;
+                scales.get(&pad.input[0])
+            })
+        });
+        if let (Int8Format::OnnxruntimeCpu, Some(bias), Some(&(input_scale, _))) = (format, bias, input_scale) {
+            let Some(original) = graph.initializer.iter().find(|t| t.name == bias).cloned() else { continue };
+            if original.dims.len() != 1 || original.dims[0] as usize != weight_scales.len() {
+                continue;
+            }
+            let bias_scales: Vec<f32> = weight_scales.iter().map(|s| s * input_scale).collect();
+            let values = float_values(&original).map_err(|problem| QdqError::BadTensor {
+                node: op.name.clone(),
+                tensor: bias.clone(),
+                problem,
+            })?;
+            let int32: Vec<i32> = values.iter().zip(&bias_scales).map(|(b, s)| (b / s).round() as i32).collect();
+            let (node, initializers) = bias_dequantize(&original, &int32, &bias_scales);
+            graph.initializer.extend(initializers);
+            leading.push(node);
+            summary.qdq_pairs += 1;
+            graph.node[op.node].input[2] = dequantized_name(&bias);
+            replaced.insert(bias);
+        }
     }
     graph.initializer.retain(|t| !replaced.contains(&t.name));
 
-    // Keep the nodes topologically sorted: weight DQs and graph-input pairs
-    // first, each activation pair right after its producer.
+    // Keep the nodes topologically sorted: constant DQs and graph-input
+    // pairs first, each activation pair right after its producer.
     let mut nodes = leading;
-    for node in std::mem::take(&mut graph.node) {
-        let pending = node.output.first().and_then(|o| after_producer.remove(o));
+    for (i, node) in std::mem::take(&mut graph.node).into_iter().enumerate() {
         nodes.push(node);
-        nodes.extend(pending.into_iter().flatten());
+        nodes.extend(after_producer.remove(&i).into_iter().flatten());
     }
     graph.node = nodes;
 
@@ -186,9 +306,13 @@ pub fn quantize(
     Ok((model, summary))
 }
 
-fn scale_of(amax: f32) -> f32 {
+fn dequantized_name(tensor: &str) -> String {
+    format!("{tensor}_dequantized")
+}
+
+fn scale_of(amax: f32, levels: f32) -> f32 {
     if amax > 0.0 && amax.is_finite() {
-        amax / QMAX
+        amax / levels
     } else {
         DEAD_SCALE
     }
@@ -198,7 +322,93 @@ fn default_opset(model: &ModelProto) -> i64 {
     model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map_or(1, |o| o.version)
 }
 
-fn activation_pair(tensor: &str, dequantized: &str, scale: f32) -> (Vec<NodeProto>, Vec<TensorProto>) {
+/// Exporters deduplicate equal initializers behind Identity nodes (two
+/// zero BatchNorm biases become one tensor and an Identity). Reading the
+/// initializer directly keeps such parameters constant for folding.
+fn inline_constant_identities(graph: &mut GraphProto) {
+    let initializers: HashSet<String> = graph.initializer.iter().map(|t| t.name.clone()).collect();
+    let graph_outputs: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+    let aliases: HashMap<String, String> = graph
+        .node
+        .iter()
+        .filter(|n| {
+            n.op_type == "Identity" && initializers.contains(&n.input[0]) && !graph_outputs.contains(&n.output[0])
+        })
+        .map(|n| (n.output[0].clone(), n.input[0].clone()))
+        .collect();
+    graph.node.retain(|n| !(n.op_type == "Identity" && aliases.contains_key(&n.output[0])));
+    for input in graph.node.iter_mut().flat_map(|n| n.input.iter_mut()) {
+        if let Some(source) = aliases.get(input) {
+            *input = source.clone();
+        }
+    }
+}
+
+/// Folds each BatchNormalization that is the only consumer of a Conv into
+/// that Conv's weights and bias. Returns how many were folded.
+fn fold_batch_norms(graph: &mut GraphProto) -> Result<usize, QdqError> {
+    let mut folded = 0;
+    loop {
+        let index = GraphIndex::new(graph);
+        let candidate = graph.node.iter().enumerate().find_map(|(bn, node)| {
+            if node.op_type != "BatchNormalization" || node.output.len() != 1 {
+                return None;
+            }
+            let conv = index.producer_index(&node.input[0]).filter(|&c| graph.node[c].op_type == "Conv")?;
+            let sole_consumer = index.consumers(&graph.node[conv].output[0]).len() == 1;
+            let constants = node.input[1..].iter().chain(graph.node[conv].input.get(1)).all(|t| index.is_constant(t));
+            (sole_consumer && constants).then_some((conv, bn))
+        });
+        let Some((conv, bn)) = candidate else { break };
+        let tensor = |name: &str| graph.initializer.iter().find(|t| t.name == name).cloned();
+        let bad = |tensor: &str, problem: String| QdqError::BadTensor {
+            node: node_name(&graph.node[bn], bn),
+            tensor: tensor.to_string(),
+            problem,
+        };
+        let read = |name: &str| -> Result<Vec<f32>, QdqError> {
+            let t = tensor(name).ok_or_else(|| bad(name, "is not an initializer".into()))?;
+            float_values(&t).map_err(|p| bad(name, p))
+        };
+        let bn_node = graph.node[bn].clone();
+        let conv_node = graph.node[conv].clone();
+        let (gamma, beta, mean, var) =
+            (read(&bn_node.input[1])?, read(&bn_node.input[2])?, read(&bn_node.input[3])?, read(&bn_node.input[4])?);
+        let epsilon = bn_node.attribute.iter().find(|a| a.name == "epsilon").map_or(1e-5, |a| a.f);
+        let weight =
+            tensor(&conv_node.input[1]).ok_or_else(|| bad(&conv_node.input[1], "is not an initializer".into()))?;
+        let mut w = float_values(&weight).map_err(|p| bad(&weight.name, p))?;
+        let channels = weight.dims[0] as usize;
+        if [gamma.len(), beta.len(), mean.len(), var.len()].iter().any(|&n| n != channels) {
+            break;
+        }
+        let mut b = match conv_node.input.get(2).filter(|b| !b.is_empty()) {
+            Some(name) => read(name)?,
+            None => vec![0.0; channels],
+        };
+        let per_channel = w.len() / channels;
+        for c in 0..channels {
+            let factor = gamma[c] / (var[c] + epsilon).sqrt();
+            w[c * per_channel..(c + 1) * per_channel].iter_mut().for_each(|v| *v *= factor);
+            b[c] = (b[c] - mean[c]) * factor + beta[c];
+        }
+        let (w_name, b_name) =
+            (format!("{}_bn_folded", conv_node.input[1]), format!("{}_bn_folded_bias", conv_node.name));
+        graph.initializer.push(float_tensor(&w_name, &weight.dims, &w));
+        graph.initializer.push(float_tensor(&b_name, &[channels as i64], &b));
+        let conv_node = &mut graph.node[conv];
+        conv_node.input.truncate(1);
+        conv_node.input.extend([w_name, b_name]);
+        conv_node.output[0] = bn_node.output[0].clone();
+        graph.node.remove(bn);
+        folded += 1;
+    }
+    let used: HashSet<String> = graph.node.iter().flat_map(|n| n.input.iter().cloned()).collect();
+    graph.initializer.retain(|t| used.contains(&t.name));
+    Ok(folded)
+}
+
+fn activation_pair(tensor: &str, scale: f32) -> (Vec<NodeProto>, TensorProto) {
     let scale_name = format!("{tensor}_scale");
     let zero_name = format!("{tensor}_zero_point");
     let quantized = format!("{tensor}_quantized");
@@ -214,20 +424,18 @@ fn activation_pair(tensor: &str, dequantized: &str, scale: f32) -> (Vec<NodeProt
             "DequantizeLinear",
             &format!("{tensor}_DequantizeLinear"),
             &[&quantized, &scale_name, &zero_name],
-            dequantized,
+            &dequantized_name(tensor),
             None,
         ),
     ];
-    let initializers = vec![float_tensor(&scale_name, &[], &[scale]), int8_tensor(&zero_name, &[], &[0])];
-    (nodes, initializers)
+    (nodes, float_tensor(&scale_name, &[], &[scale]))
 }
 
 fn weight_dequantize(
     original: &TensorProto,
     int8: Vec<i8>,
-    scales: Vec<f32>,
+    scales: &[f32],
     axis: usize,
-    dequantized: &str,
 ) -> (NodeProto, Vec<TensorProto>) {
     let name = &original.name;
     let (int8_name, scale_name, zero_name) =
@@ -237,20 +445,48 @@ fn weight_dequantize(
         "DequantizeLinear",
         &format!("{name}_DequantizeLinear"),
         &[&int8_name, &scale_name, &zero_name],
-        dequantized,
+        &dequantized_name(name),
         Some(axis as i64),
     );
     let initializers = vec![
         int8_tensor(&int8_name, &original.dims, &int8),
-        float_tensor(&scale_name, &[channels], &scales),
+        float_tensor(&scale_name, &[channels], scales),
         int8_tensor(&zero_name, &[channels], &vec![0; scales.len()]),
+    ];
+    (node, initializers)
+}
+
+fn bias_dequantize(original: &TensorProto, int32: &[i32], scales: &[f32]) -> (NodeProto, Vec<TensorProto>) {
+    let name = &original.name;
+    let (int32_name, scale_name, zero_name) =
+        (format!("{name}_int32"), format!("{name}_scale"), format!("{name}_zero_point"));
+    let node = node(
+        "DequantizeLinear",
+        &format!("{name}_DequantizeLinear"),
+        &[&int32_name, &scale_name, &zero_name],
+        &dequantized_name(name),
+        Some(0),
+    );
+    let n = scales.len() as i64;
+    let raw = |values: &[i32]| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let int32_tensor = |tensor_name: &str, values: &[i32]| TensorProto {
+        name: tensor_name.to_string(),
+        dims: vec![n],
+        data_type: DataType::Int32 as i32,
+        raw_data: raw(values),
+        ..Default::default()
+    };
+    let initializers = vec![
+        int32_tensor(&int32_name, int32),
+        float_tensor(&scale_name, &[n], scales),
+        int32_tensor(&zero_name, &vec![0; scales.len()]),
     ];
     (node, initializers)
 }
 
 /// Symmetric per-channel int8 by max: returns the int8 values, one scale
 /// per channel, and the indices of all-zero channels.
-fn quantize_weight(weight: &TensorProto, axis: usize) -> Result<(Vec<i8>, Vec<f32>, Vec<usize>), String> {
+fn quantize_weight(weight: &TensorProto, axis: usize, levels: f32) -> Result<(Vec<i8>, Vec<f32>, Vec<usize>), String> {
     let values = float_values(weight)?;
     let dims: Vec<usize> = weight.dims.iter().map(|&d| d as usize).collect();
     if axis >= dims.len() {
@@ -267,11 +503,11 @@ fn quantize_weight(weight: &TensorProto, axis: usize) -> Result<(Vec<i8>, Vec<f3
         let c = channel_of(i);
         amax[c] = amax[c].max(v.abs());
     }
-    let scales: Vec<f32> = amax.iter().map(|&a| scale_of(a)).collect();
+    let scales: Vec<f32> = amax.iter().map(|&a| scale_of(a, levels)).collect();
     let int8 = values
         .iter()
         .enumerate()
-        .map(|(i, v)| (v / scales[channel_of(i)]).round_ties_even().clamp(-QMAX, QMAX) as i8)
+        .map(|(i, v)| (v / scales[channel_of(i)]).round_ties_even().clamp(-levels, levels) as i8)
         .collect();
     let dead = amax.iter().enumerate().filter(|(_, &a)| a == 0.0).map(|(c, _)| c).collect();
     Ok((int8, scales, dead))
@@ -311,6 +547,16 @@ fn int8_tensor(name: &str, dims: &[i64], values: &[i8]) -> TensorProto {
     }
 }
 
+fn uint8_tensor(name: &str, dims: &[i64], values: &[u8]) -> TensorProto {
+    TensorProto {
+        name: name.to_string(),
+        dims: dims.to_vec(),
+        data_type: DataType::Uint8 as i32,
+        raw_data: values.to_vec(),
+        ..Default::default()
+    }
+}
+
 fn node(op_type: &str, name: &str, inputs: &[&str], output: &str, axis: Option<i64>) -> NodeProto {
     NodeProto {
         op_type: op_type.to_string(),
@@ -341,7 +587,7 @@ pub fn lint(model: &ModelProto, residual_fusion: bool) -> Result<(), QdqError> {
     for (i, node) in graph.node.iter().enumerate() {
         let name = node_name(node, i);
         if node.op_type == "QuantizeLinear" || node.op_type == "DequantizeLinear" {
-            let axis = crate::onnx::graph::int_attribute(node, "axis");
+            let axis = int_attribute(node, "axis");
             if axis.is_some() && default_opset(model) < MIN_OPSET {
                 return fail(
                     &name,
@@ -363,10 +609,10 @@ pub fn lint(model: &ModelProto, residual_fusion: bool) -> Result<(), QdqError> {
             {
                 let expected_axis = match node.op_type.as_str() {
                     "Conv" => 0,
-                    "Gemm" if crate::onnx::graph::int_attribute(node, "transB") == Some(1) => 0,
+                    "Gemm" if int_attribute(node, "transB") == Some(1) => 0,
                     _ => 1,
                 };
-                let axis = crate::onnx::graph::int_attribute(dq, "axis").unwrap_or(1);
+                let axis = int_attribute(dq, "axis").unwrap_or(1);
                 let weight = initializer(&dq.input[0]);
                 let scale_len = initializer(&dq.input[1]).map_or(0, |s| s.dims.iter().product::<i64>().max(1));
                 let channels = weight.and_then(|w| w.dims.get(expected_axis)).copied().unwrap_or(-1);

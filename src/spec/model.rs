@@ -41,6 +41,15 @@ pub struct SweepSpec {
     /// How each built model is measured.
     #[serde(default)]
     pub evaluate: EvaluateSpec,
+    /// How int8 models are written: `tensorrt` (TensorRT's explicit
+    /// quantization: symmetric int8 activations, full-range per-channel
+    /// weights, Q/DQ on the inputs of weighted ops only, BatchNorm left to
+    /// the engine) or `onnxruntime-cpu` (what ONNX Runtime's CPU int8
+    /// kernels need: BatchNorm folded, uint8 activations with Q/DQ on the
+    /// outputs of weighted ops too, 7-bit weights against AVX2 int16
+    /// saturation, int32 biases). Defaults to the engine's own format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub int8_format: Option<Int8Format>,
     /// How many times a failing stage is retried before its run is marked failed.
     #[serde(default = "default_retries")]
     #[schemars(range(max = 10))]
@@ -247,6 +256,22 @@ impl Default for EvaluateSpec {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Int8Format {
+    Tensorrt,
+    OnnxruntimeCpu,
+}
+
+impl Int8Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Int8Format::Tensorrt => "tensorrt",
+            Int8Format::OnnxruntimeCpu => "onnxruntime-cpu",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
@@ -257,12 +282,27 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// The int8 format this engine's kernels need.
+    pub fn native_int8_format(self) -> Int8Format {
+        match self {
+            Engine::Cpu => Int8Format::OnnxruntimeCpu,
+            Engine::Cuda | Engine::Tensorrt => Int8Format::Tensorrt,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Engine::Cpu => "cpu",
             Engine::Cuda => "cuda",
             Engine::Tensorrt => "tensorrt",
         }
+    }
+}
+
+impl SweepSpec {
+    /// The int8 format in force: the spec's choice, else the engine's own.
+    pub fn int8_format(&self) -> Int8Format {
+        self.int8_format.unwrap_or_else(|| self.evaluate.engine.native_int8_format())
     }
 }
 

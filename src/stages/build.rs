@@ -20,7 +20,7 @@ use crate::engine::{self, InferenceSession};
 use crate::onnx;
 use crate::plan::Task;
 use crate::quant::{amax, coverage, qdq};
-use crate::spec::CalibrationMethod;
+use crate::spec::{CalibrationMethod, Int8Format};
 
 pub const VERSION: u32 = 1;
 
@@ -34,7 +34,7 @@ pub const QDQ_MODEL: &str = "qdq.onnx";
 #[serde(rename_all = "snake_case", tag = "precision")]
 enum Params {
     Fp32 {},
-    Int8 { quantizer: Quantizer, percentile: Option<f64> },
+    Int8 { quantizer: Quantizer, format: Int8Format, percentile: Option<f64> },
 }
 
 #[derive(Deserialize)]
@@ -46,20 +46,25 @@ struct Quantizer {
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let (source, mut metrics) = match params::<Params>(task)? {
         Params::Fp32 {} => (context.sweep.model_path.clone(), json!({"precision": "fp32"})),
-        Params::Int8 { quantizer, percentile } => {
+        Params::Int8 { quantizer, format, percentile } => {
             let statistics = Statistics::read(&context.input_dir(task, "calibration")?)?;
-            let amax: HashMap<String, f32> = statistics
+            let ranges: HashMap<String, qdq::Range> = statistics
                 .tensors
                 .iter()
-                .map(|t| (t.name.clone(), amax::amax(quantizer.calibration, &t.histogram, percentile.unwrap_or(99.99))))
+                .map(|t| {
+                    let amax = amax::amax(quantizer.calibration, &t.histogram, percentile.unwrap_or(99.99));
+                    (t.name.clone(), qdq::Range { amax, nonnegative: t.histogram.min >= 0.0 })
+                })
                 .collect();
             let model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
-            let (quantized, summary) = qdq::quantize(&model.proto, &amax, quantizer.residual_fusion)
+            let (quantized, summary) = qdq::quantize(&model.proto, &ranges, format, quantizer.residual_fusion)
                 .map_err(|e| StageError::Fatal(e.to_string()))?;
             let qdq_path = out.join(QDQ_MODEL);
             std::fs::write(&qdq_path, quantized.encode_to_vec())?;
             let metrics = json!({
                 "precision": "int8",
+                "format": format,
+                "folded_batch_norms": summary.folded_batch_norms,
                 "calibration": quantizer.calibration,
                 "residual_fusion": quantizer.residual_fusion,
                 "qdq_pairs": summary.qdq_pairs,

@@ -23,7 +23,7 @@ use crate::plan::Task;
 use crate::quant::histogram::{Histogram, INITIAL_BINS};
 use crate::quant::qdq;
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 pub const STATISTICS: &str = "histograms.json";
 
