@@ -18,7 +18,7 @@ use crate::plan::{Plan, StageKind};
 use crate::store::{write_atomically, ResultsDir};
 
 /// One row of runs.csv.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct RunRow {
     pub run: String,
     pub calibration: String,
@@ -37,6 +37,15 @@ pub struct RunRow {
     pub throughput: Option<f64>,
     pub model_bytes: Option<u64>,
     pub engine_bytes: Option<u64>,
+    /// tensorrt or onnxruntime-cpu; empty for fp32.
+    pub int8_format: String,
+    pub qdq_pairs: Option<u64>,
+    /// Share of Conv/Gemm/MatMul nodes the engine runs as int8 kernels.
+    pub int8_kernel_share: Option<f64>,
+    /// The same share weighted by multiply-adds.
+    pub int8_flop_share: Option<f64>,
+    /// Residual Adds whose shortcut stayed in float, `;`-separated.
+    pub float_residual_adds: String,
     pub prepare_data_s: Option<f64>,
     pub calibrate_s: Option<f64>,
     pub qat_s: Option<f64>,
@@ -70,19 +79,7 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
                 residual_fusion,
                 qat_epochs,
                 status: "pending".into(),
-                accuracy: None,
-                accuracy_delta: None,
-                latency_p50_ms: None,
-                latency_p99_ms: None,
-                throughput: None,
-                model_bytes: None,
-                engine_bytes: None,
-                prepare_data_s: None,
-                calibrate_s: None,
-                qat_s: None,
-                build_s: None,
-                evaluate_s: None,
-                error: String::new(),
+                ..Default::default()
             };
             let mut evaluation = None;
             let mut complete = true;
@@ -99,10 +96,7 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
                         };
                         *timing = Some(timing.unwrap_or(0.0) + manifest.elapsed_s);
                         match manifest.stage {
-                            StageKind::Build => {
-                                row.model_bytes = manifest.metrics["model_bytes"].as_u64();
-                                row.engine_bytes = manifest.metrics["engine_bytes"].as_u64();
-                            }
+                            StageKind::Build => fill_from_build(&mut row, &manifest.metrics),
                             StageKind::Evaluate => evaluation = Some(manifest.metrics),
                             _ => {}
                         }
@@ -136,9 +130,26 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
 
     let fp32 = out.iter().find(|r| r.row.run == "fp32").and_then(|r| r.row.accuracy);
     for result in &mut out {
-        result.row.accuracy_delta = result.row.accuracy.zip(fp32).map(|(a, base)| a - base);
+        // Rounded to what the test split can resolve (0.01 points = 1 image).
+        result.row.accuracy_delta = result.row.accuracy.zip(fp32).map(|(a, base)| ((a - base) * 100.0).round() / 100.0);
     }
     out
+}
+
+/// Model sizes and int8 coverage, from a build stage's metrics.
+fn fill_from_build(row: &mut RunRow, metrics: &Value) {
+    row.model_bytes = metrics["model_bytes"].as_u64();
+    row.engine_bytes = metrics["engine_bytes"].as_u64();
+    row.int8_format = metrics["format"].as_str().unwrap_or_default().to_string();
+    row.qdq_pairs = metrics["qdq_pairs"].as_u64();
+    if row.int8_format.is_empty() {
+        return;
+    }
+    row.int8_kernel_share = metrics["coverage"]["int8_share"].as_f64();
+    row.int8_flop_share = metrics["coverage"]["int8_flop_share"].as_f64();
+    let float_adds: Vec<&str> =
+        metrics["float_residual_adds"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
+    row.float_residual_adds = float_adds.join(";");
 }
 
 /// Writes every report into the results directory.
@@ -282,10 +293,22 @@ fn pivots(md: &mut String, runs: &[RunResult]) {
 
 fn describe(r: &RunRow) -> String {
     let fusion = if r.residual_fusion == "true" { ", residual fusion" } else { "" };
-    match r.qat_epochs.as_str() {
+    let recipe = match r.qat_epochs.as_str() {
         "0" => format!("PTQ, {} calibration{fusion}", r.calibration),
         epochs => format!("QAT {epochs} epoch(s) from {} PTQ{fusion}", r.calibration),
-    }
+    };
+    let kernels = match (r.int8_kernel_share, r.int8_flop_share) {
+        (Some(ops), Some(flops)) => {
+            format!("; int8 kernels {:.0}% of weighted ops, {:.0}% of MACs", ops * 100.0, flops * 100.0)
+        }
+        (Some(ops), None) => format!("; int8 kernels {:.0}% of weighted ops", ops * 100.0),
+        _ => String::new(),
+    };
+    let adds = match r.float_residual_adds.split(';').filter(|a| !a.is_empty()).count() {
+        0 => String::new(),
+        n => format!("; {n} residual Add(s) in float"),
+    };
+    format!("{recipe}{kernels}{adds}; {} format, {} Q/DQ", r.int8_format, r.qdq_pairs.unwrap_or(0))
 }
 
 fn first_line(text: &str) -> &str {

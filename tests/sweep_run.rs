@@ -18,28 +18,45 @@ fn csv_rows(results: &Path) -> Vec<csv::StringRecord> {
     csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect()
 }
 
-/// The reference sweep measures the committed model for real, writes every
-/// report, and a rerun skips everything.
+/// The reference sweep measures the committed model for real (fp32 and
+/// the eight PTQ recipes), writes every report, and a rerun skips everything.
 #[test]
 fn reference_sweep_measures_reports_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let results = dir.path().join("results");
-    let first = run_into(&reference_spec(), &results);
+    let first =
+        qsweep(&["run", reference_spec().to_str().unwrap(), "--results", results.to_str().unwrap(), "--jobs", "2"]);
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
-    assert!(stderr(&first).contains("3 task(s) executed, 0 reused"), "{}", stderr(&first));
+    assert!(stderr(&first).contains("21 task(s) executed, 0 reused"), "{}", stderr(&first));
 
     let csv_text = fs::read_to_string(results.join("runs.csv")).unwrap();
     assert!(csv_text.starts_with(
         "run,calibration,residual_fusion,qat_epochs,status,accuracy,accuracy_delta,latency_p50_ms,latency_p99_ms,throughput,"
     ));
     let rows = csv_rows(&results);
-    assert_eq!(rows.len(), 1);
+    let header = csv::Reader::from_path(results.join("runs.csv")).unwrap().headers().unwrap().clone();
+    let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+    assert_eq!(rows.len(), 9);
+    assert!(rows.iter().all(|r| &r[4] == "ok"), "{csv_text}");
     let fp32 = &rows[0];
     assert_eq!((&fp32[0], &fp32[1], &fp32[4]), ("fp32", "", "ok"));
     let accuracy: f64 = fp32[5].parse().unwrap();
     assert!(accuracy >= 91.0, "reference model top-1 {accuracy}% is below the 91% floor");
     let (p50, p99): (f64, f64) = (fp32[7].parse().unwrap(), fp32[8].parse().unwrap());
     assert!(p50 > 0.0 && p99 >= p50, "p50 {p50} p99 {p99}");
+
+    let best_ptq = rows[1..].iter().map(|r| r[5].parse::<f64>().unwrap()).fold(f64::MIN, f64::max);
+    assert!(best_ptq >= accuracy - 1.0, "best PTQ {best_ptq}% is more than 1 point below fp32 {accuracy}%");
+    for row in &rows[1..] {
+        let fused = &row[2] == "true";
+        let float_adds = row[column("float_residual_adds")].split(';').filter(|a| !a.is_empty()).count();
+        assert_eq!(float_adds, if fused { 0 } else { 3 }, "{:?}", row);
+        assert!(row[column("qdq_pairs")].parse::<u32>().unwrap() > 0);
+        if fused {
+            // With fusion, every Conv and the Gemm run as int8 kernels on CPU.
+            assert_eq!(&row[column("int8_kernel_share")], "1.0", "{:?}", row);
+        }
+    }
 
     let jsonl = fs::read_to_string(results.join("runs.jsonl")).unwrap();
     let record: serde_json::Value = serde_json::from_str(jsonl.lines().next().unwrap()).unwrap();
@@ -51,12 +68,13 @@ fn reference_sweep_measures_reports_and_resumes() {
     let summary = fs::read_to_string(results.join("summary.md")).unwrap();
     assert!(summary.contains("| Model | Accuracy | Performance | Note |"));
     assert!(summary.contains(&format!("| fp32 | {accuracy:.2}% |")));
+    assert!(summary.contains("| calibration | unfused | fused |"));
     let svg = fs::read_to_string(results.join("accuracy_latency.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("fp32"));
+    assert!(svg.starts_with("<svg") && svg.contains("mse-fused-ptq"));
 
     let second = run_into(&reference_spec(), &results);
     assert_eq!(second.status.code(), Some(0));
-    assert!(stderr(&second).contains("0 task(s) executed, 3 reused"), "{}", stderr(&second));
+    assert!(stderr(&second).contains("0 task(s) executed, 21 reused"), "{}", stderr(&second));
 
     // `report` regenerates the same table from stored results alone.
     fs::remove_file(results.join("runs.csv")).unwrap();
@@ -64,12 +82,43 @@ fn reference_sweep_measures_reports_and_resumes() {
     assert_eq!(report.status.code(), Some(0), "{}", stderr(&report));
     assert_eq!(fs::read_to_string(results.join("runs.csv")).unwrap(), csv_text);
 
-    // `plan` sees that everything is cached.
+    // `plan` sees that everything is cached, and that one calibration
+    // serves all eight recipes.
     let plan = qsweep(&["plan", reference_spec().to_str().unwrap(), "--json", "--results", results.to_str().unwrap()]);
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     let tasks = plan["tasks"].as_array().unwrap();
-    assert_eq!(tasks.len(), 3);
+    assert_eq!(tasks.len(), 21);
     assert!(tasks.iter().all(|t| t["cached"] == true), "{plan}");
+    let calibrate: Vec<_> = tasks.iter().filter(|t| t["stage"] == "calibrate").collect();
+    assert_eq!(calibrate.len(), 1);
+    assert_eq!(calibrate[0]["runs"], 8);
+
+    int8_predictions_agree_with_fp32(&results, &plan);
+}
+
+/// The fused mse engine predicts the same class as fp32 on nearly every
+/// test image.
+fn int8_predictions_agree_with_fp32(results: &Path, plan: &serde_json::Value) {
+    use qsweep::engine::InferenceSession;
+    let run = plan["runs"].as_array().unwrap().iter().find(|r| r["id"] == "mse-fused-ptq").unwrap();
+    let tasks: Vec<&str> = run["tasks"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    let artifact = |key: &str| results.join("artifacts").join(key);
+    let build = tasks[tasks.len() - 2];
+    let test_data = tasks[0];
+    let images: ndarray::Array4<f32> =
+        ndarray_npy::read_npy::<_, ndarray::ArrayD<f32>>(artifact(test_data).join("images.npy"))
+            .unwrap()
+            .into_dimensionality()
+            .unwrap();
+    let mut int8 = InferenceSession::open(&artifact(build).join("model.onnx"), 2, None).unwrap();
+    let mut fp32 = InferenceSession::open(&reference_model(), 2, None).unwrap();
+    let argmax = |row: ndarray::ArrayView1<f32>| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let mut agree = 0;
+    for chunk in images.axis_chunks_iter(ndarray::Axis(0), 500) {
+        let (a, b) = (int8.run(chunk).unwrap(), fp32.run(chunk).unwrap());
+        agree += a.outer_iter().zip(b.outer_iter()).filter(|(x, y)| argmax(x.view()) == argmax(y.view())).count();
+    }
+    assert!(agree >= 9_800, "int8 and fp32 agree on only {agree} of 10,000 test images");
 }
 
 /// An artifact whose file was damaged after completion is not trusted:

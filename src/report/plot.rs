@@ -47,18 +47,34 @@ pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult]) -> String {
         let _ = chart
             .draw_series(LineSeries::new(front_line, ShapeStyle::from(&RED).stroke_width(2)))
             .map(|series| series.label("Pareto front").legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED)));
+        let mut placed: Vec<(i32, i32, i32)> = Vec::new();
         for (index, &(name, latency, accuracy)) in finished.iter().enumerate() {
             let color = if front.contains(&index) { RED } else { BLUE };
-            // The label sits beside its dot, not on it.
+            let (x, y) = chart.backend_coord(&(latency, accuracy));
+            let offset = label_offset(&mut placed, x, y, name);
             let point = EmptyElement::at((latency, accuracy))
                 + Circle::new((0, 0), 5, color.filled())
-                + Text::new(name.to_string(), (8, -14), ("sans-serif", 13).into_font().color(&BLACK));
+                + Text::new(name.to_string(), offset, ("sans-serif", 13).into_font().color(&BLACK));
             let _ = chart.draw_series(std::iter::once(point));
         }
         let _ = chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw();
         let _ = root.present();
     }
     svg
+}
+
+/// Where a point's label goes, relative to the point: beside it, stepped
+/// down line by line until it overlaps no label already placed, so runs
+/// with nearly equal results stay readable.
+fn label_offset(placed: &mut Vec<(i32, i32, i32)>, x: i32, y: i32, name: &str) -> (i32, i32) {
+    const LINE: i32 = 15;
+    let width = 7 * name.len() as i32;
+    let mut dy = -LINE;
+    while placed.iter().any(|&(px, py, pw)| (y + dy - py).abs() < LINE && x + 8 < px + pw && px < x + 8 + width) {
+        dy += LINE;
+    }
+    placed.push((x + 8, y + dy, width));
+    (8, dy)
 }
 
 /// Axis ranges with some air around the points.

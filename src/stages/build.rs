@@ -22,7 +22,7 @@ use crate::plan::Task;
 use crate::quant::{amax, coverage, qdq};
 use crate::spec::{CalibrationMethod, Int8Format};
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 pub const ENGINE_MODEL: &str = "model.onnx";
 
@@ -44,6 +44,7 @@ struct Quantizer {
 }
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
+    let mut shapes = HashMap::new();
     let (source, mut metrics) = match params::<Params>(task)? {
         Params::Fp32 {} => (context.sweep.model_path.clone(), json!({"precision": "fp32"})),
         Params::Int8 { quantizer, format, percentile } => {
@@ -56,6 +57,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
                     (t.name.clone(), qdq::Range { amax, nonnegative: t.histogram.min >= 0.0 })
                 })
                 .collect();
+            shapes = statistics.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
             let model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
             let (quantized, summary) = qdq::quantize(&model.proto, &ranges, format, quantizer.residual_fusion)
                 .map_err(|e| StageError::Fatal(e.to_string()))?;
@@ -79,13 +81,14 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     // does not depend on the thread count.
     InferenceSession::open(&source, 1, Some(&built))?;
     let source_model = onnx::Model::load(&source).map_err(|e| StageError::Fatal(e.to_string()))?;
+    let fp32_model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
     let built_model = onnx::Model::load(&built).map_err(|e| StageError::Retryable(e.to_string()))?;
     let extra = json!({
         "model_bytes": std::fs::metadata(&source)?.len(),
         "engine_bytes": std::fs::metadata(&built)?.len(),
         "nodes_before": source_model.node_count(),
         "nodes_after": built_model.node_count(),
-        "coverage": coverage::of(&source_model, &built_model),
+        "coverage": coverage::of(&fp32_model, &built_model, &shapes),
         "onnxruntime": engine::runtime()?.version,
     });
     metrics.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());

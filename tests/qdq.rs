@@ -1,0 +1,158 @@
+//! The Q/DQ rewrite on real exported graphs: residual fusion puts a
+//! quantized shortcut on every residual Add and none without it, the result
+//! loads and runs in ONNX Runtime, and the lint stops models TensorRT would
+//! reject, naming the node.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_onnx::onnx::ModelProto;
+use prost::Message;
+use qsweep::engine::InferenceSession;
+use qsweep::onnx::graph::{residual_adds, GraphIndex};
+use qsweep::onnx::Model;
+use qsweep::quant::qdq::{self, QdqError, Range};
+use qsweep::spec::Int8Format;
+
+const MODELS: [&str; 4] = [
+    "experiments/models/fashion-resnet8.onnx",
+    "tests/fixtures/graphs/bn_kept_flatten.onnx",
+    "tests/fixtures/graphs/bn_folded_flatten.onnx",
+    "tests/fixtures/graphs/bn_folded_reshape.onnx",
+];
+const FORMATS: [Int8Format; 2] = [Int8Format::Tensorrt, Int8Format::OnnxruntimeCpu];
+
+fn load(relative: &str) -> ModelProto {
+    Model::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)).unwrap().proto
+}
+
+/// Plausible ranges for every tensor calibration would measure.
+fn ranges(model: &ModelProto) -> HashMap<String, Range> {
+    qdq::calibration_tensors(model.graph.as_ref().unwrap())
+        .into_iter()
+        .map(|t| (t, Range { amax: 4.0, nonnegative: false }))
+        .collect()
+}
+
+/// For each residual Add: is each input read through a DequantizeLinear?
+fn add_inputs_dequantized(model: &ModelProto) -> Vec<(usize, [bool; 2])> {
+    let graph = model.graph.as_ref().unwrap();
+    let index = GraphIndex::new(graph);
+    residual_adds(&index)
+        .into_iter()
+        .map(|add| {
+            let node = &graph.node[add.node];
+            let dq = |slot: usize| index.producer(&node.input[slot]).is_some_and(|p| p.op_type == "DequantizeLinear");
+            (add.skip_slot, [dq(0), dq(1)])
+        })
+        .collect()
+}
+
+#[test]
+fn fusion_quantizes_every_shortcut_and_only_with_fusion() {
+    for file in MODELS {
+        let model = load(file);
+        for format in FORMATS {
+            let (fused, summary) = qdq::quantize(&model, &ranges(&model), format, true).unwrap();
+            let adds = add_inputs_dequantized(&fused);
+            assert!(!adds.is_empty(), "{file}");
+            assert!(adds.iter().all(|(skip, dq)| dq[*skip]), "{file} {format:?}: {adds:?}");
+            assert!(summary.float_adds.is_empty());
+
+            let (unfused, summary) = qdq::quantize(&model, &ranges(&model), format, false).unwrap();
+            let adds = add_inputs_dequantized(&unfused);
+            assert!(adds.iter().all(|(_, dq)| !dq[0] && !dq[1]), "{file} {format:?}: {adds:?}");
+            assert_eq!(summary.float_adds.len(), adds.len());
+        }
+    }
+}
+
+/// Every Q/DQ model loads in ONNX Runtime with full optimizations and
+/// classifies a batch.
+#[test]
+fn quantized_models_load_and_run_in_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in MODELS {
+        let model = load(file);
+        for format in FORMATS {
+            let (quantized, _) = qdq::quantize(&model, &ranges(&model), format, true).unwrap();
+            let path = dir.path().join("q.onnx");
+            std::fs::write(&path, quantized.encode_to_vec()).unwrap();
+            let mut session = InferenceSession::open(&path, 1, None).unwrap();
+            let logits = session.run(ndarray::Array4::<f32>::ones((3, 1, 28, 28)).view()).unwrap();
+            assert_eq!(logits.shape(), [3, 10], "{file} {format:?}");
+            assert!(logits.iter().all(|v| v.is_finite()));
+        }
+    }
+}
+
+#[test]
+fn cpu_format_folds_batch_norm_and_keeps_tensorrt_format_untouched() {
+    let model = load("tests/fixtures/graphs/bn_kept_flatten.onnx");
+    let count = |m: &ModelProto, op: &str| m.graph.as_ref().unwrap().node.iter().filter(|n| n.op_type == op).count();
+    let (cpu, summary) = qdq::quantize(&model, &ranges(&model), Int8Format::OnnxruntimeCpu, true).unwrap();
+    assert_eq!(summary.folded_batch_norms, count(&model, "BatchNormalization"));
+    assert_eq!(count(&cpu, "BatchNormalization"), 0);
+    let (trt, summary) = qdq::quantize(&model, &ranges(&model), Int8Format::Tensorrt, true).unwrap();
+    assert_eq!(summary.folded_batch_norms, 0);
+    assert_eq!(count(&trt, "BatchNormalization"), count(&model, "BatchNormalization"));
+    // TensorRT's rule: no Q/DQ on the outputs of weighted ops.
+    let graph = trt.graph.as_ref().unwrap();
+    let index = GraphIndex::new(graph);
+    for node in graph.node.iter().filter(|n| n.op_type == "QuantizeLinear") {
+        let producer = index.producer(&node.input[0]).map(|p| p.op_type.as_str());
+        assert!(
+            !matches!(producer, Some("Conv" | "Gemm" | "MatMul")),
+            "{:?} quantizes a weighted op's output",
+            node.name
+        );
+    }
+}
+
+#[test]
+fn dead_tensors_get_a_positive_scale_and_are_named() {
+    let model = load("tests/fixtures/graphs/bn_folded_flatten.onnx");
+    let mut ranges = ranges(&model);
+    let victim = ranges.keys().next().unwrap().clone();
+    ranges.insert(victim.clone(), Range { amax: 0.0, nonnegative: true });
+    let (quantized, summary) = qdq::quantize(&model, &ranges, Int8Format::Tensorrt, true).unwrap();
+    assert!(summary.dead.contains(&victim));
+    qdq::lint(&quantized, true).expect("a dead tensor still lints");
+}
+
+#[test]
+fn lint_names_the_node_with_a_bad_scale() {
+    let model = load("tests/fixtures/graphs/bn_folded_flatten.onnx");
+    let (mut quantized, _) = qdq::quantize(&model, &ranges(&model), Int8Format::Tensorrt, true).unwrap();
+    let graph = quantized.graph.as_mut().unwrap();
+    let scale = graph.initializer.iter_mut().find(|t| t.name.ends_with("_scale") && t.dims.is_empty()).unwrap();
+    let tensor = scale.name.trim_end_matches("_scale").to_string();
+    scale.raw_data = 0.0f32.to_le_bytes().to_vec();
+    match qdq::lint(&quantized, true) {
+        Err(QdqError::Lint { node, problem }) => {
+            assert!(node.starts_with(&tensor), "{node}");
+            assert!(problem.contains("not positive"), "{problem}");
+        }
+        other => panic!("expected a lint error, got {other:?}"),
+    }
+}
+
+#[test]
+fn lint_rejects_a_fusion_mismatch() {
+    let model = load("tests/fixtures/graphs/bn_folded_flatten.onnx");
+    let (unfused, _) = qdq::quantize(&model, &ranges(&model), Int8Format::Tensorrt, false).unwrap();
+    match qdq::lint(&unfused, true) {
+        Err(QdqError::Lint { node, problem }) => {
+            assert!(node.ends_with("Add"), "{node}");
+            assert!(problem.contains("shortcut input of this Add is not quantized"), "{problem}");
+        }
+        other => panic!("expected a lint error, got {other:?}"),
+    }
+}
+
+#[test]
+fn missing_statistics_are_an_error_not_a_guess() {
+    let model = load("tests/fixtures/graphs/bn_folded_flatten.onnx");
+    let error = qdq::quantize(&model, &HashMap::new(), Int8Format::Tensorrt, true).unwrap_err();
+    assert!(matches!(error, QdqError::MissingStatistics { .. }), "{error}");
+}
