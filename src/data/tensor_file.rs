@@ -135,6 +135,56 @@ impl Pickle {
     }
 }
 
+/// Reads a float32 `.npy` of shape [N, ...] a batch of rows at a time, so
+/// memory holds one batch rather than the whole file.
+pub struct NpyBatches {
+    reader: std::io::BufReader<std::fs::File>,
+    path: std::path::PathBuf,
+    shape: Vec<usize>,
+    remaining: usize,
+    batch: usize,
+}
+
+impl NpyBatches {
+    pub fn open(path: &Path, batch: usize) -> std::io::Result<Self> {
+        let bad = |what: String| std::io::Error::other(format!("{}: {what}", path.display()));
+        let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
+        let header = ndarray_npy::npy::header::Header::from_reader(&mut reader).map_err(|e| bad(e.to_string()))?;
+        if header.type_descriptor.to_string() != "'<f4'" || header.layout.is_fortran() || header.shape.is_empty() {
+            return Err(bad(format!("expected a C-ordered little-endian float32 array, found {header}")));
+        }
+        let remaining = header.shape[0];
+        Ok(Self { reader, path: path.to_path_buf(), shape: header.shape, remaining, batch: batch.max(1) })
+    }
+
+    /// The whole array's shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+impl Iterator for NpyBatches {
+    type Item = std::io::Result<ArrayD<f32>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::io::Read;
+        if self.remaining == 0 {
+            return None;
+        }
+        let rows = self.batch.min(self.remaining);
+        self.remaining -= rows;
+        let row_len: usize = self.shape[1..].iter().product();
+        let mut bytes = vec![0u8; rows * row_len * 4];
+        if let Err(e) = self.reader.read_exact(&mut bytes) {
+            return Some(Err(std::io::Error::other(format!("{}: {e}", self.path.display()))));
+        }
+        let values: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let mut shape = self.shape.clone();
+        shape[0] = rows;
+        Some(ArrayD::from_shape_vec(shape, values).map_err(std::io::Error::other))
+    }
+}
+
 /// Writes a `.npy` file.
 pub fn write_npy<T: ndarray_npy::WritableElement>(path: &Path, array: &ArrayViewD<'_, T>) -> std::io::Result<()> {
     ndarray_npy::write_npy(path, array).map_err(std::io::Error::other)
@@ -167,6 +217,19 @@ mod tests {
         let flat: Vec<f32> = images_back.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(flat, images.iter().copied().collect::<Vec<_>>());
         assert_eq!(get("labels").to_vec1::<i64>().unwrap(), [7, 0, 9]);
+    }
+
+    /// Batches cover every row once, in order, with a ragged last batch.
+    #[test]
+    fn npy_streams_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.npy");
+        let array = Array::from_shape_fn(IxDyn(&[5, 1, 2, 2]), |i| (i[0] * 4 + i[2] * 2 + i[3]) as f32);
+        write_npy(&path, &array.view()).unwrap();
+        let batches: Vec<ArrayD<f32>> = NpyBatches::open(&path, 2).unwrap().map(Result::unwrap).collect();
+        assert_eq!(batches.iter().map(|b| b.shape()[0]).collect::<Vec<_>>(), [2, 2, 1]);
+        let joined: Vec<f32> = batches.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(joined, array.iter().copied().collect::<Vec<_>>());
     }
 
     #[test]

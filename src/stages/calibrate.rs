@@ -9,14 +9,16 @@
 
 use std::path::Path;
 
-use candle_onnx::onnx::{type_proto, TensorShapeProto, TypeProto, ValueInfoProto};
-use ndarray::{Array4, Axis, Ix4};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_onnx::onnx::{type_proto, ModelProto, TensorShapeProto, TypeProto, ValueInfoProto};
+use ndarray::{ArrayD, Ix4};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{prepare_data, StageContext, StageError};
-use crate::data::tensor_file;
+use crate::data::tensor_file::NpyBatches;
 use crate::engine::{self, InferenceSession};
 use crate::onnx;
 use crate::plan::Task;
@@ -55,43 +57,69 @@ impl Statistics {
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
-    let graph = model.proto.graph.as_ref().expect("a loaded model has a graph");
+    let data = context.input_dir(task, "data")?;
+    let batches = NpyBatches::open(&data.join(prepare_data::IMAGES), BATCH)?;
+    let statistics = collect(&model.proto, out, engine::resolve_threads(0), batches, context.cancel)?;
+
+    let warnings = warnings(statistics.samples, &statistics.tensors);
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
+    std::fs::write(out.join(STATISTICS), serde_json::to_vec(&statistics).map_err(std::io::Error::other)?)?;
+    Ok(json!({
+        "samples": statistics.samples,
+        "tensors": statistics.tensors.len(),
+        "dead_tensors": statistics.tensors.iter().filter(|t| t.histogram.is_dead()).map(|t| &t.name).collect::<Vec<_>>(),
+        "warnings": warnings,
+    }))
+}
+
+/// One pass of `model` over `batches`, streaming every tensor the Q/DQ
+/// rewrite may quantize into a histogram. `scratch` holds the exposed model
+/// briefly, as ONNX Runtime opens models from files.
+pub fn collect(
+    model: &ModelProto,
+    scratch: &Path,
+    threads: usize,
+    batches: impl Iterator<Item = std::io::Result<ArrayD<f32>>>,
+    cancel: &AtomicBool,
+) -> Result<Statistics, StageError> {
+    let graph = model.graph.as_ref().expect("a loaded model has a graph");
     let names = qdq::calibration_tensors(graph);
     if names.is_empty() {
         return Err(StageError::Fatal(qdq::QdqError::NothingToQuantize.to_string()));
     }
 
     // The same model with every tensor to measure exposed as an output.
-    let mut exposed = model.proto.clone();
+    let mut exposed = model.clone();
     let exposed_graph = exposed.graph.as_mut().expect("a loaded model has a graph");
     for name in &names {
         if !exposed_graph.output.iter().any(|o| &o.name == name) {
             exposed_graph.output.push(float_output(name));
         }
     }
-    let exposed_path = out.join(".exposed.onnx");
+    let exposed_path = scratch.join(".exposed.onnx");
     std::fs::write(&exposed_path, exposed.encode_to_vec())?;
-    let session = InferenceSession::open(&exposed_path, engine::resolve_threads(0), None);
+    let session = InferenceSession::open(&exposed_path, threads, None);
     std::fs::remove_file(&exposed_path)?;
     let mut session = session?;
-    let output_names = session.output_names();
 
-    let data = context.input_dir(task, "data")?;
-    let images: Array4<f32> = tensor_file::read_npy::<f32>(&data.join(prepare_data::IMAGES))?
-        .into_dimensionality::<Ix4>()
-        .map_err(|e| StageError::Fatal(format!("calibration images are not NCHW: {e}")))?;
-
-    let slots: Vec<Option<usize>> = output_names.iter().map(|o| names.iter().position(|n| n == o)).collect();
+    let slots: Vec<Option<usize>> = session.output_names().iter().map(|o| names.iter().position(|n| n == o)).collect();
     let mut tensors: Vec<TensorStatistics> = names
         .iter()
         .map(|name| TensorStatistics { name: name.clone(), shape: Vec::new(), histogram: Histogram::new() })
         .collect();
-    let mut failure = None;
-    for chunk in images.axis_chunks_iter(Axis(0), BATCH) {
-        if context.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+    let mut samples = 0;
+    for batch in batches {
+        if cancel.load(Ordering::Relaxed) {
             return Err(StageError::Cancelled);
         }
-        session.run_visit(chunk, |output, shape, values| {
+        let batch = batch?
+            .into_dimensionality::<Ix4>()
+            .map_err(|e| StageError::Fatal(format!("calibration images are not NCHW: {e}")))?;
+        samples += batch.shape()[0];
+        let mut failure = None;
+        session.run_visit(batch.view(), |output, shape, values| {
             let Some(slot) = slots[output] else { return };
             let stats = &mut tensors[slot];
             stats.shape = shape.iter().skip(1).copied().collect();
@@ -104,23 +132,11 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
                 });
             }
         })?;
-        if let Some(message) = failure.take() {
+        if let Some(message) = failure {
             return Err(StageError::Fatal(message));
         }
     }
-
-    let warnings = warnings(images.shape()[0], &tensors);
-    for warning in &warnings {
-        tracing::warn!("{warning}");
-    }
-    let statistics = Statistics { samples: images.shape()[0], tensors };
-    std::fs::write(out.join(STATISTICS), serde_json::to_vec(&statistics).map_err(std::io::Error::other)?)?;
-    Ok(json!({
-        "samples": statistics.samples,
-        "tensors": statistics.tensors.len(),
-        "dead_tensors": statistics.tensors.iter().filter(|t| t.histogram.is_dead()).map(|t| &t.name).collect::<Vec<_>>(),
-        "warnings": warnings,
-    }))
+    Ok(Statistics { samples, tensors })
 }
 
 /// A graph output declaration for an intermediate float tensor; ONNX
