@@ -207,25 +207,24 @@ impl InferenceSession {
 
     /// Runs one batch and returns the first output as [batch, classes].
     pub fn run(&mut self, batch: ArrayView4<'_, f32>) -> Result<Array2<f32>, EngineError> {
-        let mut logits = None;
-        self.run_visit(batch, |output, shape, values| {
-            if output == 0 {
-                logits = Some(ndarray::ArrayView::from_shape(shape.to_vec(), values).map(|v| v.to_owned()));
-            }
-        })?;
         let reading = |message: String| EngineError::Ort { doing: "reading the output".into(), message };
-        let logits =
-            logits.ok_or_else(|| reading("the model has no outputs".into()))?.map_err(|e| reading(e.to_string()))?;
+        let logits = self.run_outputs(batch, |outputs| {
+            let first = outputs.first().ok_or_else(|| reading("the model has no outputs".into()))?;
+            ndarray::ArrayView::from_shape(first.shape.clone(), first.values)
+                .map(|v| v.to_owned())
+                .map_err(|e| reading(e.to_string()))
+        })??;
         logits.into_dimensionality::<ndarray::Ix2>().map_err(|e| reading(format!("expected [batch, classes]: {e}")))
     }
 
-    /// Runs one batch and hands every output to `visit` as (output index,
-    /// shape, values), with rows that only padded a fixed batch cut off.
-    pub fn run_visit(
+    /// Runs one batch and hands all its float outputs to `use_outputs` at
+    /// once (so they can be processed in parallel), with rows that only
+    /// padded a fixed batch cut off.
+    pub fn run_outputs<T>(
         &mut self,
         batch: ArrayView4<'_, f32>,
-        mut visit: impl FnMut(usize, &[usize], &[f32]),
-    ) -> Result<(), EngineError> {
+        use_outputs: impl FnOnce(&[Output<'_>]) -> T,
+    ) -> Result<T, EngineError> {
         let rows = batch.shape()[0];
         let padded;
         let input = match self.fixed_batch {
@@ -239,25 +238,34 @@ impl InferenceSession {
             _ => batch,
         };
         let tensor = TensorRef::from_array_view(input).map_err(EngineError::ort("preparing an input batch"))?;
-        let outputs = self
+        let session_outputs = self
             .session
             .run(ort::inputs![self.input_name.as_str() => tensor])
             .map_err(EngineError::ort("running a batch"))?;
-        for (index, (_, value)) in outputs.iter().enumerate() {
-            let (shape, values) = value.try_extract_tensor::<f32>().map_err(EngineError::ort("reading an output"))?;
+        let mut outputs = Vec::with_capacity(session_outputs.len());
+        for index in 0..session_outputs.len() {
+            let (shape, values) =
+                session_outputs[index].try_extract_tensor::<f32>().map_err(EngineError::ort("reading an output"))?;
             let mut shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
             let full_rows = shape.first().copied().unwrap_or(0);
-            if full_rows > rows {
+            let values = if full_rows > rows {
                 // A fixed batch was padded: keep only the real rows.
-                let per_row = values.len() / full_rows;
                 shape[0] = rows;
-                visit(index, &shape, &values[..rows * per_row]);
+                &values[..rows * (values.len() / full_rows)]
             } else {
-                visit(index, &shape, values);
-            }
+                values
+            };
+            outputs.push(Output { index, shape, values });
         }
-        Ok(())
+        Ok(use_outputs(&outputs))
     }
+}
+
+/// One output of a batch, borrowed from ONNX Runtime's buffers.
+pub struct Output<'a> {
+    pub index: usize,
+    pub shape: Vec<usize>,
+    pub values: &'a [f32],
 }
 
 /// Top-1 accuracy over a whole split, in batches of `batch`.

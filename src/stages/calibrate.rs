@@ -118,25 +118,47 @@ pub fn collect(
             .into_dimensionality::<Ix4>()
             .map_err(|e| StageError::Fatal(format!("calibration images are not NCHW: {e}")))?;
         samples += batch.shape()[0];
-        let mut failure = None;
-        session.run_visit(batch.view(), |output, shape, values| {
-            let Some(slot) = slots[output] else { return };
-            let stats = &mut tensors[slot];
-            stats.shape = shape.iter().skip(1).copied().collect();
-            if let Err(bad) = stats.histogram.add(values) {
-                failure.get_or_insert_with(|| {
-                    format!(
-                        "tensor `{}` holds {} NaN or infinite value(s) on the calibration set; check the model and data.preprocess",
-                        stats.name, bad.count
-                    )
-                });
+        let failure = session.run_outputs(batch.view(), |outputs| {
+            // Each tensor's histogram is updated by one thread; tensors are
+            // dealt round-robin to as many threads as ONNX Runtime uses.
+            let mut work: Vec<(&mut TensorStatistics, &engine::Output<'_>)> = Vec::new();
+            let mut remaining: Vec<Option<&mut TensorStatistics>> = tensors.iter_mut().map(Some).collect();
+            for output in outputs {
+                if let Some(stats) = slots[output.index].and_then(|slot| remaining[slot].take()) {
+                    work.push((stats, output));
+                }
             }
+            let lanes = threads.max(1);
+            let mut per_lane: Vec<Vec<(&mut TensorStatistics, &engine::Output<'_>)>> =
+                (0..lanes).map(|_| Vec::new()).collect();
+            for (i, item) in work.into_iter().enumerate() {
+                per_lane[i % lanes].push(item);
+            }
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = per_lane
+                    .into_iter()
+                    .map(|lane| scope.spawn(move || lane.into_iter().find_map(|(stats, output)| update(stats, output))))
+                    .collect();
+                handles.into_iter().find_map(|h| h.join().expect("a histogram thread panicked"))
+            })
         })?;
         if let Some(message) = failure {
             return Err(StageError::Fatal(message));
         }
     }
     Ok(Statistics { samples, tensors })
+}
+
+/// Adds one batch of a tensor to its statistics; the error message if the
+/// batch holds NaN or infinity.
+fn update(stats: &mut TensorStatistics, output: &engine::Output<'_>) -> Option<String> {
+    stats.shape = output.shape.iter().skip(1).copied().collect();
+    stats.histogram.add(output.values).err().map(|bad| {
+        format!(
+            "tensor `{}` holds {} NaN or infinite value(s) on the calibration set; check the model and data.preprocess",
+            stats.name, bad.count
+        )
+    })
 }
 
 /// A graph output declaration for an intermediate float tensor; ONNX
