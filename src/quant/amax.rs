@@ -70,6 +70,9 @@ fn mse_amax(histogram: &Histogram) -> f32 {
     best.1
 }
 
+/// TensorRT's search, in O(bins x 128) rather than O(bins^2): within one
+/// level of Q every non-empty bin has the same value, so each level's share
+/// of the divergence follows from prefix sums of c, of [c > 0] and of c ln c.
 fn entropy_amax(histogram: &Histogram) -> f32 {
     let mut bins: Vec<f64> = histogram.counts.iter().map(|&c| c as f64).collect();
     let n = bins.len();
@@ -79,50 +82,60 @@ fn entropy_amax(histogram: &Histogram) -> f32 {
     // Like TensorRT and pytorch_quantization, ignore the spike at zero
     // (post-ReLU tensors are mostly zeros) by copying its neighbour.
     bins[0] = bins[1];
-    let total: f64 = bins.iter().sum();
-    let mut suffix = vec![0.0; n + 1];
-    for i in (0..n).rev() {
-        suffix[i] = suffix[i + 1] + bins[i];
+    let (mut count, mut nonzero, mut c_ln_c) = (vec![0.0f64; n + 1], vec![0usize; n + 1], vec![0.0f64; n + 1]);
+    for (j, &c) in bins.iter().enumerate() {
+        count[j + 1] = count[j] + c;
+        nonzero[j + 1] = nonzero[j] + usize::from(c > 0.0);
+        c_ln_c[j + 1] = c_ln_c[j] + if c > 0.0 { c * c.ln() } else { 0.0 };
     }
+    let total = count[n];
+    let x_ln_x = |x: f64| if x > 0.0 { x * x.ln() } else { 0.0 };
 
     let mut best = (f64::INFINITY, n);
-    let mut level_sum = vec![0.0f64; LEVELS];
-    let mut level_nonzero = vec![0usize; LEVELS];
     for i in START_BIN..=n {
-        // P: the first i bins, outliers folded into the last one.
-        // Q: P's bins merged into 128 levels, each level's mass spread over
-        // its non-empty bins.
-        level_sum.fill(0.0);
-        level_nonzero.fill(0);
-        let level = |j: usize| j * LEVELS / i;
-        for (j, &count) in bins[..i].iter().enumerate() {
-            if count > 0.0 {
-                level_sum[level(j)] += count;
-                level_nonzero[level(j)] += 1;
-            }
+        // P: the first i bins, the outliers beyond folded into the last.
+        // Q: P's bins merged into 128 levels, each level's mass spread
+        // evenly over its non-empty bins.
+        let outliers = total - count[i];
+        let kept = count[i];
+        let last = bins[i - 1];
+        if last == 0.0 && outliers > 0.0 {
+            continue; // P has mass where Q has none: infinite divergence.
         }
-        let p_total = total;
-        let q_total: f64 = total - suffix[i];
-        let mut divergence = 0.0;
-        for (j, &count) in bins[..i].iter().enumerate() {
-            let p = if j == i - 1 { count + suffix[i] } else { count };
-            if p == 0.0 {
+        // Sum over non-empty bins of c ln(c / q_raw), q_raw = mass / members.
+        let mut sum = 0.0;
+        let mut last_q = 0.0;
+        for level in 0..LEVELS {
+            let (a, b) = (level_start(level, i), level_start(level + 1, i));
+            let members = nonzero[b] - nonzero[a];
+            if members == 0 {
                 continue;
             }
-            let q = if count > 0.0 { level_sum[level(j)] / level_nonzero[level(j)] as f64 } else { 0.0 };
-            if q == 0.0 {
-                divergence = f64::INFINITY;
-                break;
+            let mass = count[b] - count[a];
+            let q = mass / members as f64;
+            sum += (c_ln_c[b] - c_ln_c[a]) - mass * q.ln();
+            if (a..b).contains(&(i - 1)) {
+                last_q = q;
             }
-            let (p, q) = (p / p_total, q / q_total);
-            divergence += p * (p / q).ln();
         }
+        // Swap the last bin's term for its folded count.
+        if outliers > 0.0 {
+            sum += x_ln_x(last + outliers) - (last + outliers) * last_q.ln() - (x_ln_x(last) - last * last_q.ln());
+        }
+        // KL(P || Q) with P normalised by `total` and Q by `kept`.
+        let divergence = sum / total + (kept / total).ln();
         // Ties go to the larger range, as in TensorRT.
         if divergence <= best.0 {
             best = (divergence, i);
         }
     }
     histogram.edge(best.1)
+}
+
+/// The first bin of `level` when `bins` bins are merged into LEVELS levels
+/// (bin j belongs to level floor(j * LEVELS / bins)).
+fn level_start(level: usize, bins: usize) -> usize {
+    (level * bins).div_ceil(LEVELS)
 }
 
 #[cfg(test)]
