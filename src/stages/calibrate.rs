@@ -29,8 +29,12 @@ pub const VERSION: u32 = 2;
 
 pub const STATISTICS: &str = "histograms.json";
 
-/// Batch size of the pass; any size works, ragged last batch included.
-const BATCH: usize = 64;
+/// Batch size of the pass for small inputs; any size works, ragged last
+/// batch included.
+const MAX_BATCH: usize = 64;
+/// Input values per batch: every exposed activation of a batch is alive at
+/// once, so large inputs (224x224 and up) get smaller batches.
+const BATCH_INPUT_VALUES: usize = 1 << 20;
 
 /// What the calibrate stage measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,7 +62,10 @@ impl Statistics {
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
     let data = context.input_dir(task, "data")?;
-    let batches = NpyBatches::open(&data.join(prepare_data::IMAGES), BATCH)?;
+    let images = data.join(prepare_data::IMAGES);
+    let per_sample: usize = NpyBatches::open(&images, 1)?.shape()[1..].iter().product();
+    let batch = (BATCH_INPUT_VALUES / per_sample.max(1)).clamp(1, MAX_BATCH);
+    let batches = NpyBatches::open(&images, batch)?;
     let statistics = collect(&model.proto, out, engine::resolve_threads(0), batches, context.cancel)?;
 
     let warnings = warnings(statistics.samples, &statistics.tensors);
