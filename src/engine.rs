@@ -17,6 +17,8 @@ use ort::value::TensorRef;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::spec::Engine;
+
 /// The ONNX Runtime release qsweep is built and tested against.
 pub const EXPECTED_VERSION: &str = "1.31";
 
@@ -31,6 +33,11 @@ pub enum EngineError {
     Load { path: PathBuf, reason: String },
     #[error("ONNX Runtime failed while {doing}: {message}")]
     Ort { doing: String, message: String },
+    #[error(
+        "the ONNX Runtime library qsweep loaded has no {provider}.\n  fix: on a machine with an NVIDIA GPU, `pip install onnxruntime-gpu=={EXPECTED_VERSION}.*` \
+         (with CUDA and TensorRT installed) and point ORT_DYLIB_PATH at its libonnxruntime.so, or use \"engine\": \"cpu\""
+    )]
+    ProviderMissing { provider: &'static str },
     #[error("interrupted")]
     Cancelled,
 }
@@ -151,6 +158,97 @@ fn python_package_dir() -> Option<PathBuf> {
     output.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
 }
 
+/// Where a session runs, with the options qsweep gives ONNX Runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provider {
+    Cpu,
+    Cuda,
+    /// TensorRT, with int8 kernels enabled for Q/DQ models and its built
+    /// engine (and timing cache) kept in `cache_dir`, the build artifact.
+    TensorRt {
+        int8: bool,
+        cache_dir: PathBuf,
+    },
+}
+
+impl Provider {
+    /// The provider of `engine` for a model that is (or is not) int8.
+    pub fn for_engine(engine: Engine, int8: bool, cache_dir: &Path) -> Self {
+        match engine {
+            Engine::Cpu => Provider::Cpu,
+            Engine::Cuda => Provider::Cuda,
+            Engine::Tensorrt => Provider::TensorRt { int8, cache_dir: cache_dir.to_path_buf() },
+        }
+    }
+
+    /// The provider options qsweep sets, by ONNX Runtime's names, for the
+    /// record (build metrics) and for tests of the wiring.
+    pub fn options(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Provider::Cpu => Vec::new(),
+            Provider::Cuda => vec![("device_id", "0".into())],
+            Provider::TensorRt { int8, cache_dir } => {
+                let dir = cache_dir.display().to_string();
+                vec![
+                    ("device_id", "0".into()),
+                    ("trt_int8_enable", u8::from(*int8).to_string()),
+                    ("trt_engine_cache_enable", "1".into()),
+                    ("trt_engine_cache_path", dir.clone()),
+                    ("trt_timing_cache_enable", "1".into()),
+                    ("trt_timing_cache_path", dir),
+                ]
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::Cpu => "CPUExecutionProvider",
+            Provider::Cuda => "CUDAExecutionProvider",
+            Provider::TensorRt { .. } => "TensorrtExecutionProvider",
+        }
+    }
+
+    /// Fails when the loaded ONNX Runtime library lacks this provider, as
+    /// the CPU wheel lacks the GPU ones.
+    pub fn check_available(&self) -> Result<(), EngineError> {
+        use ort::ep::ExecutionProvider;
+        runtime()?;
+        let available = match self {
+            Provider::Cpu => Ok(true),
+            Provider::Cuda => ort::ep::CUDA::is_available(),
+            Provider::TensorRt { .. } => ort::ep::TensorRT::is_available(),
+        };
+        match available {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(EngineError::ProviderMissing { provider: self.name() }),
+            Err(e) => Err(EngineError::Ort { doing: format!("looking for {}", self.name()), message: e.to_string() }),
+        }
+    }
+
+    /// The registration, built from the same fields as `options`.
+    fn dispatch(&self) -> Option<ort::ep::ExecutionProviderDispatch> {
+        match self {
+            Provider::Cpu => None,
+            Provider::Cuda => Some(ort::ep::CUDA::default().with_device_id(0).build().error_on_failure()),
+            Provider::TensorRt { int8, cache_dir } => {
+                let dir = cache_dir.display().to_string();
+                Some(
+                    ort::ep::TensorRT::default()
+                        .with_device_id(0)
+                        .with_int8(*int8)
+                        .with_engine_cache(true)
+                        .with_engine_cache_path(&dir)
+                        .with_timing_cache(true)
+                        .with_timing_cache_path(&dir)
+                        .build()
+                        .error_on_failure(),
+                )
+            }
+        }
+    }
+}
+
 /// How many intra-op threads `threads = 0` means on this machine.
 pub fn resolve_threads(threads: u32) -> usize {
     if threads > 0 {
@@ -169,11 +267,24 @@ pub struct InferenceSession {
 }
 
 impl InferenceSession {
-    /// Opens `model` with every graph optimization on. When
+    /// Opens `model` on the CPU with every graph optimization on. When
     /// `save_optimized` is given, ONNX Runtime writes the optimized graph
-    /// there: that file is the "engine" the build stage produces.
+    /// there: that file is the "engine" the CPU build produces.
     pub fn open(model: &Path, threads: usize, save_optimized: Option<&Path>) -> Result<Self, EngineError> {
+        Self::open_with(model, threads, save_optimized, &Provider::Cpu)
+    }
+
+    /// Opens `model` on `provider`. A provider that cannot be registered is
+    /// an error, never a silent fall-back to the CPU that would report CPU
+    /// figures as GPU ones.
+    pub fn open_with(
+        model: &Path,
+        threads: usize,
+        save_optimized: Option<&Path>,
+        provider: &Provider,
+    ) -> Result<Self, EngineError> {
         let runtime = runtime()?;
+        provider.check_available()?;
         let doing = format!("opening {}", model.display());
         let mut builder = Session::builder(&runtime.environment)
             .map_err(EngineError::ort(&doing))?
@@ -185,6 +296,9 @@ impl InferenceSession {
             .map_err(|e| EngineError::ort(&doing)(e.into()))?;
         if let Some(path) = save_optimized {
             builder = builder.with_optimized_model_path(path).map_err(|e| EngineError::ort(&doing)(e.into()))?;
+        }
+        if let Some(dispatch) = provider.dispatch() {
+            builder = builder.with_execution_providers([dispatch]).map_err(|e| EngineError::ort(&doing)(e.into()))?;
         }
         let session = builder.commit_from_file(model).map_err(EngineError::ort(&doing))?;
         let input = session
@@ -364,6 +478,23 @@ mod tests {
         assert_eq!((stats.p50_ms, stats.p90_ms, stats.p99_ms), (50.0, 90.0, 99.0));
         assert!((stats.mean_ms - 50.5).abs() < 1e-9);
         assert!((stats.throughput - 4.0 * 1e3 / 50.5).abs() < 1e-9);
+    }
+
+    /// TensorRT builds int8 engines only when asked and caches them in the
+    /// build artifact, so evaluation reuses the engine the build made.
+    #[test]
+    fn tensorrt_options_enable_int8_and_cache_the_engine_in_the_artifact() {
+        let dir = Path::new("/results/artifacts/abc");
+        let options = Provider::for_engine(Engine::Tensorrt, true, dir).options();
+        let get = |key: &str| options.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str());
+        assert_eq!(get("trt_int8_enable"), Some("1"));
+        assert_eq!(get("trt_engine_cache_enable"), Some("1"));
+        assert_eq!(get("trt_engine_cache_path"), Some("/results/artifacts/abc"));
+        assert_eq!(get("trt_timing_cache_path"), Some("/results/artifacts/abc"));
+        let fp32 = Provider::for_engine(Engine::Tensorrt, false, dir).options();
+        assert!(fp32.contains(&("trt_int8_enable", "0".to_string())));
+        assert_eq!(Provider::for_engine(Engine::Cuda, true, dir).options(), [("device_id", "0".to_string())]);
+        assert_eq!(Provider::for_engine(Engine::Cpu, true, dir), Provider::Cpu);
     }
 
     #[test]

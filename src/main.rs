@@ -164,7 +164,10 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>) -> ExitCode {
         Ok(sweep) => sweep,
         Err(code) => return code,
     };
-    if let Err(e) = engine::runtime() {
+    // A missing library or GPU provider is a set-up error: say so before
+    // any work, rather than fail every build.
+    let provider = engine::Provider::for_engine(sweep.spec.evaluate.engine, false, Path::new("."));
+    if let Err(e) = engine::runtime().and_then(|_| provider.check_available()) {
         return fail(e);
     }
     let plan = match make_plan(&sweep) {

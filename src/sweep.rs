@@ -46,19 +46,14 @@ pub fn load(file: &Path) -> Result<Sweep, SpecErrors> {
         errors.push(no_runs(&parsed));
     }
     for run in &runs {
-        if let Some(reason) = stages::unsupported(run, &parsed.spec) {
+        if let Some(reason) = stages::unsupported(run) {
             let path = match run.origin {
-                _ if parsed.spec.evaluate.engine != spec::Engine::Cpu => JsonPath::parse("evaluate.engine"),
                 Origin::Baseline(index) => JsonPath::parse("baselines").index(index),
                 Origin::Matrix => JsonPath::parse("matrix.qat_epochs"),
                 Origin::Include(index) => JsonPath::parse("include").index(index),
             };
-            let fix = if path == JsonPath::parse("evaluate.engine") {
-                "use \"engine\": \"cpu\""
-            } else {
-                "use qat_epochs 0 (PTQ) until this qsweep gains QAT support"
-            };
-            let diagnostic = parsed.diagnostic(path, reason, fix);
+            let diagnostic =
+                parsed.diagnostic(path, reason, "use qat_epochs 0 (PTQ) until this qsweep gains QAT support");
             if !errors.iter().any(|e| e.path == diagnostic.path) {
                 errors.push(diagnostic);
             }

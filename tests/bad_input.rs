@@ -232,3 +232,21 @@ fn model_with(
     }
     .encode_to_vec()
 }
+
+/// A GPU engine on a machine whose ONNX Runtime has no GPU provider is a
+/// set-up error up front, not a silent CPU measurement reported as GPU.
+#[test]
+fn gpu_engine_without_its_provider_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(
+        dir.path(),
+        "spec.json",
+        &quick_spec_json("").replace(r#""threads": 1"#, r#""threads": 1, "engine": "tensorrt""#),
+    );
+    let results = dir.path().join("results");
+    let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(err.contains("has no TensorrtExecutionProvider") && err.contains("onnxruntime-gpu"), "{err}");
+    assert!(!results.exists());
+}

@@ -16,11 +16,11 @@ use serde_json::{json, Value};
 
 use super::calibrate::Statistics;
 use super::{params, StageContext, StageError};
-use crate::engine::{self, InferenceSession};
+use crate::engine::{self, InferenceSession, Provider};
 use crate::onnx;
 use crate::plan::Task;
 use crate::quant::{amax, coverage, qdq};
-use crate::spec::{CalibrationMethod, Int8Format};
+use crate::spec::{CalibrationMethod, Engine, Int8Format};
 
 pub const VERSION: u32 = 2;
 
@@ -33,8 +33,8 @@ pub const QDQ_MODEL: &str = "qdq.onnx";
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case", tag = "precision")]
 enum Params {
-    Fp32 {},
-    Int8 { quantizer: Quantizer, format: Int8Format, percentile: Option<f64> },
+    Fp32 { engine: Engine },
+    Int8 { quantizer: Quantizer, format: Int8Format, percentile: Option<f64>, engine: Engine },
 }
 
 #[derive(Deserialize)]
@@ -45,9 +45,14 @@ struct Quantizer {
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let mut shapes = HashMap::new();
-    let (source, mut metrics) = match params::<Params>(task)? {
-        Params::Fp32 {} => (context.sweep.model_path.clone(), json!({"precision": "fp32"})),
-        Params::Int8 { quantizer, format, percentile } => {
+    let params: Params = params(task)?;
+    let (engine, int8) = match &params {
+        Params::Fp32 { engine } => (*engine, false),
+        Params::Int8 { engine, .. } => (*engine, true),
+    };
+    let (source, mut metrics) = match params {
+        Params::Fp32 { .. } => (context.sweep.model_path.clone(), json!({"precision": "fp32"})),
+        Params::Int8 { quantizer, format, percentile, .. } => {
             let statistics = Statistics::read(&context.input_dir(task, "calibration")?)?;
             let ranges: HashMap<String, qdq::Range> = statistics
                 .tensors
@@ -77,20 +82,36 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         }
     };
     let built = out.join(ENGINE_MODEL);
-    // One thread: building is a one-off graph rewrite, and the saved graph
-    // does not depend on the thread count.
-    InferenceSession::open(&source, 1, Some(&built))?;
+    let provider = Provider::for_engine(engine, int8, out);
     let source_model = onnx::Model::load(&source).map_err(|e| StageError::Fatal(e.to_string()))?;
-    let fp32_model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
-    let built_model = onnx::Model::load(&built).map_err(|e| StageError::Retryable(e.to_string()))?;
-    let extra = json!({
+    let mut extra = json!({
         "model_bytes": std::fs::metadata(&source)?.len(),
-        "engine_bytes": std::fs::metadata(&built)?.len(),
         "nodes_before": source_model.node_count(),
-        "nodes_after": built_model.node_count(),
-        "coverage": coverage::of(&fp32_model, &built_model, &shapes),
+        "provider": provider.name(),
+        "provider_options": provider.options().into_iter().collect::<HashMap<_, _>>(),
         "onnxruntime": engine::runtime()?.version,
     });
+    if provider == Provider::Cpu {
+        // One thread: building is a one-off graph rewrite, and the saved
+        // graph does not depend on the thread count.
+        InferenceSession::open(&source, 1, Some(&built))?;
+        let fp32_model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
+        let built_model = onnx::Model::load(&built).map_err(|e| StageError::Retryable(e.to_string()))?;
+        extra["engine_bytes"] = json!(std::fs::metadata(&built)?.len());
+        extra["nodes_after"] = json!(built_model.node_count());
+        extra["coverage"] = json!(coverage::of(&fp32_model, &built_model, &shapes));
+    } else {
+        // GPU providers compile their own engine: opening the session builds
+        // it, and TensorRT caches it beside the model in this artifact.
+        // Untested here: no GPU is available to qsweep's CI.
+        std::fs::copy(&source, &built)?;
+        InferenceSession::open_with(&built, engine::resolve_threads(0), None, &provider)?;
+        extra["engine_bytes"] = json!(directory_bytes(out)?);
+    }
     metrics.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
     Ok(metrics)
+}
+
+fn directory_bytes(dir: &Path) -> std::io::Result<u64> {
+    std::fs::read_dir(dir)?.map(|e| e.and_then(|e| e.metadata()).map(|m| m.len())).sum()
 }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::{build, params, prepare_data, StageContext, StageError};
 use crate::data::tensor_file;
-use crate::engine::{self, InferenceSession};
+use crate::engine::{self, InferenceSession, Provider};
 use crate::plan::Task;
 use crate::spec::Engine;
 
@@ -27,7 +27,13 @@ struct Params {
 
 pub fn run(task: &Task, context: &StageContext<'_>, _out: &Path) -> Result<Value, StageError> {
     let p: Params = params(task)?;
-    let model = context.input_dir(task, "model")?.join(build::ENGINE_MODEL);
+    let build_dir = context.input_dir(task, "model")?;
+    let model = build_dir.join(build::ENGINE_MODEL);
+    let int8 = task
+        .input("model")
+        .and_then(|key| context.results.manifest(key))
+        .is_some_and(|m| m.metrics["precision"] == "int8");
+    let provider = Provider::for_engine(p.engine, int8, &build_dir);
     let data = context.input_dir(task, "data")?;
     let images: Array4<f32> = tensor_file::read_npy::<f32>(&data.join(prepare_data::IMAGES))?
         .into_dimensionality::<Ix4>()
@@ -35,7 +41,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, _out: &Path) -> Result<Value
     let labels = tensor_file::read_npy::<u8>(&data.join(prepare_data::LABELS))?.into_raw_vec_and_offset().0;
 
     let threads = engine::resolve_threads(p.threads);
-    let mut session = InferenceSession::open(&model, threads, None)?;
+    let mut session = InferenceSession::open_with(&model, threads, None, &provider)?;
     let accuracy_batch = p.batch_sizes.iter().copied().max().unwrap_or(1);
     let started = std::time::Instant::now();
     let accuracy = engine::accuracy(&mut session, images.view(), &labels, accuracy_batch, context.cancel)?;

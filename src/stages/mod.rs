@@ -21,7 +21,6 @@ use thiserror::Error;
 use crate::engine::EngineError;
 use crate::matrix::{Run, RunKind};
 use crate::plan::{StageKind, Task};
-use crate::spec::{Engine, SweepSpec};
 use crate::store::{Manifest, ResultsDir};
 use crate::sweep::Sweep;
 
@@ -56,7 +55,9 @@ impl From<EngineError> for StageError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Cancelled => StageError::Cancelled,
-            EngineError::LibraryNotFound { .. } | EngineError::Load { .. } => StageError::Fatal(e.to_string()),
+            EngineError::LibraryNotFound { .. } | EngineError::Load { .. } | EngineError::ProviderMissing { .. } => {
+                StageError::Fatal(e.to_string())
+            }
             EngineError::Ort { .. } => StageError::Retryable(e.to_string()),
         }
     }
@@ -97,13 +98,7 @@ pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, Stag
 
 /// Why this build of qsweep cannot execute `run`, if it cannot. A spec
 /// asking for such a run is refused up front: nothing pretends to run.
-pub fn unsupported(run: &Run, spec: &SweepSpec) -> Option<String> {
-    if spec.evaluate.engine != Engine::Cpu {
-        return Some(format!(
-            "engine \"{}\" cannot run yet: this qsweep builds and evaluates on ONNX Runtime's CPU execution provider only",
-            spec.evaluate.engine.name()
-        ));
-    }
+pub fn unsupported(run: &Run) -> Option<String> {
     match run.kind {
         RunKind::Quantized(recipe) if recipe.qat_epochs > 0 => Some(format!(
             "run `{}` cannot run yet: this qsweep has no QAT stage, so qat_epochs {} is not available (0 means PTQ)",
