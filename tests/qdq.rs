@@ -157,3 +157,72 @@ fn missing_statistics_are_an_error_not_a_guess() {
     let error = qdq::quantize(&model, &HashMap::new(), Int8Format::Tensorrt, true).unwrap_err();
     assert!(matches!(error, QdqError::MissingStatistics { .. }), "{error}");
 }
+
+/// x -> Pad -> Conv: the pair goes above the Pad, and a pair between the
+/// Pad and the Conv is caught by the lint.
+#[test]
+fn no_qdq_between_a_pad_and_its_conv() {
+    use candle_onnx::onnx::{GraphProto, NodeProto, OperatorSetIdProto, TensorProto};
+    let weight = TensorProto {
+        name: "w".into(),
+        dims: vec![4, 1, 3, 3],
+        data_type: 1,
+        float_data: vec![0.1; 36],
+        ..Default::default()
+    };
+    let pads = TensorProto {
+        name: "pads".into(),
+        dims: vec![8],
+        data_type: 7,
+        int64_data: vec![0, 0, 1, 1, 0, 0, 1, 1],
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], output: &str| NodeProto {
+        op_type: op.into(),
+        name: op.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    };
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
+        graph: Some(GraphProto {
+            node: vec![node("Pad", &["x", "pads"], "padded"), node("Conv", &["padded", "w"], "y")],
+            initializer: vec![weight, pads],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let tensors = qdq::calibration_tensors(model.graph.as_ref().unwrap());
+    assert_eq!(tensors[0], "x", "the Pad's input is measured, not its output");
+    let ranges: HashMap<String, Range> =
+        tensors.into_iter().map(|t| (t, Range { amax: 1.0, nonnegative: false })).collect();
+    let (quantized, _) = qdq::quantize(&model, &ranges, Int8Format::Tensorrt, false).unwrap();
+    let graph = quantized.graph.as_ref().unwrap();
+    let pad = graph.node.iter().find(|n| n.op_type == "Pad").unwrap();
+    assert_eq!(pad.input[0], "x_dequantized");
+    assert_eq!(graph.node.iter().find(|n| n.op_type == "Conv").unwrap().input[0], "padded");
+
+    // Move the pair below the Pad by hand: the lint refuses, naming the Conv.
+    let mut bad = quantized.clone();
+    let graph = bad.graph.as_mut().unwrap();
+    for n in graph.node.iter_mut() {
+        match n.op_type.as_str() {
+            "Pad" => n.input[0] = "x".into(),
+            "QuantizeLinear" if n.input[0] == "x" => n.input[0] = "padded".into(),
+            "Conv" => n.input[0] = "x_dequantized".into(),
+            _ => {}
+        }
+    }
+    let pad_at = graph.node.iter().position(|n| n.op_type == "Pad").unwrap();
+    let pad = graph.node.remove(pad_at);
+    graph.node.insert(0, pad);
+    match qdq::lint(&bad, false) {
+        Err(QdqError::Lint { node, problem }) => {
+            assert_eq!(node, "Conv");
+            assert!(problem.contains("between a Pad and this Conv"), "{problem}");
+        }
+        other => panic!("expected a lint error, got {other:?}"),
+    }
+}

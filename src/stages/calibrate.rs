@@ -204,3 +204,23 @@ fn warnings(samples: usize, tensors: &[TensorStatistics]) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(values: usize) -> TensorStatistics {
+        let mut histogram = Histogram::new();
+        histogram.add(&vec![1.0; values]).unwrap();
+        TensorStatistics { name: "t".into(), shape: vec![values], histogram }
+    }
+
+    #[test]
+    fn small_calibration_sets_are_warned_about() {
+        let few = warnings(20, &[tensor(1000)]);
+        assert_eq!(few.len(), 2, "{few:?}");
+        assert!(few[0].contains("only 20 calibration samples"));
+        assert!(few[1].contains("tensor `t` has only 1000 calibration values"));
+        assert!(warnings(500, &[tensor(1 << 20)]).is_empty());
+    }
+}
