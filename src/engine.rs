@@ -125,26 +125,26 @@ pub fn find_library() -> Result<PathBuf, EngineError> {
 }
 
 fn library_in_venv(root: &Path) -> Option<PathBuf> {
-    let lib = root.join("lib");
-    let mut pythons: Vec<PathBuf> = std::fs::read_dir(&lib)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3")))
-        .collect();
-    pythons.sort();
-    pythons.iter().find_map(|python| library_in_package(&python.join("site-packages/onnxruntime")))
+    entries_starting_with(&root.join("lib"), "python3")
+        .iter()
+        .find_map(|python| library_in_package(&python.join("site-packages/onnxruntime")))
 }
 
 fn library_in_package(package_dir: &Path) -> Option<PathBuf> {
-    let capi = package_dir.join("capi");
-    let mut candidates: Vec<PathBuf> = std::fs::read_dir(&capi)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so")))
-        .collect();
     // The fully versioned name sorts last and is the real file.
-    candidates.sort();
-    candidates.pop()
+    entries_starting_with(&package_dir.join("capi"), "libonnxruntime.so").pop()
+}
+
+/// The entries of `dir` whose names start with `prefix`, sorted.
+fn entries_starting_with(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
+        .collect();
+    found.sort();
+    found
 }
 
 /// Asks python3 where its `onnxruntime` package is. The command is fixed;

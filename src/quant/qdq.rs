@@ -468,13 +468,8 @@ fn bias_dequantize(original: &TensorProto, int32: &[i32], scales: &[f32]) -> (No
         Some(0),
     );
     let n = scales.len() as i64;
-    let raw = |values: &[i32]| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-    let int32_tensor = |tensor_name: &str, values: &[i32]| TensorProto {
-        name: tensor_name.to_string(),
-        dims: vec![n],
-        data_type: DataType::Int32 as i32,
-        raw_data: raw(values),
-        ..Default::default()
+    let int32_tensor = |tensor_name: &str, values: &[i32]| {
+        raw_tensor(tensor_name, &[n], DataType::Int32, values.iter().flat_map(|v| v.to_le_bytes()).collect())
     };
     let initializers = vec![
         int32_tensor(&int32_name, int32),
@@ -527,34 +522,27 @@ pub fn float_values(tensor: &TensorProto) -> Result<Vec<f32>, String> {
     Ok(tensor.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
-fn float_tensor(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
+/// A constant tensor stored as little-endian raw bytes.
+fn raw_tensor(name: &str, dims: &[i64], data_type: DataType, raw_data: Vec<u8>) -> TensorProto {
     TensorProto {
         name: name.to_string(),
         dims: dims.to_vec(),
-        data_type: DataType::Float as i32,
-        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        data_type: data_type as i32,
+        raw_data,
         ..Default::default()
     }
+}
+
+fn float_tensor(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
+    raw_tensor(name, dims, DataType::Float, values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 fn int8_tensor(name: &str, dims: &[i64], values: &[i8]) -> TensorProto {
-    TensorProto {
-        name: name.to_string(),
-        dims: dims.to_vec(),
-        data_type: DataType::Int8 as i32,
-        raw_data: values.iter().map(|&v| v as u8).collect(),
-        ..Default::default()
-    }
+    raw_tensor(name, dims, DataType::Int8, values.iter().map(|&v| v as u8).collect())
 }
 
 fn uint8_tensor(name: &str, dims: &[i64], values: &[u8]) -> TensorProto {
-    TensorProto {
-        name: name.to_string(),
-        dims: dims.to_vec(),
-        data_type: DataType::Uint8 as i32,
-        raw_data: values.to_vec(),
-        ..Default::default()
-    }
+    raw_tensor(name, dims, DataType::Uint8, values.to_vec())
 }
 
 fn node(op_type: &str, name: &str, inputs: &[&str], output: &str, axis: Option<i64>) -> NodeProto {
