@@ -28,6 +28,7 @@ pub mod onnx;
 pub mod plan;
 pub mod progress;
 pub mod quant;
+pub mod redis_queue;
 pub mod report;
 pub mod runner;
 pub mod spec;

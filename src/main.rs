@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use qsweep::plan::Plan;
 use qsweep::store::ResultsDir;
-use qsweep::{engine, report, runner, spec, sweep};
+use qsweep::{engine, redis_queue, report, runner, spec, sweep};
 
 #[derive(Parser)]
 #[command(name = "qsweep", version, about = "Runs int8 quantization experiment sweeps on CNN models")]
@@ -36,17 +36,66 @@ enum Command {
     /// Runs a sweep, skipping stages whose results are already complete.
     Run {
         spec: PathBuf,
-        /// Stages run at once.
+        /// Stages run at once (local runs).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
         jobs: u32,
-        /// Results directory [default: results/<sweep name>].
+        /// Results directory [default: results/<sweep name>]; with --redis,
+        /// every worker must see it at the same path.
         #[arg(long)]
         results: Option<PathBuf>,
+        #[command(flatten)]
+        redis: OptionalRedis,
+    },
+    /// Takes tasks from a Redis queue and runs them.
+    Worker {
+        #[command(flatten)]
+        redis: RedisArgs,
+        /// Tasks run at once by this process.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+        concurrency: u32,
+        /// Seconds without a lease renewal after which another worker takes a task over.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        lease_secs: u64,
+        /// Exit when the queue has nothing left for this worker.
+        #[arg(long)]
+        exit_when_idle: bool,
+    },
+    /// Shows a Redis sweep's progress, from any machine.
+    Status {
+        sweep: String,
+        #[command(flatten)]
+        redis: RedisArgs,
+    },
+    /// Stops a Redis sweep: the coordinator ends and workers drop its tasks.
+    Cancel {
+        sweep: String,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
     /// Regenerates every report from a results directory.
     Report { dir: PathBuf },
     /// Prints the JSON Schema of sweep specs.
     Schema,
+}
+
+#[derive(clap::Args)]
+struct RedisArgs {
+    /// Redis URL: redis://[user:password@]host:port[/db], or rediss:// for TLS.
+    #[arg(long = "redis", env = "REDIS_URL", hide_env_values = true)]
+    url: String,
+    /// Prefix of every key, so sweeps and users can share one Redis.
+    #[arg(long, default_value = "qsweep")]
+    prefix: String,
+}
+
+#[derive(clap::Args)]
+struct OptionalRedis {
+    /// Run on `qsweep worker` processes through this Redis instead of locally.
+    #[arg(long = "redis")]
+    url: Option<String>,
+    /// Prefix of every Redis key.
+    #[arg(long, default_value = "qsweep")]
+    prefix: String,
 }
 
 /// Exit code for usage, spec and set-up errors.
@@ -69,7 +118,19 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { spec } => validate(&spec),
         Command::Plan { spec, json, results } => plan(&spec, json, results),
-        Command::Run { spec, jobs, results } => run(&spec, jobs as usize, results),
+        Command::Run { spec, jobs, results, redis } => run(&spec, jobs as usize, results, redis),
+        Command::Worker { redis, concurrency, lease_secs, exit_when_idle } => {
+            let options = qsweep::redis_queue::consumer::WorkerOptions {
+                url: redis.url,
+                prefix: redis.prefix,
+                concurrency: concurrency as usize,
+                lease: std::time::Duration::from_secs(lease_secs),
+                exit_when_idle,
+            };
+            work(options)
+        }
+        Command::Status { sweep, redis } => status(&sweep, &redis),
+        Command::Cancel { sweep, redis } => cancel(&sweep, &redis),
         Command::Report { dir } => regenerate_reports(&dir),
         Command::Schema => {
             print!("{}", spec::schema_text());
@@ -159,7 +220,7 @@ fn plan(spec: &Path, json: bool, results: Option<PathBuf>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(spec: &Path, jobs: usize, results: Option<PathBuf>) -> ExitCode {
+fn run(spec: &Path, jobs: usize, results: Option<PathBuf>, redis: OptionalRedis) -> ExitCode {
     let sweep = match load(spec) {
         Ok(sweep) => sweep,
         Err(code) => return code,
@@ -189,15 +250,24 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>) -> ExitCode {
     }
 
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime starts");
-    let summary = tokio.block_on(runner::run(
-        Arc::new(sweep),
-        Arc::new(plan),
-        results.clone(),
-        jobs,
-        Box::pin(async {
-            let _ = tokio::signal::ctrl_c().await;
-        }),
-    ));
+    let interrupt = Box::pin(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    let (sweep, plan) = (Arc::new(sweep), Arc::new(plan));
+    let summary = match redis.url {
+        None => tokio.block_on(runner::run(sweep, plan, results.clone(), jobs, interrupt)),
+        Some(url) => {
+            let keys = redis_queue::Keys::new(&redis.prefix);
+            let coordinated = tokio.block_on(async {
+                let connection = redis_queue::connection::connect(&url).await?;
+                redis_queue::coordinator::run(connection, keys, sweep, plan, results.clone(), interrupt).await
+            });
+            match coordinated {
+                Ok(summary) => summary,
+                Err(e) => return fail(e),
+            }
+        }
+    };
     let reported = report::write_all(&results);
     match &reported {
         Ok(runs) => report::print_table(runs, &dir),
@@ -211,6 +281,47 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn work(options: redis_queue::consumer::WorkerOptions) -> ExitCode {
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime starts");
+    let result = tokio.block_on(async {
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            let _ = stop.send(true);
+        });
+        redis_queue::consumer::run(options, shutdown).await
+    });
+    match result {
+        Ok(summary) => {
+            eprintln!("worker done: {} task(s) executed, {} skipped", summary.executed, summary.skipped);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn status(sweep: &str, redis: &RedisArgs) -> ExitCode {
+    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
+    match tokio.block_on(redis_queue::coordinator::status(&redis.url, &redis_queue::Keys::new(&redis.prefix), sweep)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn cancel(sweep: &str, redis: &RedisArgs) -> ExitCode {
+    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
+    match tokio.block_on(redis_queue::coordinator::cancel(&redis.url, &redis_queue::Keys::new(&redis.prefix), sweep)) {
+        Ok(()) => {
+            println!("sweep {sweep} cancelled: its coordinator stops and workers drop its queued tasks");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::plan::{Plan, TaskKey};
+
 pub struct Progress {
     display: Option<Live>,
 }
@@ -23,6 +25,32 @@ pub struct RunCounts {
     pub done: usize,
     pub failed: usize,
     pub remaining: usize,
+}
+
+/// Where a task stands, as far as counting runs goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskOutcome {
+    Done,
+    Failed,
+    Pending,
+}
+
+impl RunCounts {
+    /// A run is failed if any of its tasks failed, done if all are done.
+    pub fn tally(plan: &Plan, outcome: impl Fn(&TaskKey) -> TaskOutcome) -> Self {
+        let mut counts = RunCounts::default();
+        for run in &plan.runs {
+            let outcomes: Vec<TaskOutcome> = run.tasks.iter().map(&outcome).collect();
+            if outcomes.contains(&TaskOutcome::Failed) {
+                counts.failed += 1;
+            } else if outcomes.iter().all(|o| *o == TaskOutcome::Done) {
+                counts.done += 1;
+            } else {
+                counts.remaining += 1;
+            }
+        }
+        counts
+    }
 }
 
 impl Progress {

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::plan::{Plan, StageKind, Task, TaskKey};
-use crate::progress::{Progress, RunCounts};
+use crate::progress::{Progress, RunCounts, TaskOutcome};
 use crate::store::ResultsDir;
 use crate::sweep::Sweep;
 use crate::worker::{self, Attempts, Outcome};
@@ -195,15 +195,9 @@ fn labels(plan: &Plan) -> HashMap<TaskKey, String> {
 }
 
 fn run_counts(plan: &Plan, state: &HashMap<TaskKey, State>) -> RunCounts {
-    let mut counts = RunCounts::default();
-    for run in &plan.runs {
-        if run.tasks.iter().any(|k| state[k] == State::Failed) {
-            counts.failed += 1;
-        } else if run.tasks.iter().all(|k| state[k] == State::Done) {
-            counts.done += 1;
-        } else {
-            counts.remaining += 1;
-        }
-    }
-    counts
+    RunCounts::tally(plan, |key| match state[key] {
+        State::Done => TaskOutcome::Done,
+        State::Failed => TaskOutcome::Failed,
+        State::Waiting | State::Running => TaskOutcome::Pending,
+    })
 }

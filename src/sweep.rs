@@ -26,7 +26,16 @@ pub struct Sweep {
 
 /// Reads, checks and resolves a spec file.
 pub fn load(file: &Path) -> Result<Sweep, SpecErrors> {
-    let parsed = spec::read(file)?;
+    resolve(spec::read(file)?)
+}
+
+/// Checks and resolves spec text that did not come from a file (a worker
+/// gets it from Redis); `label` names it in errors.
+pub fn load_text(label: &Path, text: String) -> Result<Sweep, SpecErrors> {
+    resolve(spec::parse(label, text)?)
+}
+
+fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
     let mut errors = semantic_errors(&parsed);
 
     let runs = match matrix::expand(&parsed.spec) {
@@ -278,6 +287,15 @@ fn check_model(
 }
 
 impl Sweep {
+    /// The spec with the model and data paths made absolute, for workers
+    /// that read it from elsewhere than the spec's directory.
+    pub fn portable_spec(&self) -> std::io::Result<String> {
+        let mut spec = self.spec.clone();
+        spec.model = std::path::absolute(&self.model_path)?.display().to_string();
+        spec.data.dir = Some(std::path::absolute(&self.data_dir)?.display().to_string());
+        Ok(serde_json::to_string(&spec).expect("a spec serializes"))
+    }
+
     /// The results directory used when `--results` is not given.
     pub fn default_results_dir(&self) -> PathBuf {
         PathBuf::from("results").join(&self.spec.name)

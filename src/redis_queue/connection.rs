@@ -1,0 +1,110 @@
+//! Connecting to Redis with bounded waits and errors that say what to do.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use thiserror::Error;
+
+/// How long a connection attempt may take before it is an error.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// XAUTOCLAIM, which takes over a dead worker's tasks, arrived in Redis 6.2.
+pub const MIN_VERSION: (u32, u32) = (6, 2);
+
+#[derive(Debug, Error)]
+pub enum QueueError {
+    #[error(
+        "{url} is not a Redis URL: {message}\n  fix: use redis://[user:password@]host:port[/db] or rediss:// for TLS"
+    )]
+    BadUrl { url: String, message: String },
+    #[error("cannot reach Redis at {url} within {}s: {message}\n  fix: check that redis-server runs there and the port is open", CONNECT_TIMEOUT.as_secs())]
+    Unreachable { url: String, message: String },
+    #[error("Redis at {url} refused the credentials: {message}\n  fix: put the right password (or ACL user and password) in the URL: redis://user:password@host:port")]
+    Auth { url: String, message: String },
+    #[error("Redis at {url} is version {found}; qsweep needs {}.{} or later (for XAUTOCLAIM)\n  fix: upgrade Redis", MIN_VERSION.0, MIN_VERSION.1)]
+    TooOld { url: String, found: String },
+    #[error("Redis command failed: {0}")]
+    Command(#[from] redis::RedisError),
+    #[error("{0}")]
+    State(String),
+}
+
+/// Connects, authenticates (from the URL) and checks the server version.
+/// Reconnects happen inside the connection manager afterwards, so a Redis
+/// restart is survived.
+pub async fn connect(url: &str) -> Result<ConnectionManager, QueueError> {
+    let shown = redact(url);
+    let client =
+        redis::Client::open(url).map_err(|e| QueueError::BadUrl { url: shown.clone(), message: e.to_string() })?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(Duration::from_secs(30)))
+        .set_number_of_retries(3)
+        .set_max_delay(Duration::from_secs(2));
+    let connection = tokio::time::timeout(CONNECT_TIMEOUT, ConnectionManager::new_with_config(client, config))
+        .await
+        .map_err(|_| QueueError::Unreachable { url: shown.clone(), message: "timed out".into() })?
+        .map_err(|e| classify(&shown, e))?;
+    let mut probe = connection.clone();
+    let info: String =
+        redis::cmd("INFO").arg("server").query_async(&mut probe).await.map_err(|e| classify(&shown, e))?;
+    let version = info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("0.0.0").trim().to_string();
+    if !version_at_least(&version, MIN_VERSION) {
+        return Err(QueueError::TooOld { url: shown, found: version });
+    }
+    Ok(connection)
+}
+
+fn classify(url: &str, error: redis::RedisError) -> QueueError {
+    let message = error.to_string();
+    if message.contains("WRONGPASS") || message.contains("NOAUTH") || message.contains("invalid password") {
+        QueueError::Auth { url: url.to_string(), message }
+    } else if error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_refusal()
+        || error.is_connection_dropped()
+    {
+        QueueError::Unreachable { url: url.to_string(), message }
+    } else {
+        QueueError::Command(error)
+    }
+}
+
+/// Whether "major.minor.patch" is at least `minimum`.
+pub fn version_at_least(version: &str, minimum: (u32, u32)) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= minimum
+}
+
+/// The URL with any password replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            let user = credentials.split(':').next().unwrap_or_default();
+            let hidden = if credentials.contains(':') { format!("{user}:***") } else { "***".to_string() };
+            format!("{}{hidden}{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redact("redis://:s3cret@host:6379/0"), "redis://:***@host:6379/0");
+        assert_eq!(redact("rediss://alice:s3cret@host"), "rediss://alice:***@host");
+        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+    }
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert!(version_at_least("7.0.15", (6, 2)));
+        assert!(version_at_least("6.2.0", (6, 2)));
+        assert!(!version_at_least("6.0.20", (6, 2)));
+        assert!(!version_at_least("5.10.1", (6, 2)));
+    }
+}

@@ -1,0 +1,306 @@
+//! `qsweep worker`: takes tasks from the Redis queue, runs them, records
+//! their outcomes, and keeps a lease on each task while it runs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::AsyncCommands;
+use tokio::sync::watch;
+
+use super::connection::{connect, QueueError};
+use super::{now_ms, Keys, GROUP};
+use crate::plan::{Plan, TaskKey};
+use crate::store::{unix_now, FailureRecord, ResultsDir};
+use crate::sweep::{self, Sweep};
+use crate::worker::{self, Attempts, Outcome};
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub url: String,
+    pub prefix: String,
+    /// Tasks run at once by this process.
+    pub concurrency: usize,
+    /// A task whose worker has not renewed its lease for this long is
+    /// taken over by another worker.
+    pub lease: Duration,
+    /// Exit once the queue has had nothing for this worker for
+    /// `IDLE_EXIT`, instead of waiting for more.
+    pub exit_when_idle: bool,
+}
+
+/// How long an `exit_when_idle` worker waits on an empty queue.
+pub const IDLE_EXIT: Duration = Duration::from_secs(5);
+
+/// What one worker process did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WorkerSummary {
+    pub executed: usize,
+    pub skipped: usize,
+}
+
+/// Runs until shutdown is signalled (or, with `exit_when_idle`, until the
+/// queue is empty). Connection errors are retried, so a Redis restart is
+/// survived.
+pub async fn run(options: WorkerOptions, shutdown: watch::Receiver<bool>) -> Result<WorkerSummary, QueueError> {
+    let connection = connect(&options.url).await?;
+    let keys = Keys::new(&options.prefix);
+    ensure_group(&mut connection.clone(), &keys).await?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let mut slots = tokio::task::JoinSet::new();
+    for slot in 0..options.concurrency.max(1) {
+        let name = format!("{host}-{}-{slot}", std::process::id());
+        let context = Slot {
+            connection: connection.clone(),
+            keys: keys.clone(),
+            options: options.clone(),
+            name,
+            sweeps: HashMap::new(),
+        };
+        slots.spawn(context.run(shutdown.clone()));
+    }
+    let mut summary = WorkerSummary::default();
+    while let Some(done) = slots.join_next().await {
+        let slot = done.map_err(|e| QueueError::State(format!("a worker slot panicked: {e}")))??;
+        summary.executed += slot.executed;
+        summary.skipped += slot.skipped;
+    }
+    Ok(summary)
+}
+
+pub async fn ensure_group(connection: &mut ConnectionManager, keys: &Keys) -> Result<(), QueueError> {
+    let created: Result<(), redis::RedisError> = connection.xgroup_create_mkstream(keys.queue(), GROUP, "0").await;
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// A sweep as a worker needs it, loaded once from Redis.
+struct LoadedSweep {
+    sweep: Arc<Sweep>,
+    plan: Arc<Plan>,
+    results: ResultsDir,
+}
+
+/// One concurrent consumer of the queue.
+struct Slot {
+    connection: ConnectionManager,
+    keys: Keys,
+    options: WorkerOptions,
+    name: String,
+    sweeps: HashMap<String, Result<Arc<LoadedSweep>, String>>,
+}
+
+impl Slot {
+    async fn run(mut self, shutdown: watch::Receiver<bool>) -> Result<WorkerSummary, QueueError> {
+        let mut summary = WorkerSummary::default();
+        let mut idle_since = std::time::Instant::now();
+        while !*shutdown.borrow() {
+            match self.next_entry().await {
+                Ok(Some(entry)) => match self
+                    .handle(&entry, shutdown.clone())
+                    .await
+                    .inspect(|_| idle_since = std::time::Instant::now())
+                {
+                    Ok(true) => summary.executed += 1,
+                    Ok(false) => summary.skipped += 1,
+                    Err(e) => {
+                        tracing::warn!("worker {}: {e}; retrying", self.name);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+                Ok(None) if self.options.exit_when_idle && idle_since.elapsed() > IDLE_EXIT => break,
+                Ok(None) => {}
+                Err(e) => {
+                    // Most likely Redis is restarting: wait, the manager reconnects.
+                    tracing::warn!("worker {}: {e}; retrying", self.name);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        Ok(summary)
+    }
+
+    /// An abandoned entry whose lease expired, else a new one.
+    async fn next_entry(&mut self) -> Result<Option<StreamId>, QueueError> {
+        let _: () = self.connection.hset(self.keys.workers(), &self.name, now_ms()).await?;
+        let lease_ms = self.options.lease.as_millis() as u64;
+        let claimed: StreamAutoClaimReply = self
+            .connection
+            .xautoclaim_options(
+                self.keys.queue(),
+                GROUP,
+                &self.name,
+                lease_ms,
+                "0-0",
+                StreamAutoClaimOptions::default().count(1),
+            )
+            .await?;
+        if let Some(entry) = claimed.claimed.into_iter().next() {
+            return Ok(Some(entry));
+        }
+        let options = StreamReadOptions::default().group(GROUP, &self.name).count(1).block(500);
+        let read: Option<StreamReadReply> =
+            self.connection.xread_options(&[self.keys.queue()], &[">"], &options).await?;
+        Ok(read.and_then(|r| r.keys.into_iter().next()).and_then(|k| k.ids.into_iter().next()))
+    }
+
+    /// Runs one entry's task. Returns whether a stage was executed.
+    async fn handle(&mut self, entry: &StreamId, shutdown: watch::Receiver<bool>) -> Result<bool, QueueError> {
+        let field = |name: &str| entry.get::<String>(name).unwrap_or_default();
+        let (sweep_name, key) = (field("sweep"), TaskKey(field("key")));
+        let mut connection = self.connection.clone();
+        let cancelled: Option<String> = connection.hget(self.keys.sweep(&sweep_name), "cancelled").await?;
+        let state: Option<String> = connection.hget(self.keys.state(&sweep_name), &key.0).await?;
+        if cancelled.as_deref() == Some("1") || matches!(state.as_deref(), Some("done") | Some("failed")) {
+            self.finish_entry(&entry.id).await?;
+            return Ok(false);
+        }
+        let loaded = match self.load(&sweep_name).await? {
+            Ok(loaded) => loaded,
+            Err(message) => {
+                self.record(&sweep_name, &key, &entry.id, Err(message)).await?;
+                return Ok(false);
+            }
+        };
+        let Some(task) = loaded.plan.task(&key).cloned() else {
+            self.record(
+                &sweep_name,
+                &key,
+                &entry.id,
+                Err(format!("task {key} is not in the plan of sweep {sweep_name}")),
+            )
+            .await?;
+            return Ok(false);
+        };
+        // An artifact that verifies is done work, even if Redis forgot it.
+        if loaded.results.verified(&key).is_some() {
+            self.record(&sweep_name, &key, &entry.id, Ok(())).await?;
+            return Ok(false);
+        }
+        let _: () = connection.hincr(self.keys.executions(&sweep_name), &key.0, 1).await?;
+        let heartbeat = tokio::spawn(renew_lease(
+            connection.clone(),
+            self.keys.clone(),
+            self.name.clone(),
+            entry.id.clone(),
+            self.options.lease,
+        ));
+        let policy =
+            Attempts { retries: loaded.sweep.spec.retries, timeout: Duration::from_secs(loaded.sweep.spec.timeout) };
+        let outcome = worker::run_task(
+            Arc::new(task),
+            loaded.sweep.clone(),
+            loaded.results.clone(),
+            policy,
+            shutdown,
+            |attempt, error| {
+                tracing::warn!("retrying {key} after attempt {attempt}: {error}");
+            },
+        )
+        .await;
+        heartbeat.abort();
+        match outcome {
+            Outcome::Done(_) => self.record(&sweep_name, &key, &entry.id, Ok(())).await?,
+            // The failure record is already in the results directory.
+            Outcome::Failed(record) => self.record(&sweep_name, &key, &entry.id, Err(record.error)).await?,
+            // Shutdown: leave the entry pending, so another worker takes it
+            // over when the lease runs out.
+            Outcome::Cancelled => {}
+        }
+        Ok(true)
+    }
+
+    async fn load(&mut self, sweep_name: &str) -> Result<Result<Arc<LoadedSweep>, String>, QueueError> {
+        if let Some(loaded) = self.sweeps.get(sweep_name) {
+            return Ok(loaded.clone());
+        }
+        let mut connection = self.connection.clone();
+        let definition: HashMap<String, String> = connection.hgetall(self.keys.sweep(sweep_name)).await?;
+        let plan_json: Option<String> = connection.get(self.keys.plan(sweep_name)).await?;
+        let loaded = (|| {
+            let spec = definition.get("spec").ok_or_else(|| format!("sweep {sweep_name} has no spec in Redis"))?;
+            let results =
+                definition.get("results").ok_or_else(|| format!("sweep {sweep_name} has no results directory"))?;
+            let label = PathBuf::from(format!("redis:{sweep_name}"));
+            let sweep = sweep::load_text(&label, spec.clone()).map_err(|errors| {
+                format!("this worker cannot use sweep {sweep_name} (every worker must see the model and dataset at the same paths):\n{errors}")
+            })?;
+            let mut plan: Plan = serde_json::from_str(plan_json.as_deref().unwrap_or("null"))
+                .map_err(|e| format!("the plan of sweep {sweep_name} in Redis is damaged: {e}"))?;
+            plan.reindex();
+            let results = ResultsDir::create(Path::new(results)).map_err(|e| {
+                format!("this worker cannot write the shared results directory {results}: {e}; every worker must see it at the same path")
+            })?;
+            Ok(Arc::new(LoadedSweep { sweep: Arc::new(sweep), plan: Arc::new(plan), results }))
+        })();
+        self.sweeps.insert(sweep_name.to_string(), loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Records a task's outcome once, whoever runs it how many times:
+    /// state and failure are keyed by task, so a redelivered task that runs
+    /// twice still leaves one result.
+    async fn record(
+        &mut self,
+        sweep_name: &str,
+        key: &TaskKey,
+        entry: &str,
+        outcome: Result<(), String>,
+    ) -> Result<(), QueueError> {
+        let state = if outcome.is_ok() { "done" } else { "failed" };
+        let error = outcome.as_ref().err().cloned().unwrap_or_default();
+        if let (Err(message), Some(loaded)) = (&outcome, self.sweeps.get(sweep_name).and_then(|l| l.as_ref().ok())) {
+            if loaded.results.failure(key).is_none() {
+                let stage = loaded.plan.task(key).map(|t| t.stage).unwrap_or(crate::plan::StageKind::Build);
+                let record = FailureRecord {
+                    key: key.clone(),
+                    stage,
+                    attempts: 1,
+                    error: message.clone(),
+                    failed_unix: unix_now(),
+                };
+                let _ = loaded.results.record_failure(&record);
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(self.keys.state(sweep_name), &key.0, state)
+            .xadd(
+                self.keys.events(sweep_name),
+                "*",
+                &[("key", key.0.as_str()), ("state", state), ("worker", self.name.as_str()), ("error", error.as_str())],
+            )
+            .xack(self.keys.queue(), GROUP, &[entry])
+            .xdel(self.keys.queue(), &[entry]);
+        let _: () = pipe.query_async(&mut self.connection).await?;
+        Ok(())
+    }
+
+    async fn finish_entry(&mut self, entry: &str) -> Result<(), QueueError> {
+        let mut pipe = redis::pipe();
+        pipe.xack(self.keys.queue(), GROUP, &[entry]).xdel(self.keys.queue(), &[entry]);
+        let _: () = pipe.query_async(&mut self.connection).await?;
+        Ok(())
+    }
+}
+
+/// Keeps the lease on `entry` while its task runs: re-claiming the entry
+/// resets its idle time, and the heartbeat tells `qsweep status` the worker
+/// lives.
+async fn renew_lease(mut connection: ConnectionManager, keys: Keys, worker: String, entry: String, lease: Duration) {
+    loop {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XCLAIM").arg(keys.queue()).arg(GROUP).arg(&worker).arg(0).arg(&entry).arg("JUSTID").ignore();
+        pipe.hset(keys.workers(), &worker, now_ms()).ignore();
+        let renewed: Result<(), redis::RedisError> = pipe.query_async(&mut connection).await;
+        if let Err(e) = renewed {
+            tracing::warn!("worker {worker}: cannot renew its lease: {e}");
+        }
+        tokio::time::sleep(lease / 3).await;
+    }
+}
