@@ -56,7 +56,8 @@ pub async fn connect(url: &str) -> Result<ConnectionManager, QueueError> {
 
 fn classify(url: &str, error: redis::RedisError) -> QueueError {
     let message = error.to_string();
-    if message.contains("WRONGPASS") || message.contains("NOAUTH") || message.contains("invalid password") {
+    let auth = error.kind() == redis::ErrorKind::AuthenticationFailed;
+    if auth || message.contains("WRONGPASS") || message.contains("NOAUTH") {
         QueueError::Auth { url: url.to_string(), message }
     } else if error.is_io_error()
         || error.is_timeout()

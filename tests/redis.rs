@@ -1,0 +1,278 @@
+//! The Redis backend against a real redis-server on a free loopback port:
+//! workers killed mid-task, a killed coordinator, a Redis restart with AOF,
+//! and bad connection settings.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+/// A redis-server of the test's own, stopped when dropped.
+struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    fn start(dir: &Path, extra: &[&str]) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut server =
+            Self { port, dir: dir.to_path_buf(), child: None, extra: extra.iter().map(|s| s.to_string()).collect() };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server; .ci/run installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server the way an operator restart does (SIGTERM: Redis
+    /// flushes its AOF), then starts it again on the same port and data.
+    fn restart(&mut self) {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        child.wait().unwrap();
+        self.launch();
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+    }
+
+    /// A hash as a map, via redis-cli.
+    fn hash(&self, key: &str) -> HashMap<String, String> {
+        let text = self.cli(&["--no-raw", "HGETALL", key]);
+        let values: Vec<String> =
+            text.lines().filter_map(|l| l.split_once(") ").map(|(_, v)| v.trim_matches('"').to_string())).collect();
+        values.chunks(2).filter(|c| c.len() == 2).map(|c| (c[0].clone(), c[1].clone())).collect()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// fp32 plus max calibration with and without fusion: 9 tasks, 3 runs.
+fn spec(dir: &Path, name: &str) -> PathBuf {
+    let text = quick_spec_json(r#""matrix": { "calibration": ["max"], "residual_fusion": [false, true] }"#)
+        .replace(r#""name": "quick""#, &format!(r#""name": "{name}""#));
+    write(dir, &format!("{name}.json"), &text)
+}
+
+fn worker(url: &str, prefix: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_qsweep"))
+        .args(["worker", "--redis", url, "--prefix", prefix, "--lease-secs", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn coordinator(url: &str, prefix: &str, spec: &Path, results: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_qsweep"))
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--redis",
+            url,
+            "--prefix",
+            prefix,
+            "--results",
+            results.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn sigkill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Every run finished exactly once: one ok row per run in runs.csv.
+fn assert_all_runs_ok(results: &Path) {
+    let rows: Vec<csv::StringRecord> =
+        csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect();
+    let ids: Vec<&str> = rows.iter().map(|r| &r[0]).collect();
+    assert_eq!(ids, ["fp32", "max-unfused-ptq", "max-fused-ptq"]);
+    assert!(rows.iter().all(|r| &r[4] == "ok"), "{rows:?}");
+}
+
+/// Each task's outcome was recorded once: one event per task in the
+/// sweep's event stream, and every task done.
+fn assert_recorded_once(redis: &RedisServer, prefix: &str, sweep: &str) {
+    let state = redis.hash(&format!("{prefix}:sweep:{sweep}:state"));
+    assert_eq!(state.len(), 9, "{state:?}");
+    assert!(state.values().all(|s| s == "done"), "{state:?}");
+    let events = redis.cli(&["XRANGE", &format!("{prefix}:sweep:{sweep}:events"), "-", "+"]);
+    for key in state.keys() {
+        assert_eq!(events.matches(key.as_str()).count(), 1, "task {key} recorded more than once");
+    }
+}
+
+/// Workers are killed with SIGKILL at random moments, over and over; their
+/// tasks are taken over when the lease runs out, and every task completes
+/// once.
+#[test]
+fn worker_loss_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path(), &[]);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut kills = 0;
+    let mut round = 0;
+    while kills < 20 {
+        round += 1;
+        let (prefix, sweep) = (format!("loss{round}"), format!("loss{round}"));
+        let results = dir.path().join(format!("results{round}"));
+        let mut workers = vec![worker(&redis.url(), &prefix), worker(&redis.url(), &prefix)];
+        let mut coordinator = coordinator(&redis.url(), &prefix, &spec(dir.path(), &sweep), &results);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(status) = coordinator.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the sweep did not finish");
+            std::thread::sleep(Duration::from_millis(rng.random_range(100..600)));
+            if kills < 20 + 5 * (round - 1) && coordinator.try_wait().unwrap().is_none() {
+                let victim = rng.random_range(0..workers.len());
+                sigkill(&mut workers[victim]);
+                workers[victim] = worker(&redis.url(), &prefix);
+                kills += 1;
+            }
+        };
+        workers.iter_mut().for_each(sigkill);
+        assert!(status.success(), "coordinator failed in round {round}");
+        assert_all_runs_ok(&results);
+        assert_recorded_once(&redis, &prefix, &sweep);
+    }
+    assert!(kills >= 20);
+}
+
+/// The coordinator is killed mid-sweep and started again: it resumes, and
+/// no task runs twice (each was executed exactly once).
+#[test]
+fn coordinator_restart_reruns_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path(), &[]);
+    let (prefix, sweep) = ("coord", "coord");
+    let results = dir.path().join("results");
+    let spec = spec(dir.path(), sweep);
+    let mut workers = vec![worker(&redis.url(), prefix), worker(&redis.url(), prefix)];
+    let mut first = coordinator(&redis.url(), prefix, &spec, &results);
+    let state_key = format!("{prefix}:sweep:{sweep}:state");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while redis.hash(&state_key).values().filter(|s| *s == "done").count() < 3 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sigkill(&mut first);
+    let done_before = redis.hash(&state_key).values().filter(|s| *s == "done").count();
+    assert!(done_before < 9, "the sweep finished before the coordinator could be killed");
+
+    let second = coordinator(&redis.url(), prefix, &spec, &results);
+    let output = second.wait_with_output().unwrap();
+    workers.iter_mut().for_each(sigkill);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_all_runs_ok(&results);
+    let executions = redis.hash(&format!("{prefix}:sweep:{sweep}:executions"));
+    assert_eq!(executions.len(), 9);
+    assert!(executions.values().all(|n| n == "1"), "some stage ran twice: {executions:?}");
+}
+
+/// Redis restarts (AOF, appendfsync everysec) partway through: the sweep
+/// finishes, and what was recorded before the restart is still there.
+#[test]
+fn redis_restart_with_aof_loses_no_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(dir.path(), &["--appendonly", "yes", "--appendfsync", "everysec"]);
+    let (prefix, sweep) = ("aof", "aof");
+    let results = dir.path().join("results");
+    let spec = spec(dir.path(), sweep);
+    let mut workers = vec![worker(&redis.url(), prefix), worker(&redis.url(), prefix)];
+    let coordinator = coordinator(&redis.url(), prefix, &spec, &results);
+    let state_key = format!("{prefix}:sweep:{sweep}:state");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while redis.hash(&state_key).values().filter(|s| *s == "done").count() < 3 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before: Vec<String> = redis.hash(&state_key).into_iter().filter(|(_, s)| s == "done").map(|(k, _)| k).collect();
+    redis.restart();
+    let output = coordinator.wait_with_output().unwrap();
+    workers.iter_mut().for_each(sigkill);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_all_runs_ok(&results);
+    let after = redis.hash(&state_key);
+    for key in before {
+        assert_eq!(
+            after.get(&key).map(String::as_str),
+            Some("done"),
+            "task {key} was recorded before the restart and is gone"
+        );
+    }
+}
+
+/// Each bad connection setting is a clear error and exit code 2, fast.
+#[test]
+fn bad_connections_exit_2_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path(), &["--requirepass", "right"]);
+    let spec = spec(dir.path(), "bad");
+    let results = dir.path().join("results");
+    let unused_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cases = [
+        (format!("redis://:wrong@127.0.0.1:{}", redis.port), "refused the credentials"),
+        (format!("redis://127.0.0.1:{}", redis.port), "refused the credentials"),
+        (format!("redis://127.0.0.1:{unused_port}"), "cannot reach Redis"),
+        ("http://example".to_string(), "is not a Redis URL"),
+    ];
+    for (url, expected) in cases {
+        for args in [
+            vec!["run", spec.to_str().unwrap(), "--redis", &url, "--results", results.to_str().unwrap()],
+            vec!["worker", "--redis", &url],
+            vec!["status", "bad", "--redis", &url],
+        ] {
+            let started = Instant::now();
+            let output = qsweep(&args);
+            let err = stderr(&output);
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+            assert!(err.contains(expected), "{args:?}: {err}");
+            assert!(!err.contains("wrong@"), "the password leaked: {err}");
+            assert!(started.elapsed() < Duration::from_secs(15), "{args:?} took {:?}", started.elapsed());
+        }
+    }
+    assert!(!results.join("runs.csv").exists());
+}
