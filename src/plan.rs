@@ -25,6 +25,9 @@ pub enum StageKind {
     Qat,
     Build,
     Evaluate,
+    /// Does nothing and writes no artifact: the queue-throughput
+    /// benchmark's task, never planned from a spec.
+    Noop,
 }
 
 impl StageKind {
@@ -38,6 +41,7 @@ impl StageKind {
             StageKind::Qat => "qat",
             StageKind::Build => "build",
             StageKind::Evaluate => "evaluate",
+            StageKind::Noop => "noop",
         }
     }
 }
@@ -247,6 +251,7 @@ pub fn stage_version(stage: StageKind) -> u32 {
         StageKind::PrepareData => stages::prepare_data::VERSION,
         StageKind::Build => stages::build::VERSION,
         StageKind::Evaluate => stages::evaluate::VERSION,
+        StageKind::Noop => 1,
         StageKind::Calibrate => stages::calibrate::VERSION,
         // No code produces QAT artifacts yet, so none can exist.
         StageKind::Qat => 0,

@@ -92,7 +92,7 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
                             StageKind::Calibrate => &mut row.calibrate_s,
                             StageKind::Qat => &mut row.qat_s,
                             StageKind::Build => &mut row.build_s,
-                            StageKind::Evaluate => &mut row.evaluate_s,
+                            StageKind::Evaluate | StageKind::Noop => &mut row.evaluate_s,
                         };
                         *timing = Some(timing.unwrap_or(0.0) + manifest.elapsed_s);
                         match manifest.stage {

@@ -59,6 +59,8 @@ pub async fn run(options: WorkerOptions, shutdown: watch::Receiver<bool>) -> Res
             options: options.clone(),
             name,
             sweeps: HashMap::new(),
+            // Look for abandoned tasks at once on start.
+            last_claim_check: std::time::Instant::now() - options.lease,
         };
         slots.spawn(context.run(shutdown.clone()));
     }
@@ -93,6 +95,7 @@ struct Slot {
     options: WorkerOptions,
     name: String,
     sweeps: HashMap<String, Result<Arc<LoadedSweep>, String>>,
+    last_claim_check: std::time::Instant,
 }
 
 impl Slot {
@@ -125,23 +128,23 @@ impl Slot {
         Ok(summary)
     }
 
-    /// An abandoned entry whose lease expired, else a new one.
+    /// An abandoned entry whose lease expired, else a new one. Looking
+    /// for abandoned entries (and beating the heartbeat) every half lease,
+    /// and at least every 3 s for `qsweep status`, is often enough:
+    /// nothing is abandoned for less than a lease.
     async fn next_entry(&mut self) -> Result<Option<StreamId>, QueueError> {
-        let _: () = self.connection.hset(self.keys.workers(), &self.name, now_ms()).await?;
-        let lease_ms = self.options.lease.as_millis() as u64;
-        let claimed: StreamAutoClaimReply = self
-            .connection
-            .xautoclaim_options(
-                self.keys.queue(),
-                GROUP,
-                &self.name,
-                lease_ms,
-                "0-0",
-                StreamAutoClaimOptions::default().count(1),
-            )
-            .await?;
-        if let Some(entry) = claimed.claimed.into_iter().next() {
-            return Ok(Some(entry));
+        if self.last_claim_check.elapsed() >= (self.options.lease / 2).min(Duration::from_secs(3)) {
+            self.last_claim_check = std::time::Instant::now();
+            let _: () = self.connection.hset(self.keys.workers(), &self.name, now_ms()).await?;
+            let lease_ms = self.options.lease.as_millis() as u64;
+            let options = StreamAutoClaimOptions::default().count(1);
+            let claimed: StreamAutoClaimReply = self
+                .connection
+                .xautoclaim_options(self.keys.queue(), GROUP, &self.name, lease_ms, "0-0", options)
+                .await?;
+            if let Some(entry) = claimed.claimed.into_iter().next() {
+                return Ok(Some(entry));
+            }
         }
         let options = StreamReadOptions::default().group(GROUP, &self.name).count(1).block(500);
         let read: Option<StreamReadReply> =
@@ -154,8 +157,11 @@ impl Slot {
         let field = |name: &str| entry.get::<String>(name).unwrap_or_default();
         let (sweep_name, key) = (field("sweep"), TaskKey(field("key")));
         let mut connection = self.connection.clone();
-        let cancelled: Option<String> = connection.hget(self.keys.sweep(&sweep_name), "cancelled").await?;
-        let state: Option<String> = connection.hget(self.keys.state(&sweep_name), &key.0).await?;
+        let (cancelled, state): (Option<String>, Option<String>) = redis::pipe()
+            .hget(self.keys.sweep(&sweep_name), "cancelled")
+            .hget(self.keys.state(&sweep_name), &key.0)
+            .query_async(&mut connection)
+            .await?;
         if cancelled.as_deref() == Some("1") || matches!(state.as_deref(), Some("done") | Some("failed")) {
             self.finish_entry(&entry.id).await?;
             return Ok(false);
@@ -294,6 +300,8 @@ impl Slot {
 /// lives.
 async fn renew_lease(mut connection: ConnectionManager, keys: Keys, worker: String, entry: String, lease: Duration) {
     loop {
+        // The entry was just delivered, so its idle time starts at zero.
+        tokio::time::sleep(lease / 3).await;
         let mut pipe = redis::pipe();
         pipe.cmd("XCLAIM").arg(keys.queue()).arg(GROUP).arg(&worker).arg(0).arg(&entry).arg("JUSTID").ignore();
         pipe.hset(keys.workers(), &worker, now_ms()).ignore();
@@ -301,6 +309,5 @@ async fn renew_lease(mut connection: ConnectionManager, keys: Keys, worker: Stri
         if let Err(e) = renewed {
             tracing::warn!("worker {worker}: cannot renew its lease: {e}");
         }
-        tokio::time::sleep(lease / 3).await;
     }
 }

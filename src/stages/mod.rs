@@ -80,6 +80,16 @@ pub fn params<T: DeserializeOwned>(task: &Task) -> Result<T, StageError> {
 
 /// Runs one attempt of a task and seals its artifact.
 pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, StageError> {
+    if task.stage == StageKind::Noop {
+        return Ok(Manifest {
+            key: task.key.clone(),
+            stage: task.stage,
+            files: Vec::new(),
+            metrics: serde_json::Value::Null,
+            elapsed_s: 0.0,
+            completed_unix: 0,
+        });
+    }
     let staging = context.results.begin(&task.key, task.stage)?;
     let started = Instant::now();
     let metrics = match task.stage {
@@ -89,6 +99,7 @@ pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, Stag
         StageKind::Calibrate => calibrate::run(task, context, staging.dir())?,
         // `unsupported` refuses specs that need QAT, so only a plan made by
         // a newer qsweep can get here.
+        StageKind::Noop => unreachable!("no-op tasks return above"),
         StageKind::Qat => {
             return Err(StageError::Fatal(format!("this qsweep cannot execute {} tasks; upgrade it", task.stage)))
         }
