@@ -1,0 +1,159 @@
+//! Targets of the Redis backend, side by side with Ray on the same machine:
+//! - throughput: at least 5,000 no-op tasks/s end to end through Redis on
+//!   loopback with 2 workers, and at least 5x Ray core's trivial tasks/s;
+//! - per-task overhead at least 100x lower than Ray Tune's per-trial
+//!   overhead (reuse_actors=True);
+//! - coordinator memory with a 10,000-run sweep queued: < 300 MB.
+//!
+//! Starts its own redis-server on a free loopback port and two
+//! `qsweep worker` processes; the coordinator runs in this process so its
+//! peak RSS can be read. No-op tasks (a stage kind no spec can plan) make
+//! the figures about the queue, not about stages.
+//!
+//!     scripts/setup --with-test-services
+//!     python3 -m venv .venv-ray && .venv-ray/bin/pip install "ray[tune]==2.60.*"
+//!     cargo bench --bench queue_throughput     # QSWEEP_BENCH_TASKS, RAY_TRIALS
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qsweep::plan::Plan;
+use qsweep::redis_queue::{connection, coordinator, Keys};
+use qsweep::store::ResultsDir;
+use qsweep::sweep;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn peak_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// A plan of `runs` runs, each a chain of `chain` no-op tasks.
+fn noop_plan(name: &str, runs: usize, chain: usize) -> Plan {
+    let mut tasks = Vec::new();
+    let mut planned = Vec::new();
+    for run in 0..runs {
+        let keys: Vec<String> = (0..chain).map(|step| format!("{run:032x}{step:032x}")).collect();
+        for (step, key) in keys.iter().enumerate() {
+            let inputs: Vec<serde_json::Value> =
+                if step == 0 { vec![] } else { vec![serde_json::json!({"role": "input", "key": keys[step - 1]})] };
+            tasks.push(serde_json::json!({"key": key, "stage": "noop", "params": null, "inputs": inputs}));
+        }
+        planned.push(serde_json::json!({
+            "run": {"id": format!("noop{run}"), "kind": {"baseline": "fp32"}, "origin": {"baseline": 0}},
+            "tasks": keys,
+        }));
+    }
+    let mut plan: Plan = serde_json::from_value(serde_json::json!({
+        "sweep": name,
+        "sources": {"model_digest": "", "data_digest": ""},
+        "tasks": tasks,
+        "runs": planned,
+    }))
+    .unwrap();
+    plan.reindex();
+    plan
+}
+
+fn main() {
+    let tasks = env_usize("QSWEEP_BENCH_TASKS", 20_000);
+    let trials = env_usize("RAY_TRIALS", 256);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let scratch = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (scripts/setup --with-test-services)");
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut workers: Vec<Child> = (0..2)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_qsweep"))
+                .args(["worker", "--redis", &url, "--prefix", "bench"])
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+
+    let sweep = Arc::new(sweep::load(&root.join("experiments/fashion-resnet.json")).expect("the reference spec"));
+    let results = ResultsDir::create(&scratch.path().join("results")).unwrap();
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let run = |plan: Plan| -> f64 {
+        let started = Instant::now();
+        let summary = tokio
+            .block_on(async {
+                let connection = connection::connect(&url).await?;
+                coordinator::run(
+                    connection,
+                    Keys::new("bench"),
+                    sweep.clone(),
+                    Arc::new(plan),
+                    results.clone(),
+                    std::future::pending::<()>(),
+                )
+                .await
+            })
+            .unwrap();
+        assert_eq!(summary.counts.failed, 0);
+        started.elapsed().as_secs_f64()
+    };
+
+    let _ = run(noop_plan("warmup", 500, 1));
+    let seconds = run(noop_plan("throughput", tasks, 1));
+    let per_second = tasks as f64 / seconds;
+
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let chained = run(noop_plan("ten-thousand-runs", 10_000, 3));
+    let coordinator_mb = peak_mb();
+
+    workers.iter_mut().for_each(|w| {
+        let _ = w.kill();
+        let _ = w.wait();
+    });
+    let _ = redis.kill();
+
+    let peer = Command::new(root.join(".venv-ray/bin/python"))
+        .arg(root.join("bench/ray_peer.py"))
+        .args([tasks.min(20_000).to_string(), trials.to_string()])
+        .stderr(Stdio::null())
+        .output()
+        .expect(".venv-ray with ray[tune] 2.60 (see the command above)");
+    let line = String::from_utf8_lossy(&peer.stdout).lines().last().unwrap_or_default().to_string();
+    let ray: serde_json::Value = serde_json::from_str(&line).expect("ray_peer.py's JSON line");
+    let ray_tasks = ray["tasks_per_s"].as_f64().unwrap();
+    let tune_ms = ray["tune_ms_per_trial"].as_f64().unwrap();
+    let overhead_ms = 1e3 / per_second;
+
+    println!(
+        "Redis queue, loopback, 2 qsweep workers (1 slot each), no-op tasks; Ray {} on the same machine",
+        ray["ray"]
+    );
+    println!("  qsweep: {tasks} tasks in {seconds:.2} s = {per_second:.0} tasks/s (target >= 5,000)");
+    println!(
+        "  Ray core: {ray_tasks:.0} trivial remote tasks/s; qsweep / Ray = {:.2}x (target >= 5x)",
+        per_second / ray_tasks
+    );
+    println!(
+        "  per task: qsweep {overhead_ms:.3} ms vs Ray Tune {tune_ms:.1} ms per trial ({trials} trials, reuse_actors) = {:.0}x lower (target >= 100x)",
+        tune_ms / overhead_ms
+    );
+    println!(
+        "  10,000 runs x 3 chained tasks: {:.1} s; coordinator peak RSS {coordinator_mb:.0} MB (target < 300 MB)",
+        chained
+    );
+}
