@@ -20,8 +20,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use qsweep::coordinator;
 use qsweep::plan::Plan;
-use qsweep::redis_queue::{connection, coordinator, Keys};
+use qsweep::redis_queue::queue::RedisQueue;
+use qsweep::redis_queue::{connection, Keys};
 use qsweep::store::ResultsDir;
 use qsweep::sweep;
 
@@ -98,15 +100,8 @@ fn main() {
         let summary = tokio
             .block_on(async {
                 let connection = connection::connect(&url).await?;
-                coordinator::run(
-                    connection,
-                    Keys::new("bench"),
-                    sweep.clone(),
-                    Arc::new(plan),
-                    results.clone(),
-                    std::future::pending::<()>(),
-                )
-                .await
+                let mut queue = RedisQueue::publish(connection, Keys::new("bench"), &sweep, &plan, &results).await?;
+                coordinator::run(&plan, &results, &mut queue, std::future::pending::<()>()).await
             })
             .unwrap();
         assert_eq!(summary.counts.failed, 0);

@@ -21,6 +21,7 @@
 //! - [`progress`]: the live display, or plain lines off a terminal.
 //! - [`report`]: runs.csv, runs.jsonl, summary.md and the accuracy/latency plot.
 
+pub mod coordinator;
 pub mod data;
 pub mod engine;
 pub mod matrix;
@@ -28,9 +29,10 @@ pub mod onnx;
 pub mod plan;
 pub mod progress;
 pub mod quant;
+pub mod queue;
 pub mod redis_queue;
 pub mod report;
-pub mod runner;
+
 pub mod spec;
 pub mod stages;
 pub mod store;

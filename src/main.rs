@@ -9,8 +9,10 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use qsweep::plan::Plan;
+use qsweep::queue::memory::MemoryQueue;
+use qsweep::redis_queue::queue::RedisQueue;
 use qsweep::store::ResultsDir;
-use qsweep::{engine, redis_queue, report, runner, spec, sweep};
+use qsweep::{coordinator, engine, redis_queue, report, spec, sweep};
 
 #[derive(Parser)]
 #[command(name = "qsweep", version, about = "Runs int8 quantization experiment sweeps on CNN models")]
@@ -253,20 +255,23 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>, redis: OptionalRedis)
     let interrupt = Box::pin(async {
         let _ = tokio::signal::ctrl_c().await;
     });
-    let (sweep, plan) = (Arc::new(sweep), Arc::new(plan));
-    let summary = match redis.url {
-        None => tokio.block_on(runner::run(sweep, plan, results.clone(), jobs, interrupt)),
-        Some(url) => {
-            let keys = redis_queue::Keys::new(&redis.prefix);
-            let coordinated = tokio.block_on(async {
+    let coordinated = tokio.block_on(async {
+        match redis.url {
+            None => {
+                let mut queue = MemoryQueue::new(Arc::new(sweep), results.clone(), jobs);
+                coordinator::run(&plan, &results, &mut queue, interrupt).await
+            }
+            Some(url) => {
                 let connection = redis_queue::connection::connect(&url).await?;
-                redis_queue::coordinator::run(connection, keys, sweep, plan, results.clone(), interrupt).await
-            });
-            match coordinated {
-                Ok(summary) => summary,
-                Err(e) => return fail(e),
+                let keys = redis_queue::Keys::new(&redis.prefix);
+                let mut queue = RedisQueue::publish(connection, keys, &sweep, &plan, &results).await?;
+                coordinator::run(&plan, &results, &mut queue, interrupt).await
             }
         }
+    });
+    let summary = match coordinated {
+        Ok(summary) => summary,
+        Err(e) => return fail(e),
     };
     let reported = report::write_all(&results);
     match &reported {
@@ -305,7 +310,7 @@ fn work(options: redis_queue::consumer::WorkerOptions) -> ExitCode {
 
 fn status(sweep: &str, redis: &RedisArgs) -> ExitCode {
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
-    match tokio.block_on(redis_queue::coordinator::status(&redis.url, &redis_queue::Keys::new(&redis.prefix), sweep)) {
+    match tokio.block_on(redis_queue::queue::status(&redis.url, &redis_queue::Keys::new(&redis.prefix), sweep)) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -316,7 +321,7 @@ fn status(sweep: &str, redis: &RedisArgs) -> ExitCode {
 
 fn cancel(sweep: &str, redis: &RedisArgs) -> ExitCode {
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
-    match tokio.block_on(redis_queue::coordinator::cancel(&redis.url, &redis_queue::Keys::new(&redis.prefix), sweep)) {
+    match tokio.block_on(redis_queue::queue::cancel(&redis.url, &redis_queue::Keys::new(&redis.prefix), sweep)) {
         Ok(()) => {
             println!("sweep {sweep} cancelled: its coordinator stops and workers drop its queued tasks");
             ExitCode::SUCCESS

@@ -89,39 +89,42 @@ impl Progress {
 
     pub fn started(&self, slot: usize, label: &str) {
         match &self.display {
-            Some(live) => live.slots[slot].set_message(label.to_string()),
-            None => eprintln!("[worker {}] start {label}", slot + 1),
+            Some(live) => {
+                if let Some(line) = live.slots.get(slot) {
+                    line.set_message(label.to_string());
+                }
+            }
+            None => eprintln!("{}start {label}", worker_prefix(Some(slot))),
         }
     }
 
-    pub fn finished(&self, slot: usize, label: &str, elapsed_s: f64) {
+    /// A task ended; `slot` is the in-process worker line that ran it, if any.
+    pub fn finished(&self, slot: Option<usize>, label: &str, elapsed_s: f64) {
+        self.ended(slot, format!("done   {label} in {elapsed_s:.1}s"));
+    }
+
+    pub fn failed(&self, slot: Option<usize>, label: &str, error: &str) {
+        self.ended(slot, format!("FAILED {label}: {error}"));
+    }
+
+    fn ended(&self, slot: Option<usize>, text: String) {
         match &self.display {
             Some(live) => {
                 live.overall.inc(1);
-                live.slots[slot].set_message("idle");
-                live.overall.println(format!("done   {label} in {elapsed_s:.1}s"));
+                if let Some(line) = slot.and_then(|s| live.slots.get(s)) {
+                    line.set_message("idle");
+                }
+                live.overall.println(text);
             }
-            None => eprintln!("[worker {}] done  {label} in {elapsed_s:.1}s", slot + 1),
+            None => eprintln!("{}{text}", worker_prefix(slot)),
         }
     }
 
-    pub fn retrying(&self, slot: usize, label: &str, attempt: u32, error: &str) {
+    pub fn retrying(&self, slot: Option<usize>, label: &str, attempt: u32, error: &str) {
         let text = format!("retry  {label} after attempt {attempt} failed: {error}");
         match &self.display {
             Some(live) => live.overall.println(text),
-            None => eprintln!("[worker {}] {text}", slot + 1),
-        }
-    }
-
-    pub fn failed(&self, slot: usize, label: &str, error: &str) {
-        let text = format!("FAILED {label}: {error}");
-        match &self.display {
-            Some(live) => {
-                live.overall.inc(1);
-                live.slots[slot].set_message("idle");
-                live.overall.println(text);
-            }
-            None => eprintln!("[worker {}] {text}", slot + 1),
+            None => eprintln!("{}{text}", worker_prefix(slot)),
         }
     }
 
@@ -141,4 +144,9 @@ impl Progress {
             live.overall.finish();
         }
     }
+}
+
+/// "[worker 2] " for in-process workers' log lines.
+fn worker_prefix(slot: Option<usize>) -> String {
+    slot.map_or(String::new(), |s| format!("[worker {}] ", s + 1))
 }

@@ -2,31 +2,13 @@
 
 use std::time::Duration;
 
+use crate::queue::QueueError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use thiserror::Error;
 
 /// How long a connection attempt may take before it is an error.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// XAUTOCLAIM, which takes over a dead worker's tasks, arrived in Redis 6.2.
 pub const MIN_VERSION: (u32, u32) = (6, 2);
-
-#[derive(Debug, Error)]
-pub enum QueueError {
-    #[error(
-        "{url} is not a Redis URL: {message}\n  fix: use redis://[user:password@]host:port[/db] or rediss:// for TLS"
-    )]
-    BadUrl { url: String, message: String },
-    #[error("cannot reach Redis at {url} within {}s: {message}\n  fix: check that redis-server runs there and the port is open", CONNECT_TIMEOUT.as_secs())]
-    Unreachable { url: String, message: String },
-    #[error("Redis at {url} refused the credentials: {message}\n  fix: put the right password (or ACL user and password) in the URL: redis://user:password@host:port")]
-    Auth { url: String, message: String },
-    #[error("Redis at {url} is version {found}; qsweep needs {}.{} or later (for XAUTOCLAIM)\n  fix: upgrade Redis", MIN_VERSION.0, MIN_VERSION.1)]
-    TooOld { url: String, found: String },
-    #[error("Redis command failed: {0}")]
-    Command(#[from] redis::RedisError),
-    #[error("{0}")]
-    State(String),
-}
 
 /// Connects, authenticates (from the URL) and checks the server version.
 /// Reconnects happen inside the connection manager afterwards, so a Redis

@@ -11,9 +11,10 @@ use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, Str
 use redis::AsyncCommands;
 use tokio::sync::watch;
 
-use super::connection::{connect, QueueError};
+use super::connection::connect;
 use super::{now_ms, Keys, GROUP};
 use crate::plan::{Plan, TaskKey};
+use crate::queue::QueueError;
 use crate::store::{unix_now, FailureRecord, ResultsDir};
 use crate::sweep::{self, Sweep};
 use crate::worker::{self, Attempts, Outcome};

@@ -24,7 +24,7 @@
 
 pub mod connection;
 pub mod consumer;
-pub mod coordinator;
+pub mod queue;
 
 /// The names of every key, under a prefix so several sweeps and users can
 /// share one Redis.

@@ -1,0 +1,213 @@
+//! Walks a plan's DAG against a queue: a task is pushed once all its
+//! inputs are done, a failure fails everything downstream of it (the other
+//! runs go on), and the walk ends when every run has an outcome, on Ctrl-C,
+//! or on `qsweep cancel`. The same walk drives the embedded queue and
+//! Redis; only the `Queue` differs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::plan::{Plan, TaskKey};
+use crate::progress::{Progress, RunCounts, TaskOutcome};
+use crate::queue::QueueError;
+use crate::queue::{Event, Finished, Queue, Recorded};
+use crate::store::{unix_now, FailureRecord, ResultsDir};
+
+/// How a sweep run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunSummary {
+    pub counts: RunCounts,
+    /// Tasks whose artifacts were already complete.
+    pub cached_tasks: usize,
+    pub executed_tasks: usize,
+    pub interrupted: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Queued,
+    Done,
+    Failed,
+}
+
+pub async fn run<Q: Queue>(
+    plan: &Plan,
+    results: &ResultsDir,
+    queue: &mut Q,
+    mut interrupt: impl std::future::Future<Output = ()> + Unpin,
+) -> Result<RunSummary, QueueError> {
+    let recorded = queue.recorded().await?;
+    let mut state: HashMap<TaskKey, State> = HashMap::new();
+    let mut cached_tasks = 0;
+    for task in &plan.tasks {
+        let current = if results.verified(&task.key).is_some() {
+            cached_tasks += 1;
+            State::Done
+        } else {
+            match recorded.get(&task.key) {
+                Some(Recorded::Queued) => State::Queued,
+                Some(Recorded::Failed) => State::Failed,
+                None => State::Waiting,
+            }
+        };
+        state.insert(task.key.clone(), current);
+    }
+    let labels = labels(plan);
+    let progress = Progress::new(plan.tasks.len() - cached_tasks, queue.slots());
+    if cached_tasks > 0 {
+        progress.note(&format!("{cached_tasks} of {} tasks already complete; skipping them", plan.tasks.len()));
+    }
+
+    let mut executed_tasks = 0;
+    let mut interrupted = false;
+    loop {
+        propagate_failures(plan, &mut state);
+        let ready: Vec<_> = plan
+            .tasks
+            .iter()
+            .filter(|t| state[&t.key] == State::Waiting && t.inputs.iter().all(|i| state[&i.key] == State::Done))
+            .map(|t| Arc::new(t.clone()))
+            .collect();
+        if !ready.is_empty() {
+            let keys: Vec<TaskKey> = ready.iter().map(|t| t.key.clone()).collect();
+            if let Err(e) = queue.push(ready).await {
+                transient(&progress, e).await;
+                continue;
+            }
+            for key in keys {
+                state.insert(key, State::Queued);
+            }
+        }
+        progress.runs(run_counts(plan, &state));
+        if !state.values().any(|s| matches!(s, State::Waiting | State::Queued)) {
+            break;
+        }
+        match queue.cancelled().await {
+            Ok(true) => {
+                progress.note("cancelled with `qsweep cancel`");
+                interrupted = true;
+                break;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                transient(&progress, e).await;
+                continue;
+            }
+        }
+        let events = tokio::select! {
+            events = queue.events() => events,
+            _ = &mut interrupt => {
+                progress.note("interrupted: stopping; run the same command again to resume");
+                interrupted = true;
+                queue.shutdown().await
+            }
+        };
+        let events = match events {
+            Ok(events) => events,
+            Err(e) => {
+                transient(&progress, e).await;
+                continue;
+            }
+        };
+        for event in events {
+            let label = |key: &TaskKey| labels.get(key).cloned().unwrap_or_else(|| key.short().to_string());
+            match event {
+                Event::Started { key, slot } => progress.started(slot, &label(&key)),
+                Event::Retrying { key, slot, attempt, error } => progress.retrying(slot, &label(&key), attempt, &error),
+                Event::Workers { alive } => progress.note(&format!("{alive} worker(s) alive")),
+                Event::Finished { key, slot, worker, outcome } => {
+                    if state.get(&key) != Some(&State::Queued) {
+                        continue; // a duplicate report of a task already settled
+                    }
+                    let label = if slot.is_some() { label(&key) } else { format!("{} on {worker}", label(&key)) };
+                    match outcome {
+                        Finished::Done { elapsed_s } => {
+                            executed_tasks += 1;
+                            state.insert(key, State::Done);
+                            progress.finished(slot, &label, elapsed_s);
+                        }
+                        Finished::Failed { error } => {
+                            executed_tasks += 1;
+                            record_failure(plan, results, &key, &error);
+                            state.insert(key, State::Failed);
+                            progress.failed(slot, &label, &error);
+                        }
+                        Finished::Cancelled => {
+                            state.insert(key, State::Waiting);
+                        }
+                    }
+                }
+            }
+        }
+        if interrupted {
+            break;
+        }
+    }
+    progress.finish();
+    Ok(RunSummary { counts: run_counts(plan, &state), cached_tasks, executed_tasks, interrupted })
+}
+
+/// A queue error mid-sweep is most likely Redis restarting: say so and
+/// retry, since the connection manager reconnects.
+async fn transient(progress: &Progress, error: QueueError) {
+    progress.note(&format!("{error}; retrying"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// Remote workers that could not reach the results directory report the
+/// error only through the queue; keep it in the results either way.
+fn record_failure(plan: &Plan, results: &ResultsDir, key: &TaskKey, error: &str) {
+    if results.failure(key).is_none() {
+        if let Some(task) = plan.task(key) {
+            let record = FailureRecord {
+                key: key.clone(),
+                stage: task.stage,
+                attempts: 1,
+                error: error.to_string(),
+                failed_unix: unix_now(),
+            };
+            let _ = results.record_failure(&record);
+        }
+    }
+}
+
+fn propagate_failures(plan: &Plan, state: &mut HashMap<TaskKey, State>) {
+    // Tasks come after their inputs, so one pass reaches the whole subtree.
+    for task in &plan.tasks {
+        if state[&task.key] == State::Waiting && task.inputs.iter().any(|i| state[&i.key] == State::Failed) {
+            state.insert(task.key.clone(), State::Failed);
+        }
+    }
+}
+
+/// "evaluate 1a2b3c4d5e6f (fp32)": the stage, its key, and who needs it.
+fn labels(plan: &Plan) -> HashMap<TaskKey, String> {
+    let mut users: HashMap<&TaskKey, Vec<&str>> = HashMap::new();
+    for run in &plan.runs {
+        for key in &run.tasks {
+            users.entry(key).or_default().push(&run.run.id);
+        }
+    }
+    plan.tasks
+        .iter()
+        .map(|task| {
+            let runs = users.get(&task.key).cloned().unwrap_or_default();
+            let who = match runs.len() {
+                0 => String::new(),
+                1 => runs[0].to_string(),
+                n => format!("{} and {} more", runs[0], n - 1),
+            };
+            (task.key.clone(), format!("{} {} ({who})", task.stage, task.key.short()))
+        })
+        .collect()
+}
+
+fn run_counts(plan: &Plan, state: &HashMap<TaskKey, State>) -> RunCounts {
+    RunCounts::tally(plan, |key| match state[key] {
+        State::Done => TaskOutcome::Done,
+        State::Failed => TaskOutcome::Failed,
+        State::Waiting | State::Queued => TaskOutcome::Pending,
+    })
+}

@@ -1,0 +1,107 @@
+//! Where ready tasks wait for a worker, and where outcomes come back.
+//!
+//! The coordinator (`crate::coordinator`) walks the DAG the same way for
+//! every backend; a `Queue` is what differs:
+//! - `memory::MemoryQueue`, the embedded default: in-process workers on
+//!   tokio's blocking pool, no server;
+//! - `crate::redis_queue::RedisQueue`: a Redis stream that `qsweep worker`
+//!   processes on any machine consume.
+
+pub mod memory;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::plan::{Task, TaskKey};
+
+/// Why a queue operation failed; the Redis variants carry what to do.
+#[derive(Debug, Error)]
+pub enum QueueError {
+    #[error(
+        "{url} is not a Redis URL: {message}\n  fix: use redis://[user:password@]host:port[/db] or rediss:// for TLS"
+    )]
+    BadUrl { url: String, message: String },
+    #[error("cannot reach Redis at {url} within {}s: {message}\n  fix: check that redis-server runs there and the port is open", crate::redis_queue::connection::CONNECT_TIMEOUT.as_secs())]
+    Unreachable { url: String, message: String },
+    #[error("Redis at {url} refused the credentials: {message}\n  fix: put the right password (or ACL user and password) in the URL: redis://user:password@host:port")]
+    Auth { url: String, message: String },
+    #[error("Redis at {url} is version {found}; qsweep needs {}.{} or later (for XAUTOCLAIM)\n  fix: upgrade Redis", crate::redis_queue::connection::MIN_VERSION.0, crate::redis_queue::connection::MIN_VERSION.1)]
+    TooOld { url: String, found: String },
+    #[error("Redis command failed: {0}")]
+    Command(#[from] redis::RedisError),
+    #[error("{0}")]
+    State(String),
+}
+
+/// Something a queue reports back to the coordinator.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A worker started a task (in-process workers only, which have a
+    /// progress line each).
+    Started {
+        key: TaskKey,
+        slot: usize,
+    },
+    Retrying {
+        key: TaskKey,
+        slot: Option<usize>,
+        attempt: u32,
+        error: String,
+    },
+    Finished {
+        key: TaskKey,
+        slot: Option<usize>,
+        worker: String,
+        outcome: Finished,
+    },
+    /// The number of live workers changed.
+    Workers {
+        alive: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finished {
+    Done {
+        elapsed_s: f64,
+    },
+    Failed {
+        error: String,
+    },
+    /// Stopped by shutdown; the task is still to do.
+    Cancelled,
+}
+
+/// What a queue already knew about a task when the coordinator started
+/// (a restarted coordinator finds its earlier work here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Queued,
+    Failed,
+}
+
+// The trait is used with static dispatch inside this crate only, so the
+// futures need no Send bound spelled out.
+#[allow(async_fn_in_trait)]
+pub trait Queue {
+    /// In-process worker slots, each with a progress line (0 for remote workers).
+    fn slots(&self) -> usize;
+
+    async fn recorded(&mut self) -> Result<HashMap<TaskKey, Recorded>, QueueError>;
+
+    /// Hands ready tasks to the workers.
+    async fn push(&mut self, tasks: Vec<Arc<Task>>) -> Result<(), QueueError>;
+
+    /// Waits a while for events; an empty list means nothing happened yet.
+    async fn events(&mut self) -> Result<Vec<Event>, QueueError>;
+
+    /// Whether the sweep was cancelled from outside (`qsweep cancel`).
+    async fn cancelled(&mut self) -> Result<bool, QueueError>;
+
+    /// Stops on Ctrl-C. In-process workers stop their stages and report
+    /// them Cancelled; remote workers keep their tasks, which a restarted
+    /// coordinator finds again.
+    async fn shutdown(&mut self) -> Result<Vec<Event>, QueueError>;
+}
