@@ -17,7 +17,9 @@
 //! - [`stages`]: what each stage does with its inputs.
 //! - [`sweep`]: a spec validated against its files and the available stages.
 //! - [`worker`]: one task's attempts, timeouts and retries.
-//! - [`runner`]: the local backend that executes a plan's DAG.
+//! - [`queue`]: the `Queue` trait and the embedded in-memory queue.
+//! - [`redis_queue`]: the Redis queue, `qsweep worker`, status and cancel.
+//! - [`coordinator`]: walks a plan's DAG against any queue.
 //! - [`progress`]: the live display, or plain lines off a terminal.
 //! - [`report`]: runs.csv, runs.jsonl, summary.md and the accuracy/latency plot.
 

@@ -1,6 +1,6 @@
 //! The stages a run is made of: parameters and input artifacts in,
 //! an artifact directory and metrics out. A stage knows nothing of where it
-//! runs; the local runner and, later, remote workers call `execute` alike.
+//! runs; in-process slots and `qsweep worker` processes call `execute` alike.
 //!
 //! Each stage file declares `VERSION`. Bump it whenever a change to the
 //! stage would change what it writes: the version is part of every content
