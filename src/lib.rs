@@ -14,6 +14,7 @@
 //! - [`onnx`]: ONNX protobuf models and questions about their graphs.
 //! - [`data`]: IDX datasets, preprocessing, calibration subsets, tensor files.
 //! - [`engine`]: ONNX Runtime sessions, accuracy and latency measurement.
+//! - [`quant`]: histograms, calibration methods, the Q/DQ rewrite, int8 coverage.
 //! - [`stages`]: what each stage does with its inputs.
 //! - [`sweep`]: a spec validated against its files and the available stages.
 //! - [`worker`]: one task's attempts, timeouts and retries.

@@ -15,7 +15,7 @@ pub struct SweepSpec {
     /// Optional link to this schema, for editors.
     #[serde(rename = "$schema", default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
-    /// Names the sweep; results go to results/<name> unless `qsweep run --results` says otherwise.
+    /// Names the sweep; results go to `results/<name>` unless `qsweep run --results` says otherwise.
     #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"), length(max = 100))]
     pub name: String,
     /// Path to the fp32 ONNX model, relative to this spec file.
@@ -162,11 +162,11 @@ pub struct MatrixSpec {
     #[serde(default)]
     #[schemars(extend("uniqueItems" = true))]
     pub calibration: Vec<CalibrationMethod>,
-    /// Whether the skip input of each residual Add is quantized too (default [false]).
+    /// Whether the skip input of each residual Add is quantized too (default: just false).
     #[serde(default)]
     #[schemars(extend("uniqueItems" = true))]
     pub residual_fusion: Vec<bool>,
-    /// QAT fine-tune epochs; 0 means PTQ only (default [0]).
+    /// QAT fine-tune epochs; 0 means PTQ only (default: just 0).
     #[serde(default)]
     #[schemars(extend("uniqueItems" = true))]
     pub qat_epochs: Vec<u32>,
