@@ -100,7 +100,8 @@ fn main() {
         let summary = tokio
             .block_on(async {
                 let connection = connection::connect(&url).await?;
-                let mut queue = RedisQueue::publish(connection, Keys::new("bench"), &sweep, &plan, &results).await?;
+                let mut queue =
+                    RedisQueue::publish(connection, Keys::new("bench"), &sweep, &plan, &results, None).await?;
                 coordinator::run(&plan, &results, &mut queue, std::future::pending::<()>()).await
             })
             .unwrap();

@@ -24,6 +24,7 @@
 //! - [`progress`]: the live display, or plain lines off a terminal.
 //! - [`report`]: runs.csv, runs.jsonl, summary.md and the accuracy/latency plot.
 
+pub mod artifacts;
 pub mod coordinator;
 pub mod data;
 pub mod engine;

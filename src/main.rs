@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use qsweep::artifacts::ObjectArtifacts;
 use qsweep::plan::Plan;
 use qsweep::queue::memory::MemoryQueue;
+use qsweep::queue::QueueError;
 use qsweep::redis_queue::queue::RedisQueue;
 use qsweep::store::ResultsDir;
 use qsweep::{coordinator, engine, redis_queue, report, spec, sweep};
@@ -61,6 +63,9 @@ enum Command {
         /// Exit when the queue has nothing left for this worker.
         #[arg(long)]
         exit_when_idle: bool,
+        /// Local cache for artifacts of sweeps that use an object store.
+        #[arg(long, default_value_os_t = std::env::temp_dir().join("qsweep-cache"))]
+        cache: PathBuf,
     },
     /// Shows a Redis sweep's progress, from any machine.
     Status {
@@ -98,6 +103,10 @@ struct OptionalRedis {
     /// Prefix of every Redis key.
     #[arg(long, default_value = "qsweep")]
     prefix: String,
+    /// Share artifacts through an object store (s3://bucket/prefix, or
+    /// file:///dir) instead of a results directory every worker sees.
+    #[arg(long, requires = "url")]
+    artifacts: Option<String>,
 }
 
 /// Exit code for usage, spec and set-up errors.
@@ -121,13 +130,14 @@ fn main() -> ExitCode {
         Command::Validate { spec } => validate(&spec),
         Command::Plan { spec, json, results } => plan(&spec, json, results),
         Command::Run { spec, jobs, results, redis } => run(&spec, jobs as usize, results, redis),
-        Command::Worker { redis, concurrency, lease_secs, exit_when_idle } => {
+        Command::Worker { redis, concurrency, lease_secs, exit_when_idle, cache } => {
             let options = qsweep::redis_queue::consumer::WorkerOptions {
                 url: redis.url,
                 prefix: redis.prefix,
                 concurrency: concurrency as usize,
                 lease: std::time::Duration::from_secs(lease_secs),
                 exit_when_idle,
+                cache,
             };
             work(options)
         }
@@ -251,6 +261,10 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>, redis: OptionalRedis)
         return fail(format!("cannot write to {}: {e}", dir.display()));
     }
 
+    let store = match redis.artifacts.as_deref().map(ObjectArtifacts::open).transpose() {
+        Ok(store) => store,
+        Err(e) => return fail(e),
+    };
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime starts");
     let interrupt = Box::pin(async {
         let _ = tokio::signal::ctrl_c().await;
@@ -264,8 +278,19 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>, redis: OptionalRedis)
             Some(url) => {
                 let connection = redis_queue::connection::connect(&url).await?;
                 let keys = redis_queue::Keys::new(&redis.prefix);
-                let mut queue = RedisQueue::publish(connection, keys, &sweep, &plan, &results).await?;
-                coordinator::run(&plan, &results, &mut queue, interrupt).await
+                let mut queue =
+                    RedisQueue::publish(connection, keys, &sweep, &plan, &results, redis.artifacts.as_deref()).await?;
+                let summary = coordinator::run(&plan, &results, &mut queue, interrupt).await?;
+                if let Some(store) = &store {
+                    // The reports read manifests; the files stay in the store.
+                    for task in &plan.tasks {
+                        store
+                            .fetch_manifest(&results, &task.key)
+                            .await
+                            .map_err(|e| QueueError::State(e.to_string()))?;
+                    }
+                }
+                Ok(summary)
             }
         }
     });

@@ -96,9 +96,18 @@ impl ResultsDir {
     }
 
     /// The manifest of an artifact without re-hashing its files; for reports,
-    /// which must stay fast on large sweeps and only read metrics.
+    /// which must stay fast on large sweeps and only read metrics. Falls
+    /// back to manifests fetched from an object store without their files.
     pub fn manifest(&self, key: &TaskKey) -> Option<Manifest> {
-        serde_json::from_slice(&fs::read(self.artifact_dir(key).join(MANIFEST)).ok()?).ok()
+        let local =
+            fs::read(self.artifact_dir(key).join(MANIFEST)).or_else(|_| fs::read(self.remote_manifest_path(key)));
+        serde_json::from_slice(&local.ok()?).ok()
+    }
+
+    /// Where a manifest fetched from an object store, without its files,
+    /// is kept for the reports.
+    pub fn remote_manifest_path(&self, key: &TaskKey) -> PathBuf {
+        self.root.join("remote-manifests").join(format!("{}.json", key.0))
     }
 
     /// Starts writing the artifact of `key` in a private staging directory.
@@ -176,6 +185,26 @@ pub struct Staging {
 impl Staging {
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Seals files copied from elsewhere under their original manifest,
+    /// after checking that they are exactly what it lists.
+    pub fn adopt(mut self, manifest: &Manifest) -> std::io::Result<()> {
+        for entry in &manifest.files {
+            let (bytes, sha256) = hash_file(&self.dir.join(&entry.name))?;
+            if bytes != entry.bytes || sha256 != entry.sha256 {
+                return Err(std::io::Error::other(format!("{} does not match its manifest", entry.name)));
+            }
+        }
+        let bytes = serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?;
+        write_atomically(&self.dir.join(MANIFEST), &bytes)?;
+        match fs::rename(&self.dir, &self.target) {
+            Ok(()) => {}
+            Err(_) if self.target.join(MANIFEST).exists() => fs::remove_dir_all(&self.dir)?,
+            Err(e) => return Err(e),
+        }
+        self.committed = true;
+        Ok(())
     }
 
     /// Seals the artifact: hashes its files, writes the manifest, and makes

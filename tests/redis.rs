@@ -276,3 +276,56 @@ fn bad_connections_exit_2_without_hanging() {
     }
     assert!(!results.join("runs.csv").exists());
 }
+
+/// With an object store (here `file://`, the same code path as `s3://`
+/// but for the client), workers share nothing but Redis and the store:
+/// each has its own cache, fetches its inputs by key and publishes what
+/// it builds; the coordinator reports from the store's manifests.
+#[test]
+fn object_store_artifacts_reach_workers_with_separate_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path(), &[]);
+    let prefix = "store";
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let store_url = format!("file://{}", store.display());
+    let caches = [dir.path().join("cache-a"), dir.path().join("cache-b")];
+    let mut workers: Vec<Child> = caches
+        .iter()
+        .map(|cache| {
+            Command::new(env!("CARGO_BIN_EXE_qsweep"))
+                .args(["worker", "--redis", &redis.url(), "--prefix", prefix, "--lease-secs", "1", "--cache"])
+                .arg(cache)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let results = dir.path().join("results");
+    let spec = spec(dir.path(), "stored");
+    let output = qsweep(&[
+        "run",
+        spec.to_str().unwrap(),
+        "--redis",
+        &redis.url(),
+        "--prefix",
+        prefix,
+        "--artifacts",
+        &store_url,
+        "--results",
+        results.to_str().unwrap(),
+    ]);
+    workers.iter_mut().for_each(sigkill);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_all_runs_ok(&results);
+    // Every task's artifact is in the store, with its manifest last.
+    let published: Vec<_> = std::fs::read_dir(&store).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(published.len(), 9);
+    assert!(published.iter().all(|p| p.join("manifest.json").exists()));
+    // The coordinator holds manifests only, and no worker shares a cache.
+    assert!(!results.join("artifacts").read_dir().unwrap().any(|e| e.unwrap().path().join("model.onnx").exists()));
+    let cached: Vec<usize> =
+        caches.iter().map(|c| std::fs::read_dir(c.join("stored/artifacts")).map_or(0, |d| d.count())).collect();
+    assert!(cached.iter().sum::<usize>() >= 9, "workers built and fetched their artifacts locally: {cached:?}");
+}

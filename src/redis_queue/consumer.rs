@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::connection::connect;
 use super::{now_ms, Keys, GROUP};
+use crate::artifacts::ObjectArtifacts;
 use crate::plan::{Plan, TaskKey};
 use crate::queue::QueueError;
 use crate::store::{unix_now, FailureRecord, ResultsDir};
@@ -28,6 +29,9 @@ pub struct WorkerOptions {
     /// A task whose worker has not renewed its lease for this long is
     /// taken over by another worker.
     pub lease: Duration,
+    /// Where this machine caches artifacts of sweeps that share them
+    /// through an object store.
+    pub cache: PathBuf,
     /// Exit once the queue has had nothing for this worker for
     /// `IDLE_EXIT`, instead of waiting for more.
     pub exit_when_idle: bool,
@@ -86,7 +90,10 @@ pub async fn ensure_group(connection: &mut ConnectionManager, keys: &Keys) -> Re
 struct LoadedSweep {
     sweep: Arc<Sweep>,
     plan: Arc<Plan>,
+    /// The shared results directory, or this machine's cache of an
+    /// object store's artifacts.
     results: ResultsDir,
+    store: Option<ObjectArtifacts>,
 }
 
 /// One concurrent consumer of the queue.
@@ -184,10 +191,22 @@ impl Slot {
             .await?;
             return Ok(false);
         };
-        // An artifact that verifies is done work, even if Redis forgot it.
-        if loaded.results.verified(&key).is_some() {
+        // An artifact that is complete is done work, even if Redis forgot it.
+        let complete = match &loaded.store {
+            Some(store) => store.manifest(&key).await.map_err(|e| QueueError::State(e.to_string()))?.is_some(),
+            None => loaded.results.verified(&key).is_some(),
+        };
+        if complete {
             self.record(&sweep_name, &key, &entry.id, Ok(())).await?;
             return Ok(false);
+        }
+        if let Some(store) = &loaded.store {
+            for input in &task.inputs {
+                if let Err(e) = store.fetch(&loaded.results, &input.key).await {
+                    self.record(&sweep_name, &key, &entry.id, Err(e.to_string())).await?;
+                    return Ok(false);
+                }
+            }
         }
         let _: () = connection.hincr(self.keys.executions(&sweep_name), &key.0, 1).await?;
         let heartbeat = tokio::spawn(renew_lease(
@@ -212,7 +231,14 @@ impl Slot {
         .await;
         heartbeat.abort();
         match outcome {
-            Outcome::Done(_) => self.record(&sweep_name, &key, &entry.id, Ok(())).await?,
+            Outcome::Done(_) => {
+                // Publish before recording: a recorded task's artifact is in the store.
+                let published = match &loaded.store {
+                    Some(store) => store.publish(&loaded.results, &key).await.map_err(|e| e.to_string()),
+                    None => Ok(()),
+                };
+                self.record(&sweep_name, &key, &entry.id, published).await?
+            }
             // The failure record is already in the results directory.
             Outcome::Failed(record) => self.record(&sweep_name, &key, &entry.id, Err(record.error)).await?,
             // Shutdown: leave the entry pending, so another worker takes it
@@ -240,10 +266,23 @@ impl Slot {
             let mut plan: Plan = serde_json::from_str(plan_json.as_deref().unwrap_or("null"))
                 .map_err(|e| format!("the plan of sweep {sweep_name} in Redis is damaged: {e}"))?;
             plan.reindex();
-            let results = ResultsDir::create(Path::new(results)).map_err(|e| {
-                format!("this worker cannot write the shared results directory {results}: {e}; every worker must see it at the same path")
-            })?;
-            Ok(Arc::new(LoadedSweep { sweep: Arc::new(sweep), plan: Arc::new(plan), results }))
+            let store_url = definition.get("artifacts").filter(|u| !u.is_empty());
+            let (results, store) = match store_url {
+                Some(url) => {
+                    let store = ObjectArtifacts::open(url).map_err(|e| e.to_string())?;
+                    let cache = self.options.cache.join(sweep_name);
+                    let results = ResultsDir::create(&cache)
+                        .map_err(|e| format!("this worker cannot write its artifact cache {}: {e}", cache.display()))?;
+                    (results, Some(store))
+                }
+                None => {
+                    let results = ResultsDir::create(Path::new(results)).map_err(|e| {
+                        format!("this worker cannot write the shared results directory {results}: {e}; every worker must see it at the same path")
+                    })?;
+                    (results, None)
+                }
+            };
+            Ok(Arc::new(LoadedSweep { sweep: Arc::new(sweep), plan: Arc::new(plan), results, store }))
         })();
         self.sweeps.insert(sweep_name.to_string(), loaded.clone());
         Ok(loaded)

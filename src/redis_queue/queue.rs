@@ -45,6 +45,7 @@ impl RedisQueue {
         sweep: &Sweep,
         plan: &Plan,
         results: &ResultsDir,
+        artifacts: Option<&str>,
     ) -> Result<Self, QueueError> {
         ensure_group(&mut connection, &keys).await?;
         let spec =
@@ -55,7 +56,12 @@ impl RedisQueue {
             .atomic()
             .hset_multiple(
                 keys.sweep(&plan.sweep),
-                &[("spec", spec.as_str()), ("results", &results_path.display().to_string()), ("cancelled", "0")],
+                &[
+                    ("spec", spec.as_str()),
+                    ("results", &results_path.display().to_string()),
+                    ("artifacts", artifacts.unwrap_or_default()),
+                    ("cancelled", "0"),
+                ],
             )
             .set(keys.plan(&plan.sweep), plan_json)
             .query_async(&mut connection)
