@@ -10,6 +10,10 @@
 //!
 //!     cargo bench --bench calibrate
 
+mod common;
+
+use common::{peak_rss_mb, reset_peak_rss};
+
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -25,29 +29,16 @@ use qsweep::stages::calibrate;
 const BATCH: usize = 64;
 const REPEATS: usize = 5;
 
-fn status_kb(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 /// Best time of REPEATS runs of `f`, and the peak RSS (MB) over them.
 fn measure(mut f: impl FnMut()) -> (f64, f64) {
-    reset_peak();
+    reset_peak_rss();
     let mut best = f64::MAX;
     for _ in 0..REPEATS {
         let started = Instant::now();
         f();
         best = best.min(started.elapsed().as_secs_f64());
     }
-    (best, status_kb("VmHWM:") / 1024.0)
+    (best, peak_rss_mb())
 }
 
 fn main() {

@@ -9,6 +9,10 @@
 //!
 //!     cargo bench --bench evaluate            # QSWEEP_BENCH_THREADS=2 QSWEEP_BENCH_REPEATS=15
 
+mod common;
+
+use common::env_usize;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -19,10 +23,6 @@ use qsweep::engine::{self, InferenceSession};
 use qsweep::spec::{Dataset, Preprocess};
 
 const BATCH: usize = 64;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);

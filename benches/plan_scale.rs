@@ -8,20 +8,15 @@
 //!
 //!     cargo bench --bench plan_scale
 
+mod common;
+
+use common::peak_rss_mb;
+
 use std::path::Path;
 use std::time::Instant;
 
 use qsweep::plan::{Plan, Sources};
 use qsweep::{matrix, spec};
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn main() {
     // 4 methods x 2 fusion settings x 1,250 QAT epoch counts = 10,000 runs.

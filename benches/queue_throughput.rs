@@ -14,6 +14,10 @@
 //!     python3 -m venv .venv-ray && .venv-ray/bin/pip install "ray[tune]==2.60.*"
 //!     cargo bench --bench queue_throughput     # QSWEEP_BENCH_TASKS, RAY_TRIALS
 
+mod common;
+
+use common::{env_usize, peak_rss_mb, reset_peak_rss};
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -26,19 +30,6 @@ use qsweep::redis_queue::queue::RedisQueue;
 use qsweep::redis_queue::{connection, Keys};
 use qsweep::store::ResultsDir;
 use qsweep::sweep;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn peak_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 /// A plan of `runs` runs, each a chain of `chain` no-op tasks.
 fn noop_plan(name: &str, runs: usize, chain: usize) -> Plan {
@@ -113,9 +104,9 @@ fn main() {
     let seconds = run(noop_plan("throughput", tasks, 1));
     let per_second = tasks as f64 / seconds;
 
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    reset_peak_rss();
     let chained = run(noop_plan("ten-thousand-runs", 10_000, 3));
-    let coordinator_mb = peak_mb();
+    let coordinator_mb = peak_rss_mb();
 
     workers.iter_mut().for_each(|w| {
         let _ = w.kill();

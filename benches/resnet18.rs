@@ -12,6 +12,10 @@
 //!
 //! QSWEEP_BENCH_SAMPLES (default 500) and QSWEEP_BENCH_ITERATIONS (20).
 
+mod common;
+
+use common::{env_usize, peak_rss_mb, reset_peak_rss};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,19 +33,6 @@ use qsweep::stages::calibrate;
 use rand::{Rng, SeedableRng};
 
 const CALIBRATION_BATCH: usize = 8;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn peak_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn p50(model: &Path, threads: usize, input: &Array4<f32>, batch: usize, iterations: usize) -> f64 {
     let mut session = InferenceSession::open(model, threads, None).unwrap();
@@ -86,12 +77,12 @@ fn main() {
     }
     let forward_s = forward_started.elapsed().as_secs_f64();
 
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    reset_peak_rss();
     let calibrate_started = Instant::now();
     let batches = NpyBatches::open(&npy, CALIBRATION_BATCH).unwrap();
     let stats = calibrate::collect(&model.proto, scratch.path(), threads, batches, &AtomicBool::new(false)).unwrap();
     let calibrate_s = calibrate_started.elapsed().as_secs_f64();
-    let calibrate_peak = peak_mb();
+    let calibrate_peak = peak_rss_mb();
 
     let ranges: HashMap<String, qdq::Range> = stats
         .tensors

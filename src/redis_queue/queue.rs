@@ -199,31 +199,23 @@ pub async fn status(url: &str, keys: &Keys, sweep: &str) -> Result<String, Queue
     let recorded: HashMap<String, String> = connection.hgetall(keys.state(sweep)).await?;
     let executions: HashMap<String, u64> = connection.hgetall(keys.executions(sweep)).await?;
     let cancelled: Option<String> = connection.hget(keys.sweep(sweep), "cancelled").await?;
-    let state: HashMap<TaskKey, State> = plan
-        .tasks
-        .iter()
-        .map(|t| {
-            let s = match recorded.get(&t.key.0).map(String::as_str) {
-                Some("done") => State::Done,
-                Some("failed") => State::Failed,
-                Some("queued") => State::Queued,
-                _ => State::Waiting,
-            };
-            (t.key.clone(), s)
-        })
-        .collect();
-    let count = |wanted: State| state.values().filter(|s| **s == wanted).count();
-    let runs = run_counts(&plan, &state);
+    let recorded_as = |key: &TaskKey| recorded.get(&key.0).map(String::as_str).unwrap_or("waiting");
+    let count = |wanted: &str| plan.tasks.iter().filter(|t| recorded_as(&t.key) == wanted).count();
+    let runs = RunCounts::tally(&plan, |key| match recorded_as(key) {
+        "done" => TaskOutcome::Done,
+        "failed" => TaskOutcome::Failed,
+        _ => TaskOutcome::Pending,
+    });
     Ok(format!(
         "sweep {sweep}{}\nruns: {} done, {} failed, {} remaining\ntasks: {} done, {} failed, {} queued or running, {} waiting for inputs ({} executions)\nworkers alive: {}\n",
         if cancelled.as_deref() == Some("1") { " (cancelled)" } else { "" },
         runs.done,
         runs.failed,
         runs.remaining,
-        count(State::Done),
-        count(State::Failed),
-        count(State::Queued),
-        count(State::Waiting),
+        count("done"),
+        count("failed"),
+        count("queued"),
+        count("waiting"),
         executions.values().sum::<u64>(),
         alive_workers(&mut connection, keys).await?,
     ))
@@ -245,21 +237,4 @@ async fn alive_workers(connection: &mut ConnectionManager, keys: &Keys) -> Resul
     let beats: HashMap<String, u64> = connection.hgetall(keys.workers()).await?;
     let now = now_ms();
     Ok(beats.values().filter(|&&beat| now.saturating_sub(beat) < ALIVE_WITHIN.as_millis() as u64).count())
-}
-
-fn run_counts(plan: &Plan, state: &HashMap<TaskKey, State>) -> RunCounts {
-    RunCounts::tally(plan, |key| match state[key] {
-        State::Done => TaskOutcome::Done,
-        State::Failed => TaskOutcome::Failed,
-        State::Waiting | State::Queued => TaskOutcome::Pending,
-    })
-}
-
-/// A task's state as `qsweep status` reads it from Redis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Waiting,
-    Queued,
-    Done,
-    Failed,
 }
