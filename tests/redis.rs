@@ -329,3 +329,42 @@ fn object_store_artifacts_reach_workers_with_separate_caches() {
         caches.iter().map(|c| std::fs::read_dir(c.join("stored/artifacts")).map_or(0, |d| d.count())).collect();
     assert!(cached.iter().sum::<usize>() >= 9, "workers built and fetched their artifacts locally: {cached:?}");
 }
+
+/// `qsweep status` reports from Redis, and `qsweep cancel` stops a sweep
+/// whose coordinator waits for workers that never come.
+#[test]
+fn status_and_cancel_from_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path(), &[]);
+    let (prefix, sweep) = ("ctl", "ctl");
+    let results = dir.path().join("results");
+    let mut coordinator = coordinator(&redis.url(), prefix, &spec(dir.path(), sweep), &results);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let output = qsweep(&["status", sweep, "--redis", &redis.url(), "--prefix", prefix]);
+        if output.status.success() {
+            break stdout(&output);
+        }
+        assert!(Instant::now() < deadline, "the sweep never appeared: {}", stderr(&output));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.contains("runs: 0 done, 0 failed, 3 remaining"), "{status}");
+    assert!(status.contains("workers alive: 0"), "{status}");
+
+    let cancel = qsweep(&["cancel", sweep, "--redis", &redis.url(), "--prefix", prefix]);
+    assert!(cancel.status.success(), "{}", stderr(&cancel));
+    let started = Instant::now();
+    let code = loop {
+        if let Some(status) = coordinator.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the coordinator ignored the cancel");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(130));
+    let after = stdout(&qsweep(&["status", sweep, "--redis", &redis.url(), "--prefix", prefix]));
+    assert!(after.contains("(cancelled)"), "{after}");
+    let missing = qsweep(&["status", "nope", "--redis", &redis.url(), "--prefix", prefix]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(stderr(&missing).contains("no sweep named nope"));
+}
