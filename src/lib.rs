@@ -28,6 +28,7 @@ pub mod artifacts;
 pub mod coordinator;
 pub mod data;
 pub mod engine;
+pub mod k8s;
 pub mod matrix;
 pub mod onnx;
 pub mod plan;

@@ -49,6 +49,8 @@ enum Command {
         results: Option<PathBuf>,
         #[command(flatten)]
         redis: OptionalRedis,
+        #[command(flatten)]
+        kubernetes: KubernetesArgs,
     },
     /// Takes tasks from a Redis queue and runs them.
     Worker {
@@ -95,6 +97,33 @@ struct RedisArgs {
     prefix: String,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    /// In this process, or on `qsweep worker` processes with --redis.
+    Local,
+    /// A Kubernetes Job of `qsweep worker` pods on the sweep's Redis queue.
+    K8s,
+}
+
+#[derive(clap::Args)]
+struct KubernetesArgs {
+    /// Where the workers run.
+    #[arg(long, value_enum, default_value_t = Backend::Local)]
+    backend: Backend,
+    /// With --backend k8s: print the Job as YAML and touch no cluster.
+    #[arg(long)]
+    dry_run: bool,
+    /// Namespace of the worker Job.
+    #[arg(long, default_value = "qsweep")]
+    namespace: String,
+    /// Worker image, with a tag or digest (k8s/Dockerfile builds it).
+    #[arg(long, default_value = concat!("qsweep:", env!("CARGO_PKG_VERSION")))]
+    image: String,
+    /// Secret whose keys (REDIS_URL) become the workers' environment.
+    #[arg(long, default_value = "qsweep-redis")]
+    secret: String,
+}
+
 #[derive(clap::Args)]
 struct OptionalRedis {
     /// Run on `qsweep worker` processes through this Redis instead of locally.
@@ -129,7 +158,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { spec } => validate(&spec),
         Command::Plan { spec, json, results } => plan(&spec, json, results),
-        Command::Run { spec, jobs, results, redis } => run(&spec, jobs as usize, results, redis),
+        Command::Run { spec, jobs, results, redis, kubernetes } => match kubernetes.backend {
+            Backend::Local => run(&spec, jobs as usize, results, redis),
+            Backend::K8s => kubernetes_job(&spec, results, &redis.prefix, &kubernetes),
+        },
         Command::Worker { redis, concurrency, lease_secs, exit_when_idle, cache } => {
             let options = qsweep::redis_queue::consumer::WorkerOptions {
                 url: redis.url,
@@ -311,6 +343,40 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>, redis: OptionalRedis)
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `--backend k8s`: prints the worker Job. Creating and watching it
+/// through the Kubernetes API is not in this build.
+fn kubernetes_job(spec: &Path, results: Option<PathBuf>, prefix: &str, args: &KubernetesArgs) -> ExitCode {
+    if !args.dry_run {
+        return fail(
+            "this build of qsweep cannot yet create and watch the Job through the Kubernetes API\n  \
+             fix: print it with --dry-run, `kubectl apply -f` it, and run `qsweep run SPEC --redis URL` as the coordinator",
+        );
+    }
+    let sweep = match load(spec) {
+        Ok(sweep) => sweep,
+        Err(code) => return code,
+    };
+    let plan = match make_plan(&sweep) {
+        Ok(plan) => plan,
+        Err(code) => return code,
+    };
+    let results = ResultsDir::open(&results.unwrap_or_else(|| sweep.default_results_dir()));
+    let pending = plan.tasks.iter().filter(|t| results.verified(&t.key).is_none()).count();
+    let options = qsweep::k8s::JobOptions {
+        namespace: args.namespace.clone(),
+        image: args.image.clone(),
+        secret: args.secret.clone(),
+        prefix: prefix.to_string(),
+    };
+    match qsweep::k8s::worker_job(&sweep.spec.name, sweep.spec.resources.as_ref(), pending, &options) {
+        Ok(job) => {
+            print!("{}", qsweep::k8s::to_yaml(&job));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 

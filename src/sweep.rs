@@ -165,6 +165,21 @@ fn semantic_errors(parsed: &ParsedSpec) -> Vec<Diagnostic> {
             }
         }
     }
+    if let Some(resources) = &spec.resources {
+        for (field, quantity) in [("cpu", &resources.cpu), ("memory", &resources.memory)] {
+            if let Some(quantity) = quantity.as_deref().filter(|q| !is_quantity(q)) {
+                errors.push(
+                    parsed
+                        .diagnostic(
+                            JsonPath::parse("resources").key(field),
+                            format!("\"{quantity}\" is not a Kubernetes quantity"),
+                            "write a number with an optional suffix, e.g. \"4\", \"3500m\", \"16Gi\"",
+                        )
+                        .expected("digits with an optional suffix: m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei, or an exponent"),
+                );
+            }
+        }
+    }
     for (list, entries) in [("include", &spec.include), ("exclude", &spec.exclude)] {
         for (index, entry) in entries.iter().enumerate() {
             if entry == &spec::MatrixEntry::default() {
@@ -177,6 +192,20 @@ fn semantic_errors(parsed: &ParsedSpec) -> Vec<Diagnostic> {
         }
     }
     errors
+}
+
+/// Whether `text` is a Kubernetes resource quantity: a non-negative decimal
+/// number with an optional binary (Ki..Ei), decimal (m, k, M..E) or
+/// exponent (e3, E-2) suffix.
+pub fn is_quantity(text: &str) -> bool {
+    let number_end = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, suffix) = text.split_at(number_end);
+    let number_ok = !number.is_empty() && number != "." && number.matches('.').count() <= 1;
+    let exponent = suffix.strip_prefix(['e', 'E']).map(|rest| rest.strip_prefix(['+', '-']).unwrap_or(rest));
+    let suffix_ok =
+        matches!(suffix, "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei")
+            || exponent.is_some_and(|digits| !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()));
+    number_ok && suffix_ok
 }
 
 fn no_runs(parsed: &ParsedSpec) -> Diagnostic {
@@ -284,6 +313,21 @@ fn check_model(
         }
     }
     Some(input.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_quantity;
+
+    #[test]
+    fn kubernetes_quantities() {
+        for good in ["4", "3500m", "16Gi", "0.5", "1e3", "2E-2", "128Mi", "1k"] {
+            assert!(is_quantity(good), "{good}");
+        }
+        for bad in ["", "four", "16GB", "1.2.3", "-1", "Gi", "1e", "16 Gi"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
 }
 
 impl Sweep {

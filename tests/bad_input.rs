@@ -250,3 +250,9 @@ fn gpu_engine_without_its_provider_is_refused_before_any_work() {
     assert!(err.contains("has no TensorrtExecutionProvider") && err.contains("onnxruntime-gpu"), "{err}");
     assert!(!results.exists());
 }
+
+#[test]
+fn an_invalid_resource_quantity_is_refused() {
+    let err = refused(&quick_spec_json(r#""resources": { "gpu": 1, "memory": "16GB" }"#));
+    assert!(err.contains("$.resources.memory: \"16GB\" is not a Kubernetes quantity"), "{err}");
+}

@@ -5,6 +5,8 @@
 //! becomes its schema description, which editors show as a hover hint.
 //! Defaults live here too, so a spec only says what differs.
 
+use std::collections::BTreeMap;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +52,10 @@ pub struct SweepSpec {
     /// saturation, int32 biases). Defaults to the engine's own format.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub int8_format: Option<Int8Format>,
+    /// What each Kubernetes worker pod gets (the k8s backend only; local
+    /// and Redis runs ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
     /// How many times a failing stage is retried before its run is marked failed.
     #[serde(default = "default_retries")]
     #[schemars(range(max = 10))]
@@ -58,6 +64,58 @@ pub struct SweepSpec {
     #[serde(default = "default_timeout")]
     #[schemars(range(min = 1))]
     pub timeout: u64,
+}
+
+/// Kubernetes settings of the worker pods.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// NVIDIA GPUs per pod (`nvidia.com/gpu` in limits).
+    #[serde(default)]
+    pub gpu: u32,
+    /// CPU request and limit, as a Kubernetes quantity (e.g. "4" or "3500m").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Memory request and limit, as a Kubernetes quantity (e.g. "16Gi").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// Worker pods run at once, at most.
+    #[serde(default = "default_max_parallel")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_parallel: u32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class: Option<String>,
+    /// Names of Secrets for pulling the worker image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// Kueue LocalQueue to submit the Job to (`kueue.x-k8s.io/queue-name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kueue_queue: Option<String>,
+    /// PersistentVolumeClaim mounted at /data in every pod, for datasets
+    /// and artifacts (not needed with an s3:// artifact store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_claim: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Toleration {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Exists or Equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// NoSchedule, PreferNoSchedule or NoExecute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<String>,
 }
 
 /// Which dataset feeds calibration and evaluation.
@@ -323,6 +381,9 @@ fn default_mean() -> Vec<f32> {
 }
 fn default_std() -> Vec<f32> {
     vec![1.0]
+}
+fn default_max_parallel() -> u32 {
+    4
 }
 fn default_percentile() -> f64 {
     99.99
