@@ -207,18 +207,17 @@ fn validate(spec: &Path) -> ExitCode {
     }
 }
 
-fn make_plan(sweep: &sweep::Sweep) -> Result<Plan, ExitCode> {
+/// A checked sweep and its plan, or the exit code after saying why not.
+fn load_and_plan(spec: &Path) -> Result<(sweep::Sweep, Plan), ExitCode> {
+    let sweep = load(spec)?;
     let sources = sweep.sources().map_err(|e| fail(format!("cannot fingerprint the model and data: {e}")))?;
-    Ok(Plan::build(&sweep.spec, &sweep.runs, &sources))
+    let plan = Plan::build(&sweep.spec, &sweep.runs, &sources);
+    Ok((sweep, plan))
 }
 
 fn plan(spec: &Path, json: bool, results: Option<PathBuf>) -> ExitCode {
-    let sweep = match load(spec) {
-        Ok(sweep) => sweep,
-        Err(code) => return code,
-    };
-    let plan = match make_plan(&sweep) {
-        Ok(plan) => plan,
+    let (sweep, plan) = match load_and_plan(spec) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let results = ResultsDir::open(&results.unwrap_or_else(|| sweep.default_results_dir()));
@@ -265,8 +264,8 @@ fn plan(spec: &Path, json: bool, results: Option<PathBuf>) -> ExitCode {
 }
 
 fn run(spec: &Path, jobs: usize, results: Option<PathBuf>, redis: OptionalRedis) -> ExitCode {
-    let sweep = match load(spec) {
-        Ok(sweep) => sweep,
+    let (sweep, plan) = match load_and_plan(spec) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
     // A missing library or GPU provider is a set-up error: say so before
@@ -275,10 +274,6 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>, redis: OptionalRedis)
     if let Err(e) = engine::runtime().and_then(|_| provider.check_available()) {
         return fail(e);
     }
-    let plan = match make_plan(&sweep) {
-        Ok(plan) => plan,
-        Err(code) => return code,
-    };
     let dir = results.unwrap_or_else(|| sweep.default_results_dir());
     let results = match ResultsDir::create(&dir) {
         Ok(results) => results,
@@ -355,12 +350,8 @@ fn kubernetes_job(spec: &Path, results: Option<PathBuf>, prefix: &str, args: &Ku
              fix: print it with --dry-run, `kubectl apply -f` it, and run `qsweep run SPEC --redis URL` as the coordinator",
         );
     }
-    let sweep = match load(spec) {
-        Ok(sweep) => sweep,
-        Err(code) => return code,
-    };
-    let plan = match make_plan(&sweep) {
-        Ok(plan) => plan,
+    let (sweep, plan) = match load_and_plan(spec) {
+        Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let results = ResultsDir::open(&results.unwrap_or_else(|| sweep.default_results_dir()));
