@@ -217,3 +217,22 @@ fn committed_schema_matches_the_binary() {
     let committed = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/schema.json")).unwrap();
     assert_eq!(stdout(&printed), committed, "regenerate it: qsweep schema > experiments/schema.json");
 }
+
+/// On a terminal the sweep shows a live display (a bar with the ETA and
+/// run counts, one line per worker) instead of log lines. `script` gives
+/// the run a pseudo-terminal.
+#[test]
+fn a_terminal_gets_the_live_display() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(dir.path(), "spec.json", &quick_spec_json(""));
+    let results = dir.path().join("results");
+    let command =
+        format!("{} run {} --results {} --jobs 2", env!("CARGO_BIN_EXE_qsweep"), spec.display(), results.display());
+    let output = Command::new("script").args(["-qec", &command, "/dev/null"]).output().expect("script (util-linux)");
+    assert!(output.status.success());
+    let screen = String::from_utf8_lossy(&output.stdout);
+    for expected in ["tasks", "ETA", "runs: ", "worker 1", "worker 2", "done   evaluate"] {
+        assert!(screen.contains(expected), "{expected:?} not on the terminal:\n{screen}");
+    }
+    assert!(!screen.contains("[worker 1] start"), "plain log lines on a terminal:\n{screen}");
+}
