@@ -113,6 +113,7 @@ fn main() {
         let _ = w.wait();
     });
     let _ = redis.kill();
+    let _ = redis.wait();
 
     let peer = Command::new(root.join(".venv-ray/bin/python"))
         .arg(root.join("bench/ray_peer.py"))

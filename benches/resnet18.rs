@@ -7,8 +7,10 @@
 //! - calibrate's peak RSS with 500 samples stays under 1 GB;
 //! - calibrate against a plain forward pass over the same samples.
 //!
-//!     python3 bench/export_resnet18.py /tmp/resnet18.onnx
-//!     QSWEEP_RESNET18=/tmp/resnet18.onnx cargo bench --bench resnet18
+//! ```sh
+//! python3 bench/export_resnet18.py /tmp/resnet18.onnx
+//! QSWEEP_RESNET18=/tmp/resnet18.onnx cargo bench --bench resnet18
+//! ```
 //!
 //! QSWEEP_BENCH_SAMPLES (default 500) and QSWEEP_BENCH_ITERATIONS (20).
 

@@ -233,7 +233,7 @@ fn check_quantizable(parsed: &ParsedSpec, model: &onnx::Model, errors: &mut Vec<
         errors.push(parsed.diagnostic(
             JsonPath::parse("model"),
             format!("the model uses opset {opset}, which cannot express per-channel Q/DQ (opset {} or later)", qdq::MIN_OPSET),
-            &format!(
+            format!(
                 "re-export the model with opset_version={} or later (e.g. torch.onnx.export(..., opset_version=17)), or upgrade it with onnx.version_converter",
                 qdq::MIN_OPSET
             ),
@@ -298,7 +298,7 @@ fn check_model(
             errors.push(parsed.diagnostic(
                 JsonPath::parse("evaluate.batch_sizes"),
                 format!("the model's batch axis is fixed at {fixed}, so it cannot run other batch sizes"),
-                &format!("set evaluate.batch_sizes to [{fixed}], or re-export the model with a dynamic batch axis"),
+                format!("set evaluate.batch_sizes to [{fixed}], or re-export the model with a dynamic batch axis"),
             ));
         }
     }
@@ -313,21 +313,6 @@ fn check_model(
         }
     }
     Some(input.clone())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_quantity;
-
-    #[test]
-    fn kubernetes_quantities() {
-        for good in ["4", "3500m", "16Gi", "0.5", "1e3", "2E-2", "128Mi", "1k"] {
-            assert!(is_quantity(good), "{good}");
-        }
-        for bad in ["", "four", "16GB", "1.2.3", "-1", "Gi", "1e", "16 Gi"] {
-            assert!(!is_quantity(bad), "{bad}");
-        }
-    }
 }
 
 impl Sweep {
@@ -357,5 +342,20 @@ impl Sweep {
             }
         }
         Ok(Sources { model_digest, data_digest })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_quantity;
+
+    #[test]
+    fn kubernetes_quantities() {
+        for good in ["4", "3500m", "16Gi", "0.5", "1e3", "2E-2", "128Mi", "1k"] {
+            assert!(is_quantity(good), "{good}");
+        }
+        for bad in ["", "four", "16GB", "1.2.3", "-1", "Gi", "1e", "16 Gi"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
     }
 }

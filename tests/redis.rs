@@ -157,7 +157,7 @@ fn worker_loss_loses_and_duplicates_nothing() {
         round += 1;
         let (prefix, sweep) = (format!("loss{round}"), format!("loss{round}"));
         let results = dir.path().join(format!("results{round}"));
-        let mut workers = vec![worker(&redis.url(), &prefix), worker(&redis.url(), &prefix)];
+        let mut workers = [worker(&redis.url(), &prefix), worker(&redis.url(), &prefix)];
         let mut coordinator = coordinator(&redis.url(), &prefix, &spec(dir.path(), &sweep), &results);
         let deadline = Instant::now() + Duration::from_secs(120);
         let status = loop {
@@ -190,7 +190,7 @@ fn coordinator_restart_reruns_nothing() {
     let (prefix, sweep) = ("coord", "coord");
     let results = dir.path().join("results");
     let spec = spec(dir.path(), sweep);
-    let mut workers = vec![worker(&redis.url(), prefix), worker(&redis.url(), prefix)];
+    let mut workers = [worker(&redis.url(), prefix), worker(&redis.url(), prefix)];
     let mut first = coordinator(&redis.url(), prefix, &spec, &results);
     let state_key = format!("{prefix}:sweep:{sweep}:state");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -221,7 +221,7 @@ fn redis_restart_with_aof_loses_no_result() {
     let (prefix, sweep) = ("aof", "aof");
     let results = dir.path().join("results");
     let spec = spec(dir.path(), sweep);
-    let mut workers = vec![worker(&redis.url(), prefix), worker(&redis.url(), prefix)];
+    let mut workers = [worker(&redis.url(), prefix), worker(&redis.url(), prefix)];
     let coordinator = coordinator(&redis.url(), prefix, &spec, &results);
     let state_key = format!("{prefix}:sweep:{sweep}:state");
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -122,8 +122,8 @@ fn scan(values: &[f32]) -> Result<(f32, f32), NonFinite> {
             let v = chunk[i];
             mins[i] = if v < mins[i] { v } else { mins[i] };
             maxs[i] = if v.abs() > maxs[i] { v.abs() } else { maxs[i] };
-            // x - x is 0 for finite x and NaN for NaN or infinity.
-            poison[i] += v - v;
+            // x * 0 is 0 for finite x and NaN for NaN or infinity.
+            poison[i] += v * 0.0;
         }
     }
     let mut min = mins.iter().copied().fold(0.0f32, f32::min);

@@ -479,9 +479,11 @@ fn bias_dequantize(original: &TensorProto, int32: &[i32], scales: &[f32]) -> (No
     (node, initializers)
 }
 
-/// Symmetric per-channel int8 by max: returns the int8 values, one scale
-/// per channel, and the indices of all-zero channels.
-fn quantize_weight(weight: &TensorProto, axis: usize, levels: f32) -> Result<(Vec<i8>, Vec<f32>, Vec<usize>), String> {
+/// A weight as int8 values, one scale per channel, and its all-zero channels.
+type QuantizedWeight = (Vec<i8>, Vec<f32>, Vec<usize>);
+
+/// Symmetric per-channel int8 by max.
+fn quantize_weight(weight: &TensorProto, axis: usize, levels: f32) -> Result<QuantizedWeight, String> {
     let values = float_values(weight)?;
     let dims: Vec<usize> = weight.dims.iter().map(|&d| d as usize).collect();
     if axis >= dims.len() {
@@ -516,7 +518,7 @@ pub fn float_values(tensor: &TensorProto) -> Result<Vec<f32>, String> {
     if !tensor.float_data.is_empty() {
         return Ok(tensor.float_data.clone());
     }
-    if tensor.raw_data.len() % 4 != 0 {
+    if !tensor.raw_data.len().is_multiple_of(4) {
         return Err("has raw data that is not a whole number of floats".into());
     }
     Ok(tensor.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())

@@ -119,7 +119,7 @@ pub struct Toleration {
 }
 
 /// Which dataset feeds calibration and evaluation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
     /// The dataset's layout; both are 28x28 grey images with 10 classes in IDX files.
@@ -132,12 +132,6 @@ pub struct DataSpec {
     /// Pixel preprocessing, which must match what the model was trained with.
     #[serde(default)]
     pub preprocess: Preprocess,
-}
-
-impl Default for DataSpec {
-    fn default() -> Self {
-        Self { dataset: Dataset::default(), dir: None, preprocess: Preprocess::default() }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
