@@ -116,7 +116,7 @@ pub async fn run<Q: Queue>(
             match event {
                 Event::Started { key, slot } => progress.started(slot, &label(&key)),
                 Event::Retrying { key, slot, attempt, error } => progress.retrying(slot, &label(&key), attempt, &error),
-                Event::Workers { alive } => progress.note(&format!("{alive} worker(s) alive")),
+                Event::Workers { alive } => progress.workers(alive),
                 Event::Finished { key, slot, worker, outcome } => {
                     if state.get(&key) != Some(&State::Queued) {
                         continue; // a duplicate report of a task already settled

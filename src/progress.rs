@@ -11,6 +11,9 @@ use crate::plan::{Plan, TaskKey};
 
 pub struct Progress {
     display: Option<Live>,
+    /// Remote workers alive, shown beside the run counts (None locally).
+    workers: std::sync::Mutex<Option<usize>>,
+    last_counts: std::sync::Mutex<RunCounts>,
 }
 
 struct Live {
@@ -57,7 +60,7 @@ impl Progress {
     /// A live display when stderr is a terminal, plain lines otherwise.
     pub fn new(tasks_to_run: usize, slots: usize) -> Self {
         if !std::io::stderr().is_terminal() {
-            return Self { display: None };
+            return Self { display: None, workers: Default::default(), last_counts: Default::default() };
         }
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let overall = multi.add(ProgressBar::new(tasks_to_run as u64));
@@ -76,15 +79,32 @@ impl Progress {
                 bar
             })
             .collect();
-        Self { display: Some(Live { _multi: multi, overall, slots }) }
+        Self {
+            display: Some(Live { _multi: multi, overall, slots }),
+            workers: Default::default(),
+            last_counts: Default::default(),
+        }
     }
 
     pub fn runs(&self, counts: RunCounts) {
-        let text = format!("runs: {} done, {} failed, {} remaining", counts.done, counts.failed, counts.remaining);
+        *self.last_counts.lock().expect("progress lock") = counts;
+        let workers = match *self.workers.lock().expect("progress lock") {
+            Some(alive) => format!(", {alive} worker(s) alive"),
+            None => String::new(),
+        };
+        let text =
+            format!("runs: {} done, {} failed, {} remaining{workers}", counts.done, counts.failed, counts.remaining);
         match &self.display {
             Some(live) => live.overall.set_message(text),
             None => eprintln!("{text}"),
         }
+    }
+
+    /// Remote workers' liveness changed: shown with the run counts.
+    pub fn workers(&self, alive: usize) {
+        *self.workers.lock().expect("progress lock") = Some(alive);
+        let counts = *self.last_counts.lock().expect("progress lock");
+        self.runs(counts);
     }
 
     pub fn started(&self, slot: usize, label: &str) {

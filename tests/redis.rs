@@ -205,7 +205,10 @@ fn coordinator_restart_reruns_nothing() {
     let second = coordinator(&redis.url(), prefix, &spec, &results);
     let output = second.wait_with_output().unwrap();
     workers.iter_mut().for_each(sigkill);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    // The progress shows the workers' liveness beside the run counts.
+    assert!(log.contains("2 worker(s) alive"), "{log}");
     assert_all_runs_ok(&results);
     let executions = redis.hash(&format!("{prefix}:sweep:{sweep}:executions"));
     assert_eq!(executions.len(), 9);
