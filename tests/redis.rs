@@ -371,3 +371,96 @@ fn status_and_cancel_from_another_process() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(stderr(&missing).contains("no sweep named nope"));
 }
+
+/// rediss:// against a real TLS redis-server, verified against a private
+/// CA named by QSWEEP_REDIS_CA; without the CA the certificate is refused.
+#[test]
+fn rediss_verifies_the_server_against_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        let status = Command::new("openssl").args(args).current_dir(d).stderr(Stdio::null()).status().unwrap();
+        assert!(status.success(), "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=qsweep test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(d.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ]);
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args(["--tls-cert-file", "server.pem", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.pem"])
+        .args(["--tls-auth-clients", "no"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the TLS redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("rediss://localhost:{port}");
+    let status = |ca: Option<&Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_qsweep"));
+        command.args(["status", "none", "--redis", &url]).env_remove("QSWEEP_REDIS_CA");
+        if let Some(ca) = ca {
+            command.env("QSWEEP_REDIS_CA", ca);
+        }
+        command.output().unwrap()
+    };
+    // Connected and asked: the only complaint is that the sweep does not exist.
+    let trusted = status(Some(&d.join("ca.pem")));
+    assert_eq!(trusted.status.code(), Some(2));
+    assert!(stderr(&trusted).contains("no sweep named none"), "{}", stderr(&trusted));
+    let untrusted = status(None);
+    assert_eq!(untrusted.status.code(), Some(2));
+    assert!(
+        stderr(&untrusted).contains("cannot be verified") && stderr(&untrusted).contains("QSWEEP_REDIS_CA"),
+        "{}",
+        stderr(&untrusted)
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}

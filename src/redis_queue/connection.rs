@@ -7,6 +7,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 /// How long a connection attempt may take before it is an error.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Names a PEM file of the CA that `rediss://` servers are verified
+/// against; without it, the web PKI roots are used.
+pub const CA_ENV: &str = "QSWEEP_REDIS_CA";
 /// XAUTOCLAIM, which takes over a dead worker's tasks, arrived in Redis 6.2.
 pub const MIN_VERSION: (u32, u32) = (6, 2);
 
@@ -15,8 +18,17 @@ pub const MIN_VERSION: (u32, u32) = (6, 2);
 /// restart is survived.
 pub async fn connect(url: &str) -> Result<ConnectionManager, QueueError> {
     let shown = redact(url);
-    let client =
-        redis::Client::open(url).map_err(|e| QueueError::BadUrl { url: shown.clone(), message: e.to_string() })?;
+    let bad_url = |message: String| QueueError::BadUrl { url: shown.clone(), message };
+    let client = match std::env::var_os(CA_ENV) {
+        // A private CA for rediss://, e.g. a cluster's own.
+        Some(ca) => {
+            let pem = std::fs::read(&ca)
+                .map_err(|e| bad_url(format!("cannot read {CA_ENV}={}: {e}", ca.to_string_lossy())))?;
+            redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+        }
+        None => redis::Client::open(url),
+    }
+    .map_err(|e| bad_url(e.to_string()))?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(Duration::from_secs(30)))
@@ -39,7 +51,9 @@ pub async fn connect(url: &str) -> Result<ConnectionManager, QueueError> {
 fn classify(url: &str, error: redis::RedisError) -> QueueError {
     let message = error.to_string();
     let auth = error.kind() == redis::ErrorKind::AuthenticationFailed;
-    if auth || message.contains("WRONGPASS") || message.contains("NOAUTH") {
+    if message.contains("certificate") {
+        QueueError::Certificate { url: url.to_string(), message }
+    } else if auth || message.contains("WRONGPASS") || message.contains("NOAUTH") {
         QueueError::Auth { url: url.to_string(), message }
     } else if error.is_io_error()
         || error.is_timeout()
