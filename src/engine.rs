@@ -22,7 +22,7 @@ use crate::spec::Engine;
 /// The ONNX Runtime release qsweep is built and tested against.
 pub const EXPECTED_VERSION: &str = "1.31";
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum EngineError {
     #[error(
         "ONNX Runtime library not found (looked in {searched}).\n  fix: run scripts/setup, or `pip install onnxruntime=={EXPECTED_VERSION}.*` \
@@ -59,11 +59,10 @@ pub struct Runtime {
 
 /// Loads ONNX Runtime once per process.
 pub fn runtime() -> Result<&'static Runtime, EngineError> {
-    static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
-    let loaded = RUNTIME.get_or_init(|| load_runtime().map_err(|e| e.to_string()));
-    loaded
-        .as_ref()
-        .map_err(|message| EngineError::Load { path: PathBuf::from("libonnxruntime"), reason: message.clone() })
+    // The first failure is kept and returned as it was, so every caller
+    // sees the same error with its own fix, not a wrapped copy.
+    static RUNTIME: OnceLock<Result<Runtime, EngineError>> = OnceLock::new();
+    RUNTIME.get_or_init(load_runtime).as_ref().map_err(Clone::clone)
 }
 
 fn load_runtime() -> Result<Runtime, EngineError> {

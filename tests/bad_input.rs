@@ -256,3 +256,22 @@ fn an_invalid_resource_quantity_is_refused() {
     let err = refused(&quick_spec_json(r#""resources": { "gpu": 1, "memory": "16GB" }"#));
     assert!(err.contains("$.resources.memory: \"16GB\" is not a Kubernetes quantity"), "{err}");
 }
+
+/// A missing ONNX Runtime library is a set-up error with one fix that says
+/// how to get it, before anything is written.
+#[test]
+fn a_missing_onnx_runtime_says_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(dir.path(), "spec.json", &quick_spec_json(""));
+    let results = dir.path().join("results");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_qsweep"))
+        .args(["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()])
+        .env("ORT_DYLIB_PATH", dir.path().join("no-such-lib.so"))
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.contains("ONNX Runtime library not found") && err.contains("scripts/setup"), "{err}");
+    assert_eq!(err.matches("fix:").count(), 1, "{err}");
+    assert!(!results.exists());
+}
