@@ -40,11 +40,7 @@ impl RedisServer {
             .spawn()
             .expect("redis-server (apt-get install redis-server; .ci/run installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(self.port);
     }
 
     /// Stops the server the way an operator restart does (SIGTERM: Redis
@@ -80,6 +76,29 @@ impl Drop for RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Waits until a freshly started redis-server accepts connections.
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The tasks the sweep's state hash records as done.
+fn done_tasks(redis: &RedisServer, state_key: &str) -> Vec<String> {
+    redis.hash(state_key).into_iter().filter(|(_, s)| s == "done").map(|(k, _)| k).collect()
+}
+
+/// Waits until at least `count` tasks are done, so a test can strike mid-sweep.
+fn wait_for_done(redis: &RedisServer, state_key: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done_tasks(redis, state_key).len() < count {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -193,13 +212,9 @@ fn coordinator_restart_reruns_nothing() {
     let mut workers = [worker(&redis.url(), prefix), worker(&redis.url(), prefix)];
     let mut first = coordinator(&redis.url(), prefix, &spec, &results);
     let state_key = format!("{prefix}:sweep:{sweep}:state");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while redis.hash(&state_key).values().filter(|s| *s == "done").count() < 3 {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_done(&redis, &state_key, 3);
     sigkill(&mut first);
-    let done_before = redis.hash(&state_key).values().filter(|s| *s == "done").count();
+    let done_before = done_tasks(&redis, &state_key).len();
     assert!(done_before < 9, "the sweep finished before the coordinator could be killed");
 
     let second = coordinator(&redis.url(), prefix, &spec, &results);
@@ -227,11 +242,7 @@ fn redis_restart_with_aof_loses_no_result() {
     let mut workers = [worker(&redis.url(), prefix), worker(&redis.url(), prefix)];
     let coordinator = coordinator(&redis.url(), prefix, &spec, &results);
     let state_key = format!("{prefix}:sweep:{sweep}:state");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while redis.hash(&state_key).values().filter(|s| *s == "done").count() < 3 {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_done(&redis, &state_key, 3);
     let before: Vec<String> = redis.hash(&state_key).into_iter().filter(|(_, s)| s == "done").map(|(k, _)| k).collect();
     redis.restart();
     let output = coordinator.wait_with_output().unwrap();
@@ -436,11 +447,7 @@ fn rediss_verifies_the_server_against_a_private_ca() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the TLS redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_port(port);
     let url = format!("rediss://localhost:{port}");
     let status = |ca: Option<&Path>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_qsweep"));
