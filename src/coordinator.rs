@@ -73,7 +73,7 @@ pub async fn run<Q: Queue>(
         if !ready.is_empty() {
             let keys: Vec<TaskKey> = ready.iter().map(|t| t.key.clone()).collect();
             if let Err(e) = queue.push(ready).await {
-                transient(&progress, e).await;
+                transient(&progress, e).await?;
                 continue;
             }
             for key in keys {
@@ -81,7 +81,13 @@ pub async fn run<Q: Queue>(
             }
         }
         progress.runs(run_counts(plan, &state));
-        if !state.values().any(|s| matches!(s, State::Waiting | State::Queued)) {
+        let waiting = state.values().filter(|s| **s == State::Waiting).count();
+        let queued = state.values().filter(|s| **s == State::Queued).count();
+        if let Err(e) = queue.work_left(waiting, queued).await {
+            transient(&progress, e).await?;
+            continue;
+        }
+        if waiting + queued == 0 {
             break;
         }
         match queue.cancelled().await {
@@ -92,7 +98,7 @@ pub async fn run<Q: Queue>(
             }
             Ok(false) => {}
             Err(e) => {
-                transient(&progress, e).await;
+                transient(&progress, e).await?;
                 continue;
             }
         }
@@ -107,7 +113,7 @@ pub async fn run<Q: Queue>(
         let events = match events {
             Ok(events) => events,
             Err(e) => {
-                transient(&progress, e).await;
+                transient(&progress, e).await?;
                 continue;
             }
         };
@@ -117,6 +123,7 @@ pub async fn run<Q: Queue>(
                 Event::Started { key, slot } => progress.started(slot, &label(&key)),
                 Event::Retrying { key, slot, attempt, error } => progress.retrying(slot, &label(&key), attempt, &error),
                 Event::Workers { alive } => progress.workers(alive),
+                Event::Note { message } => progress.note(&message),
                 Event::Finished { key, slot, worker, outcome } => {
                     if state.get(&key) != Some(&State::Queued) {
                         continue; // a duplicate report of a task already settled
@@ -150,10 +157,16 @@ pub async fn run<Q: Queue>(
 }
 
 /// A queue error mid-sweep is most likely Redis restarting: say so and
-/// retry, since the connection manager reconnects.
-async fn transient(progress: &Progress, error: QueueError) {
+/// retry, since the connection manager reconnects. A fatal one ends the
+/// sweep; what is recorded stays recorded.
+async fn transient(progress: &Progress, error: QueueError) -> Result<(), QueueError> {
+    if !error.is_transient() {
+        progress.finish();
+        return Err(error);
+    }
     progress.note(&format!("{error}; retrying"));
     tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
 }
 
 /// Remote workers that could not reach the results directory report the

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use qsweep::artifacts::ObjectArtifacts;
+use qsweep::k8s::backend::{ClusterOptions, KubernetesQueue};
+use qsweep::k8s::cluster::Cluster;
 use qsweep::plan::Plan;
 use qsweep::queue::memory::MemoryQueue;
 use qsweep::queue::QueueError;
@@ -68,6 +70,10 @@ enum Command {
         /// Local cache for artifacts of sweeps that use an object store.
         #[arg(long, default_value_os_t = std::env::temp_dir().join("qsweep-cache"))]
         cache: PathBuf,
+        /// With --exit-when-idle: stay while this sweep's coordinator still
+        /// has tasks to queue (what a sweep's Kubernetes Job passes).
+        #[arg(long, requires = "exit_when_idle")]
+        sweep: Option<String>,
     },
     /// Shows a Redis sweep's progress, from any machine.
     Status {
@@ -80,6 +86,12 @@ enum Command {
         sweep: String,
         #[command(flatten)]
         redis: RedisArgs,
+        /// Also delete the sweep's Kubernetes Jobs (and their pods) in this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// The kubeconfig context to use [default: the current one].
+        #[arg(long, requires = "namespace")]
+        context: Option<String>,
     },
     /// Regenerates every report from a results directory.
     Report { dir: PathBuf },
@@ -122,6 +134,13 @@ struct KubernetesArgs {
     /// Secret whose keys (REDIS_URL) become the workers' environment.
     #[arg(long, default_value = "qsweep-redis")]
     secret: String,
+    /// The kubeconfig context to use [default: the current one].
+    #[arg(long)]
+    context: Option<String>,
+    /// Seconds a worker pod may wait for a node before the scheduler's
+    /// message is shown (progress and `qsweep status`).
+    #[arg(long, default_value_t = 60)]
+    unschedulable_after: u64,
 }
 
 #[derive(clap::Args)]
@@ -159,10 +178,15 @@ fn main() -> ExitCode {
         Command::Validate { spec } => validate(&spec),
         Command::Plan { spec, json, results } => plan(&spec, json, results),
         Command::Run { spec, jobs, results, redis, kubernetes } => match kubernetes.backend {
-            Backend::Local => run(&spec, jobs as usize, results, redis),
-            Backend::K8s => kubernetes_job(&spec, results, &redis.prefix, &kubernetes),
+            Backend::Local => run(&spec, jobs as usize, results, redis, None),
+            Backend::K8s if kubernetes.dry_run => kubernetes_job(&spec, results, &redis.prefix, &kubernetes),
+            Backend::K8s if redis.url.is_none() => fail(
+                "--backend k8s needs --redis URL: the coordinator's way to the Redis that the pods reach through the Secret's REDIS_URL\n  \
+                 fix: add --redis redis://... (with kubectl port-forward if Redis runs in the cluster), or print the Job with --dry-run",
+            ),
+            Backend::K8s => run(&spec, jobs as usize, results, redis, Some(kubernetes)),
         },
-        Command::Worker { redis, concurrency, lease_secs, exit_when_idle, cache } => {
+        Command::Worker { redis, concurrency, lease_secs, exit_when_idle, cache, sweep } => {
             let options = qsweep::redis_queue::consumer::WorkerOptions {
                 url: redis.url,
                 prefix: redis.prefix,
@@ -170,11 +194,12 @@ fn main() -> ExitCode {
                 lease: std::time::Duration::from_secs(lease_secs),
                 exit_when_idle,
                 cache,
+                sweep,
             };
             work(options)
         }
         Command::Status { sweep, redis } => status(&sweep, &redis),
-        Command::Cancel { sweep, redis } => cancel(&sweep, &redis),
+        Command::Cancel { sweep, redis, namespace, context } => cancel(&sweep, &redis, namespace, context),
         Command::Report { dir } => regenerate_reports(&dir),
         Command::Schema => {
             print!("{}", spec::schema_text());
@@ -263,17 +288,33 @@ fn plan(spec: &Path, json: bool, results: Option<PathBuf>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(spec: &Path, jobs: usize, results: Option<PathBuf>, redis: OptionalRedis) -> ExitCode {
+fn run(
+    spec: &Path,
+    jobs: usize,
+    results: Option<PathBuf>,
+    redis: OptionalRedis,
+    kubernetes: Option<KubernetesArgs>,
+) -> ExitCode {
     let (sweep, plan) = match load_and_plan(spec) {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    // A missing library or GPU provider is a set-up error: say so before
-    // any work, rather than fail every build.
-    let provider = engine::Provider::for_engine(sweep.spec.evaluate.engine, false, Path::new("."));
-    if let Err(e) = engine::runtime().and_then(|_| provider.check_available()) {
-        return fail(e);
-    }
+    let cluster_options = match &kubernetes {
+        // The pods run the stages; this machine needs no ONNX Runtime.
+        Some(args) => match cluster_options(&sweep, &redis.prefix, args) {
+            Ok(options) => Some(options),
+            Err(code) => return code,
+        },
+        // A missing library or GPU provider is a set-up error: say so
+        // before any work, rather than fail every build.
+        None => {
+            let provider = engine::Provider::for_engine(sweep.spec.evaluate.engine, false, Path::new("."));
+            if let Err(e) = engine::runtime().and_then(|_| provider.check_available()) {
+                return fail(e);
+            }
+            None
+        }
+    };
     let dir = results.unwrap_or_else(|| sweep.default_results_dir());
     let results = match ResultsDir::create(&dir) {
         Ok(results) => results,
@@ -305,9 +346,19 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>, redis: OptionalRedis)
             Some(url) => {
                 let connection = redis_queue::connection::connect(&url).await?;
                 let keys = redis_queue::Keys::new(&redis.prefix);
-                let mut queue =
+                let queue =
                     RedisQueue::publish(connection, keys, &sweep, &plan, &results, redis.artifacts.as_deref()).await?;
-                let summary = coordinator::run(&plan, &results, &mut queue, interrupt).await?;
+                let summary = match (cluster_options, &kubernetes) {
+                    (Some(options), Some(args)) => {
+                        let cluster = Cluster::connect(args.context.as_deref(), &args.namespace).await?;
+                        cluster.check_access().await?;
+                        let pending = plan.tasks.iter().filter(|t| results.verified(&t.key).is_none()).count();
+                        let mut queue =
+                            KubernetesQueue::start(queue, cluster, &sweep.spec.name, pending, options).await?;
+                        coordinator::run(&plan, &results, &mut queue, interrupt).await?
+                    }
+                    _ => coordinator::run(&plan, &results, &mut { queue }, interrupt).await?,
+                };
                 if let Some(store) = &store {
                     // The reports read manifests; the files stay in the store.
                     for task in &plan.tasks {
@@ -341,28 +392,38 @@ fn run(spec: &Path, jobs: usize, results: Option<PathBuf>, redis: OptionalRedis)
     }
 }
 
-/// `--backend k8s`: prints the worker Job. Creating and watching it
-/// through the Kubernetes API is not in this build.
-fn kubernetes_job(spec: &Path, results: Option<PathBuf>, prefix: &str, args: &KubernetesArgs) -> ExitCode {
-    if !args.dry_run {
-        return fail(
-            "this build of qsweep cannot yet create and watch the Job through the Kubernetes API\n  \
-             fix: print it with --dry-run, `kubectl apply -f` it, and run `qsweep run SPEC --redis URL` as the coordinator",
-        );
+/// The pods' side of a k8s run, checked before anything is written.
+fn cluster_options(sweep: &sweep::Sweep, prefix: &str, args: &KubernetesArgs) -> Result<ClusterOptions, ExitCode> {
+    let job = job_options(prefix, args);
+    // Building the Job checks the image and the resources.
+    qsweep::k8s::worker_job(&sweep.spec.name, sweep.spec.resources.as_ref(), 1, &job, 1).map_err(fail)?;
+    Ok(ClusterOptions {
+        job,
+        resources: sweep.spec.resources.clone().expect("worker_job checked the resources"),
+        retries: sweep.spec.retries,
+        unschedulable_after: std::time::Duration::from_secs(args.unschedulable_after),
+    })
+}
+
+fn job_options(prefix: &str, args: &KubernetesArgs) -> qsweep::k8s::JobOptions {
+    qsweep::k8s::JobOptions {
+        namespace: args.namespace.clone(),
+        image: args.image.clone(),
+        secret: args.secret.clone(),
+        prefix: prefix.to_string(),
     }
+}
+
+/// `--backend k8s --dry-run`: prints the worker Job and touches no cluster.
+fn kubernetes_job(spec: &Path, results: Option<PathBuf>, prefix: &str, args: &KubernetesArgs) -> ExitCode {
     let (sweep, plan) = match load_and_plan(spec) {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let results = ResultsDir::open(&results.unwrap_or_else(|| sweep.default_results_dir()));
     let pending = plan.tasks.iter().filter(|t| results.verified(&t.key).is_none()).count();
-    let options = qsweep::k8s::JobOptions {
-        namespace: args.namespace.clone(),
-        image: args.image.clone(),
-        secret: args.secret.clone(),
-        prefix: prefix.to_string(),
-    };
-    match qsweep::k8s::worker_job(&sweep.spec.name, sweep.spec.resources.as_ref(), pending, &options) {
+    let options = job_options(prefix, args);
+    match qsweep::k8s::worker_job(&sweep.spec.name, sweep.spec.resources.as_ref(), pending, &options, 1) {
         Ok(job) => {
             print!("{}", qsweep::k8s::to_yaml(&job));
             ExitCode::SUCCESS
@@ -401,13 +462,23 @@ fn status(sweep: &str, redis: &RedisArgs) -> ExitCode {
     }
 }
 
-fn cancel(sweep: &str, redis: &RedisArgs) -> ExitCode {
+fn cancel(sweep: &str, redis: &RedisArgs, namespace: Option<String>, context: Option<String>) -> ExitCode {
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
-    match tokio.block_on(redis_queue::queue::cancel(&redis.url, &redis_queue::Keys::new(&redis.prefix), sweep)) {
-        Ok(()) => {
-            println!("sweep {sweep} cancelled: its coordinator stops and workers drop its queued tasks");
-            ExitCode::SUCCESS
+    let cancelled = tokio.block_on(async {
+        redis_queue::queue::cancel(&redis.url, &redis_queue::Keys::new(&redis.prefix), sweep).await?;
+        println!("sweep {sweep} cancelled: its coordinator stops and workers drop its queued tasks");
+        if let Some(namespace) = namespace {
+            let cluster = Cluster::connect(context.as_deref(), &namespace).await?;
+            let deleted = cluster.delete_sweep_jobs(sweep).await?;
+            match deleted.len() {
+                0 => println!("no Job of sweep {sweep} in namespace {namespace}"),
+                _ => println!("deleted Job(s) {} and their pods (foreground propagation)", deleted.join(", ")),
+            }
         }
+        Ok::<_, QueueError>(())
+    });
+    match cancelled {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }

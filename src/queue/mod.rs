@@ -35,6 +35,18 @@ pub enum QueueError {
     Command(#[from] redis::RedisError),
     #[error("{0}")]
     State(String),
+    /// The workers' platform cannot run the sweep (an image that cannot be
+    /// pulled, a Job that failed); retrying the same call cannot help.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl QueueError {
+    /// Whether the coordinator should wait and try again (Redis
+    /// restarting) rather than stop the sweep.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, QueueError::Fatal(_))
+    }
 }
 
 /// Something a queue reports back to the coordinator.
@@ -61,6 +73,11 @@ pub enum Event {
     /// The number of live workers changed.
     Workers {
         alive: usize,
+    },
+    /// Something about the workers' platform the user should see (a pod
+    /// that cannot be scheduled, an evicted pod).
+    Note {
+        message: String,
     },
 }
 
@@ -101,6 +118,13 @@ pub trait Queue {
 
     /// Whether the sweep was cancelled from outside (`qsweep cancel`).
     async fn cancelled(&mut self) -> Result<bool, QueueError>;
+
+    /// Hears how much of the sweep is left after every step, so a backend
+    /// can scale its workers to it. `waiting` tasks wait for inputs;
+    /// `queued` ones are queued or running.
+    async fn work_left(&mut self, _waiting: usize, _queued: usize) -> Result<(), QueueError> {
+        Ok(())
+    }
 
     /// Stops on Ctrl-C. In-process workers stop their stages and report
     /// them Cancelled; remote workers keep their tasks, which a restarted

@@ -12,7 +12,7 @@ use redis::AsyncCommands;
 use tokio::sync::watch;
 
 use super::connection::connect;
-use super::{now_ms, Keys, GROUP};
+use super::{now_ms, record_outcome, Keys, PendingTask, GROUP};
 use crate::artifacts::ObjectArtifacts;
 use crate::plan::{Plan, TaskKey};
 use crate::queue::QueueError;
@@ -35,6 +35,10 @@ pub struct WorkerOptions {
     /// Exit once the queue has had nothing for this worker for
     /// `IDLE_EXIT`, instead of waiting for more.
     pub exit_when_idle: bool,
+    /// With `exit_when_idle`: stay while this sweep still has work that
+    /// its coordinator will queue (a pod of the sweep's Job must not leave
+    /// while a long stage holds back the next ones).
+    pub sweep: Option<String>,
 }
 
 /// How long an `exit_when_idle` worker waits on an empty queue.
@@ -54,7 +58,7 @@ pub async fn run(options: WorkerOptions, shutdown: watch::Receiver<bool>) -> Res
     let connection = connect(&options.url).await?;
     let keys = Keys::new(&options.prefix);
     ensure_group(&mut connection.clone(), &keys).await?;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let host = worker_host();
     let mut slots = tokio::task::JoinSet::new();
     for slot in 0..options.concurrency.max(1) {
         let name = format!("{host}-{}-{slot}", std::process::id());
@@ -77,6 +81,20 @@ pub async fn run(options: WorkerOptions, shutdown: watch::Receiver<bool>) -> Res
     }
     Ok(summary)
 }
+
+/// Where a worker's consumer names begin: the pod's name when a Job's
+/// pod says so (the coordinator finds a dead pod's tasks by it), else the
+/// hostname.
+fn worker_host() -> String {
+    std::env::var(WORKER_HOST_ENV)
+        .ok()
+        .filter(|host| !host.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// The environment variable that names a worker's host (see `worker_host`).
+pub const WORKER_HOST_ENV: &str = "QSWEEP_WORKER_HOST";
 
 pub async fn ensure_group(connection: &mut ConnectionManager, keys: &Keys) -> Result<(), QueueError> {
     let created: Result<(), redis::RedisError> = connection.xgroup_create_mkstream(keys.queue(), GROUP, "0").await;
@@ -124,7 +142,13 @@ impl Slot {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 },
-                Ok(None) if self.options.exit_when_idle && idle_since.elapsed() > IDLE_EXIT => break,
+                Ok(None) if self.options.exit_when_idle && idle_since.elapsed() > IDLE_EXIT => {
+                    match self.sweep_has_work().await {
+                        Ok(false) => break,
+                        Ok(true) => {}
+                        Err(e) => tracing::warn!("worker {}: {e}; retrying", self.name),
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => {
                     // Most likely Redis is restarting: wait, the manager reconnects.
@@ -158,6 +182,18 @@ impl Slot {
         let read: Option<StreamReadReply> =
             self.connection.xread_options(&[self.keys.queue()], &[">"], &options).await?;
         Ok(read.and_then(|r| r.keys.into_iter().next()).and_then(|k| k.ids.into_iter().next()))
+    }
+
+    /// Whether the sweep this worker serves still has tasks waiting or
+    /// queued, as its coordinator last said (no sweep named: none).
+    async fn sweep_has_work(&mut self) -> Result<bool, QueueError> {
+        let Some(sweep) = &self.options.sweep else { return Ok(false) };
+        let (left, cancelled): (Option<u64>, Option<String>) = redis::pipe()
+            .hget(self.keys.sweep(sweep), "left")
+            .hget(self.keys.sweep(sweep), "cancelled")
+            .query_async(&mut self.connection)
+            .await?;
+        Ok(cancelled.as_deref() != Some("1") && left.unwrap_or(0) > 0)
     }
 
     /// Runs one entry's task. Returns whether a stage was executed.
@@ -288,9 +324,7 @@ impl Slot {
         Ok(loaded)
     }
 
-    /// Records a task's outcome once, whoever runs it how many times:
-    /// state and failure are keyed by task, so a redelivered task that runs
-    /// twice still leaves one result.
+    /// Records a task's outcome in Redis, and a failure in the results too.
     async fn record(
         &mut self,
         sweep_name: &str,
@@ -298,8 +332,6 @@ impl Slot {
         entry: &str,
         outcome: Result<(), String>,
     ) -> Result<(), QueueError> {
-        let state = if outcome.is_ok() { "done" } else { "failed" };
-        let error = outcome.as_ref().err().cloned().unwrap_or_default();
         if let (Err(message), Some(loaded)) = (&outcome, self.sweeps.get(sweep_name).and_then(|l| l.as_ref().ok())) {
             if loaded.results.failure(key).is_none() {
                 let stage = loaded.plan.task(key).map(|t| t.stage).unwrap_or(crate::plan::StageKind::Build);
@@ -313,18 +345,15 @@ impl Slot {
                 let _ = loaded.results.record_failure(&record);
             }
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset(self.keys.state(sweep_name), &key.0, state)
-            .xadd(
-                self.keys.events(sweep_name),
-                "*",
-                &[("key", key.0.as_str()), ("state", state), ("worker", self.name.as_str()), ("error", error.as_str())],
-            )
-            .xack(self.keys.queue(), GROUP, &[entry])
-            .xdel(self.keys.queue(), &[entry]);
-        let _: () = pipe.query_async(&mut self.connection).await?;
-        Ok(())
+        let task = PendingTask { entry: entry.to_string(), sweep: sweep_name.to_string(), key: key.clone() };
+        record_outcome(
+            &mut self.connection,
+            &self.keys,
+            &task,
+            &self.name,
+            outcome.as_ref().map_err(String::as_str).copied(),
+        )
+        .await
     }
 
     async fn finish_entry(&mut self, entry: &str) -> Result<(), QueueError> {

@@ -34,6 +34,7 @@ pub struct RedisQueue {
     last_event: String,
     last_requeue_check: Instant,
     workers_seen: Option<usize>,
+    left_said: Option<usize>,
 }
 
 impl RedisQueue {
@@ -61,6 +62,10 @@ impl RedisQueue {
                     ("results", &results_path.display().to_string()),
                     ("artifacts", artifacts.unwrap_or_default()),
                     ("cancelled", "0"),
+                    // Until the coordinator first counts, say everything is
+                    // left, so no worker of the sweep leaves early.
+                    ("left", &plan.tasks.len().to_string()),
+                    ("cluster", ""),
                 ],
             )
             .set(keys.plan(&plan.sweep), plan_json)
@@ -74,7 +79,17 @@ impl RedisQueue {
             last_event: "0-0".to_string(),
             last_requeue_check: Instant::now(),
             workers_seen: None,
+            left_said: None,
         })
+    }
+
+    /// Another handle on the same Redis connection.
+    pub fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     /// Re-queues tasks that Redis says are queued but that no stream entry
@@ -177,6 +192,16 @@ impl Queue for RedisQueue {
         Ok(flag.as_deref() == Some("1"))
     }
 
+    /// Tells the workers (`--sweep NAME --exit-when-idle`) whether to stay.
+    async fn work_left(&mut self, waiting: usize, queued: usize) -> Result<(), QueueError> {
+        let left = waiting + queued;
+        if self.left_said != Some(left) {
+            let _: () = self.connection.hset(self.keys.sweep(&self.sweep), "left", left).await?;
+            self.left_said = Some(left);
+        }
+        Ok(())
+    }
+
     /// Remote workers keep their tasks; a restarted coordinator finds them.
     async fn shutdown(&mut self) -> Result<Vec<Event>, QueueError> {
         Ok(Vec::new())
@@ -199,6 +224,7 @@ pub async fn status(url: &str, keys: &Keys, sweep: &str) -> Result<String, Queue
     let recorded: HashMap<String, String> = connection.hgetall(keys.state(sweep)).await?;
     let executions: HashMap<String, u64> = connection.hgetall(keys.executions(sweep)).await?;
     let cancelled: Option<String> = connection.hget(keys.sweep(sweep), "cancelled").await?;
+    let cluster: Option<String> = connection.hget(keys.sweep(sweep), "cluster").await?;
     let recorded_as = |key: &TaskKey| recorded.get(&key.0).map(String::as_str).unwrap_or("waiting");
     let count = |wanted: &str| plan.tasks.iter().filter(|t| recorded_as(&t.key) == wanted).count();
     let runs = RunCounts::tally(&plan, |key| match recorded_as(key) {
@@ -207,7 +233,7 @@ pub async fn status(url: &str, keys: &Keys, sweep: &str) -> Result<String, Queue
         _ => TaskOutcome::Pending,
     });
     Ok(format!(
-        "sweep {sweep}{}\nruns: {} done, {} failed, {} remaining\ntasks: {} done, {} failed, {} queued or running, {} waiting for inputs ({} executions)\nworkers alive: {}\n",
+        "sweep {sweep}{}\nruns: {} done, {} failed, {} remaining\ntasks: {} done, {} failed, {} queued or running, {} waiting for inputs ({} executions)\nworkers alive: {}\n{}",
         if cancelled.as_deref() == Some("1") { " (cancelled)" } else { "" },
         runs.done,
         runs.failed,
@@ -218,6 +244,7 @@ pub async fn status(url: &str, keys: &Keys, sweep: &str) -> Result<String, Queue
         count("waiting"),
         executions.values().sum::<u64>(),
         alive_workers(&mut connection, keys).await?,
+        cluster.filter(|c| !c.is_empty()).map(|c| format!("cluster: {c}\n")).unwrap_or_default(),
     ))
 }
 

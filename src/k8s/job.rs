@@ -1,13 +1,11 @@
-//! The Kubernetes side of a sweep: the batch/v1 Job of `qsweep worker`
-//! pods that consume the sweep's Redis queue, following Kubernetes' "fine
-//! parallel processing using a work queue" pattern (no completion count;
-//! each pod exits 0 once the queue has nothing more for it).
+//! The batch/v1 Job of `qsweep worker` pods that consume a sweep's Redis
+//! queue, following Kubernetes' "fine parallel processing using a work
+//! queue" pattern: no completion count; each pod exits 0 once the sweep has
+//! nothing more for it (`--sweep NAME --exit-when-idle`).
 //!
 //! What the Job carries comes from the spec's `resources` section. The
 //! Redis URL, with its password, comes from a Secret through `envFrom`, so
-//! no credential is ever part of the Job. This build prints the Job
-//! (`qsweep run --backend k8s --dry-run`); creating and watching it through
-//! the API is not in this build.
+//! no credential is ever part of the Job.
 
 use std::collections::BTreeMap;
 
@@ -16,13 +14,15 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Container, EnvFromSource, LocalObjectReference, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SecretEnvSource, Toleration, Volume, VolumeMount,
+    Container, EnvFromSource, EnvVar, EnvVarSource, LocalObjectReference, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, ResourceRequirements, SecretEnvSource, Toleration,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use thiserror::Error;
 
+use crate::redis_queue::consumer::WORKER_HOST_ENV;
 use crate::spec::Resources;
 
 /// Where the `volume_claim` is mounted in every pod.
@@ -71,6 +71,10 @@ fn dns_label(text: &str, max: usize) -> String {
     out.trim_matches('-').to_string()
 }
 
+/// Which of a sweep's Jobs this is: a sweep gets a new Job only when the
+/// last one ended with tasks still queued (its pods had all exited).
+pub const GENERATION_LABEL: &str = "qsweep.io/generation";
+
 /// The labels every object of a sweep carries; a restarted coordinator
 /// finds its Jobs again by them.
 pub fn labels(sweep: &str) -> BTreeMap<String, String> {
@@ -81,12 +85,24 @@ pub fn labels(sweep: &str) -> BTreeMap<String, String> {
     ])
 }
 
-/// The Job of worker pods for `sweep`, with `pending` tasks still to run.
+/// The label selector that finds a sweep's Jobs and pods.
+pub fn selector(sweep: &str) -> String {
+    labels(sweep).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// Pods worth running for `pending` tasks: at least one, at most the
+/// spec's `max_parallel`.
+pub fn parallelism_for(pending: usize, resources: &Resources) -> i32 {
+    pending.clamp(1, resources.max_parallel.max(1) as usize) as i32
+}
+
+/// Job `generation` of worker pods for `sweep`, with `pending` tasks still to run.
 pub fn worker_job(
     sweep: &str,
     resources: Option<&Resources>,
     pending: usize,
     options: &JobOptions,
+    generation: u32,
 ) -> Result<Job, K8sError> {
     check_image(&options.image)?;
     let resources = resources.ok_or(K8sError::NoResources)?;
@@ -117,7 +133,24 @@ pub fn worker_job(
         command: Some(vec!["qsweep".into()]),
         // The Redis URL arrives as REDIS_URL from the Secret, which
         // `qsweep worker` reads; nothing secret is in the arguments.
-        args: Some(vec!["worker".into(), "--prefix".into(), options.prefix.clone(), "--exit-when-idle".into()]),
+        args: Some(vec![
+            "worker".into(),
+            "--prefix".into(),
+            options.prefix.clone(),
+            "--sweep".into(),
+            sweep.into(),
+            "--exit-when-idle".into(),
+        ]),
+        // Consumer names start with the pod's name, so the coordinator
+        // can find the tasks of a pod that was killed.
+        env: Some(vec![EnvVar {
+            name: WORKER_HOST_ENV.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), api_version: None }),
+                ..Default::default()
+            }),
+            value: None,
+        }]),
         env_from: Some(vec![EnvFromSource {
             secret_ref: Some(SecretEnvSource { name: options.secret.clone(), optional: Some(false) }),
             ..Default::default()
@@ -158,12 +191,14 @@ pub fn worker_job(
         volumes: volume.map(|v| vec![v]),
         ..Default::default()
     };
-    let parallelism = pending.clamp(1, resources.max_parallel.max(1) as usize) as i32;
+    let parallelism = parallelism_for(pending, resources);
+    let mut own_labels = job_labels.clone();
+    own_labels.insert(GENERATION_LABEL.to_string(), generation.to_string());
     Ok(Job {
         metadata: ObjectMeta {
-            name: Some(format!("qsweep-{}-workers", dns_label(sweep, 40))),
+            name: Some(format!("qsweep-{}-{generation}", dns_label(sweep, 40))),
             namespace: Some(options.namespace.clone()),
-            labels: Some(job_labels.clone()),
+            labels: Some(own_labels),
             ..Default::default()
         },
         spec: Some(JobSpec {

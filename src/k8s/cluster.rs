@@ -1,0 +1,237 @@
+//! Talking to the Kubernetes API: connecting through a kubeconfig (or the
+//! pod's service account), checking up front that qsweep may do all it
+//! needs, managing a sweep's Jobs, and turning API errors into what to do.
+
+use std::time::Duration;
+
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::KubeConfigOptions;
+use kube::{Api, Client, Config};
+use thiserror::Error;
+
+use super::job::{selector, GENERATION_LABEL};
+
+/// How long to wait for the API server to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the coordinator does through the API, as (verb, API group,
+/// resource, subresource): the same list as k8s/rbac.yaml's Role.
+pub const REQUIRED_ACCESS: &[(&str, &str, &str, &str)] = &[
+    ("create", "batch", "jobs", ""),
+    ("get", "batch", "jobs", ""),
+    ("list", "batch", "jobs", ""),
+    ("watch", "batch", "jobs", ""),
+    ("patch", "batch", "jobs", ""),
+    ("delete", "batch", "jobs", ""),
+    ("get", "", "pods", ""),
+    ("list", "", "pods", ""),
+    ("watch", "", "pods", ""),
+    ("get", "", "pods", "log"),
+];
+
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    #[error("no Kubernetes configuration: {message}\n  fix: point KUBECONFIG at a kubeconfig (or create ~/.kube/config), or run qsweep inside the cluster with a service account")]
+    NoConfig { message: String },
+    #[error("cannot reach the Kubernetes API at {server}: {message}\n  fix: check that the cluster runs and that the kubeconfig's current context (or --context) points at it")]
+    Unreachable { server: String, message: String },
+    #[error("the Kubernetes API at {server} rejected the credentials: {message}\n  fix: refresh the kubeconfig's credentials (log in to the cluster again)")]
+    Unauthorized { server: String, message: String },
+    #[error("not allowed in namespace {namespace}: {}\n  fix: `kubectl apply -k k8s/` creates the qsweep Role and RoleBinding, or ask an administrator to grant these verbs", .missing.join(", "))]
+    Forbidden { namespace: String, missing: Vec<String> },
+    #[error("namespace {namespace} does not exist\n  fix: create it (`kubectl apply -k k8s/` does) or name another with --namespace")]
+    NamespaceMissing { namespace: String },
+    #[error("the Kubernetes API refused to {action}: {message}")]
+    Api { action: String, message: String },
+}
+
+/// A connection to one namespace of one cluster.
+#[derive(Clone)]
+pub struct Cluster {
+    pub client: Client,
+    pub namespace: String,
+    pub server: String,
+}
+
+impl Cluster {
+    /// Connects with the kubeconfig's current context (or `context`), or,
+    /// with no kubeconfig and no context named, the pod's service account.
+    pub async fn connect(context: Option<&str>, namespace: &str) -> Result<Self, ClusterError> {
+        let options = KubeConfigOptions { context: context.map(str::to_string), ..Default::default() };
+        let mut config = match Config::from_kubeconfig(&options).await {
+            Ok(config) => config,
+            Err(kubeconfig_error) if context.is_none() => Config::incluster().map_err(|_| ClusterError::NoConfig {
+                message: format!("{kubeconfig_error}, and this is not a pod in a cluster"),
+            })?,
+            Err(e) => return Err(ClusterError::NoConfig { message: e.to_string() }),
+        };
+        config.connect_timeout = Some(CONNECT_TIMEOUT);
+        let server = config.cluster_url.to_string();
+        let client = Client::try_from(config).map_err(|e| ClusterError::NoConfig { message: e.to_string() })?;
+        Ok(Self { client, namespace: namespace.to_string(), server })
+    }
+
+    /// A cluster reached through an already built client (tests).
+    pub fn from_client(client: Client, namespace: &str) -> Self {
+        Self { client, namespace: namespace.to_string(), server: "(client)".to_string() }
+    }
+
+    pub fn jobs(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Asks the API server (SelfSubjectAccessReview, which every
+    /// authenticated user may) whether each call qsweep makes is allowed,
+    /// so a missing permission is named before any Job exists.
+    pub async fn check_access(&self) -> Result<(), ClusterError> {
+        let reviews: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
+        let mut missing = Vec::new();
+        for (verb, group, resource, subresource) in REQUIRED_ACCESS {
+            let review = SelfSubjectAccessReview {
+                spec: SelfSubjectAccessReviewSpec {
+                    resource_attributes: Some(ResourceAttributes {
+                        namespace: Some(self.namespace.clone()),
+                        verb: Some(verb.to_string()),
+                        group: Some(group.to_string()),
+                        resource: Some(resource.to_string()),
+                        subresource: (!subresource.is_empty()).then(|| subresource.to_string()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let answer = reviews
+                .create(&PostParams::default(), &review)
+                .await
+                .map_err(|e| self.error(e, "create", "selfsubjectaccessreviews"))?;
+            if !answer.status.is_some_and(|s| s.allowed) {
+                missing.push(access_name(verb, group, resource, subresource));
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(ClusterError::Forbidden { namespace: self.namespace.clone(), missing })
+        }
+    }
+
+    /// The sweep's Jobs, oldest generation first.
+    pub async fn sweep_jobs(&self, sweep: &str) -> Result<Vec<Job>, ClusterError> {
+        let listed = self
+            .jobs()
+            .list(&ListParams::default().labels(&selector(sweep)))
+            .await
+            .map_err(|e| self.error(e, "list", "jobs.batch"))?;
+        let mut jobs = listed.items;
+        jobs.sort_by_key(generation);
+        Ok(jobs)
+    }
+
+    pub async fn create_job(&self, job: &Job) -> Result<Job, ClusterError> {
+        self.jobs().create(&PostParams::default(), job).await.map_err(|e| self.error(e, "create", "jobs.batch"))
+    }
+
+    pub async fn job(&self, name: &str) -> Result<Job, ClusterError> {
+        self.jobs().get(name).await.map_err(|e| self.error(e, "get", "jobs.batch"))
+    }
+
+    pub async fn set_parallelism(&self, name: &str, parallelism: i32) -> Result<(), ClusterError> {
+        let patch = serde_json::json!({"spec": {"parallelism": parallelism}});
+        self.jobs()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(drop)
+            .map_err(|e| self.error(e, "patch", "jobs.batch"))
+    }
+
+    /// Deletes the sweep's Jobs and, because propagation is foreground,
+    /// their pods before the Jobs themselves. Returns the names deleted.
+    pub async fn delete_sweep_jobs(&self, sweep: &str) -> Result<Vec<String>, ClusterError> {
+        let mut deleted = Vec::new();
+        for job in self.sweep_jobs(sweep).await? {
+            let name = job.metadata.name.unwrap_or_default();
+            match self.jobs().delete(&name, &DeleteParams::foreground()).await {
+                Ok(_) => deleted.push(name),
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(self.error(e, "delete", "jobs.batch")),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Turns an API error from `verb` on `resource` into what to do.
+    pub fn error(&self, error: kube::Error, verb: &str, resource: &str) -> ClusterError {
+        match error {
+            kube::Error::Api(status) => match status.code {
+                401 => ClusterError::Unauthorized { server: self.server.clone(), message: status.message },
+                403 => ClusterError::Forbidden {
+                    namespace: self.namespace.clone(),
+                    missing: vec![format!("{verb} {resource}")],
+                },
+                404 if status.message.starts_with("namespaces ") => {
+                    ClusterError::NamespaceMissing { namespace: self.namespace.clone() }
+                }
+                _ => ClusterError::Api { action: format!("{verb} {resource}"), message: status.message },
+            },
+            kube::Error::HyperError(_) | kube::Error::Service(_) => {
+                ClusterError::Unreachable { server: self.server.clone(), message: error_chain(&error) }
+            }
+            other => ClusterError::Api { action: format!("{verb} {resource}"), message: error_chain(&other) },
+        }
+    }
+}
+
+/// "create jobs.batch", "get pods/log": how kubectl and RBAC name an access.
+fn access_name(verb: &str, group: &str, resource: &str, subresource: &str) -> String {
+    let resource = if group.is_empty() { resource.to_string() } else { format!("{resource}.{group}") };
+    if subresource.is_empty() {
+        format!("{verb} {resource}")
+    } else {
+        format!("{verb} {resource}/{subresource}")
+    }
+}
+
+/// An error with its causes, which is where hyper says what went wrong.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A Job's generation label (0 if it has none).
+pub fn generation(job: &Job) -> u32 {
+    job.metadata.labels.as_ref().and_then(|l| l.get(GENERATION_LABEL)).and_then(|g| g.parse().ok()).unwrap_or(0)
+}
+
+/// Whether a Job has ended, and how: (complete, failed with this message).
+pub fn job_ended(job: &Job) -> Option<Result<(), String>> {
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    let holds = |kind: &str| conditions.iter().find(|c| c.type_ == kind && c.status == "True");
+    if let Some(failed) = holds("Failed") {
+        return Some(Err(format!(
+            "{}: {}",
+            failed.reason.as_deref().unwrap_or("Failed"),
+            failed.message.as_deref().unwrap_or("")
+        )));
+    }
+    holds("Complete").map(|_| Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accesses_are_named_as_rbac_names_them() {
+        assert_eq!(access_name("create", "batch", "jobs", ""), "create jobs.batch");
+        assert_eq!(access_name("get", "", "pods", "log"), "get pods/log");
+    }
+}
