@@ -161,6 +161,9 @@ struct OptionalRedis {
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    // Two TLS stacks are linked (ring through redis and kube, aws-lc-rs
+    // through object_store); the Kubernetes client needs one chosen.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("QSWEEP_LOG").unwrap_or_else(|_| "warn,ort=error".into()),

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
+use serde::Deserialize;
 
 const VERSIONS: [&str; 5] = ["1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0"];
 
@@ -101,7 +102,7 @@ fn an_image_without_a_tag_is_refused() {
 }
 
 #[test]
-fn without_dry_run_the_missing_control_loop_is_said_plainly() {
+fn without_dry_run_the_coordinator_needs_redis() {
     let dir = tempfile::tempdir().unwrap();
     let output = qsweep(&[
         "run",
@@ -112,5 +113,37 @@ fn without_dry_run_the_missing_control_loop_is_said_plainly() {
         dir.path().to_str().unwrap(),
     ]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("--dry-run"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("--backend k8s needs --redis URL"), "{}", stderr(&output));
+}
+
+/// The Role in k8s/rbac.yaml grants exactly what the coordinator checks
+/// for and uses, so neither can drift from the other.
+#[test]
+fn the_role_grants_exactly_what_the_coordinator_needs() {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/rbac.yaml")).unwrap();
+    let role = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml_ng::Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "Role")
+        .expect("a Role");
+    let mut granted = Vec::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        let strings = |field: &str| -> Vec<String> {
+            rule[field].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+        };
+        for group in strings("apiGroups") {
+            for resource in strings("resources") {
+                for verb in strings("verbs") {
+                    let (resource, subresource) = resource.split_once('/').unwrap_or((&resource, ""));
+                    granted.push((verb, group.clone(), resource.to_string(), subresource.to_string()));
+                }
+            }
+        }
+    }
+    let mut needed: Vec<(String, String, String, String)> = qsweep::k8s::cluster::REQUIRED_ACCESS
+        .iter()
+        .map(|(v, g, r, s)| (v.to_string(), g.to_string(), r.to_string(), s.to_string()))
+        .collect();
+    granted.sort();
+    needed.sort();
+    assert_eq!(granted, needed);
 }

@@ -225,9 +225,115 @@ pub fn job_ended(job: &Job) -> Option<Result<(), String>> {
     holds("Complete").map(|_| Ok(()))
 }
 
+/// The exact calls qsweep makes, checked against a mocked HTTP service
+/// (kube-rs's tower-test pattern).
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use serde_json::{json, Value};
+    use tower_test::mock::{self, Handle};
+
+    type Calls = Handle<Request<Body>, Response<Body>>;
+
+    fn mocked() -> (Cluster, Calls) {
+        let (service, calls) = mock::pair::<Request<Body>, Response<Body>>();
+        (Cluster::from_client(Client::new(service, "qsweep"), "qsweep"), calls)
+    }
+
+    /// Takes the next call, checks its method and URI, answers `reply`,
+    /// and returns the call's JSON body.
+    async fn expect(calls: &mut Calls, method: Method, uri: &str, reply: Value) -> Value {
+        let (request, respond) = calls.next_request().await.expect("a call");
+        assert_eq!((request.method(), request.uri().to_string().as_str()), (&method, uri));
+        let content_type = request.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+        let body = request.into_body().collect_bytes().await.unwrap();
+        respond.send_response(Response::new(Body::from(serde_json::to_vec(&reply).unwrap())));
+        let mut body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if let Some(content_type) = content_type {
+            body["content-type"] = json!(content_type);
+        }
+        body
+    }
+
+    fn job(name: &str, generation: u32) -> Value {
+        json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "labels": {GENERATION_LABEL: generation.to_string()}}})
+    }
+
+    #[tokio::test]
+    async fn cancel_lists_by_label_and_deletes_each_job_in_the_foreground() {
+        let (cluster, mut calls) = mocked();
+        let server = tokio::spawn(async move {
+            let selector =
+                "app.kubernetes.io%2Fcomponent%3Dworker%2Capp.kubernetes.io%2Fname%3Dqsweep%2Cqsweep.io%2Fsweep%3Ds";
+            let list = json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {}, "items": [job("qsweep-s-2", 2), job("qsweep-s-1", 1)]});
+            expect(
+                &mut calls,
+                Method::GET,
+                &format!("/apis/batch/v1/namespaces/qsweep/jobs?&labelSelector={selector}"),
+                list,
+            )
+            .await;
+            for name in ["qsweep-s-1", "qsweep-s-2"] {
+                let body = expect(
+                    &mut calls,
+                    Method::DELETE,
+                    &format!("/apis/batch/v1/namespaces/qsweep/jobs/{name}?"),
+                    job(name, 1),
+                )
+                .await;
+                assert_eq!(body["propagationPolicy"], "Foreground");
+            }
+        });
+        assert_eq!(cluster.delete_sweep_jobs("s").await.unwrap(), ["qsweep-s-1", "qsweep-s-2"]);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn lowering_parallelism_is_one_merge_patch() {
+        let (cluster, mut calls) = mocked();
+        let server = tokio::spawn(async move {
+            let body = expect(
+                &mut calls,
+                Method::PATCH,
+                "/apis/batch/v1/namespaces/qsweep/jobs/qsweep-s-1?",
+                job("qsweep-s-1", 1),
+            )
+            .await;
+            assert_eq!(body, json!({"spec": {"parallelism": 3}, "content-type": "application/merge-patch+json"}));
+        });
+        cluster.set_parallelism("qsweep-s-1", 3).await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn access_is_reviewed_for_every_call_and_the_missing_ones_named() {
+        let (cluster, mut calls) = mocked();
+        let server = tokio::spawn(async move {
+            let mut asked = Vec::new();
+            for _ in REQUIRED_ACCESS {
+                let (request, respond) = calls.next_request().await.expect("a review");
+                assert_eq!(request.uri().path(), "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews");
+                let mut review: Value =
+                    serde_json::from_slice(&request.into_body().collect_bytes().await.unwrap()).unwrap();
+                let attributes = review["spec"]["resourceAttributes"].clone();
+                assert_eq!(attributes["namespace"], "qsweep");
+                let denied = attributes["verb"] == "watch" && attributes["resource"] == "pods";
+                review["status"] = json!({"allowed": !denied});
+                asked.push(format!(
+                    "{} {}",
+                    attributes["verb"].as_str().unwrap(),
+                    attributes["resource"].as_str().unwrap()
+                ));
+                respond.send_response(Response::new(Body::from(serde_json::to_vec(&review).unwrap())));
+            }
+            asked
+        });
+        let error = cluster.check_access().await.unwrap_err();
+        assert!(matches!(&error, ClusterError::Forbidden { missing, .. } if missing == &["watch pods"]), "{error}");
+        assert_eq!(server.await.unwrap().len(), REQUIRED_ACCESS.len());
+    }
 
     #[test]
     fn accesses_are_named_as_rbac_names_them() {
