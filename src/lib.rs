@@ -42,4 +42,5 @@ pub mod spec;
 pub mod stages;
 pub mod store;
 pub mod sweep;
+pub mod train;
 pub mod worker;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 pub use candle_onnx::onnx::ModelProto;
 use candle_onnx::onnx::{
-    tensor_shape_proto::dimension::Value as DimValue, type_proto::Value as TypeValue, ValueInfoProto,
+    tensor_shape_proto::dimension::Value as DimValue, type_proto::Value as TypeValue, TensorProto, ValueInfoProto,
 };
 use prost::Message;
 use thiserror::Error;
@@ -127,4 +127,47 @@ fn tensor_spec(info: &ValueInfoProto) -> TensorSpec {
             .collect()
     });
     TensorSpec { name: info.name.clone(), elem_type: tensor.map_or(0, |t| t.elem_type), shape }
+}
+
+/// A constant tensor's values as numbers, whatever its element type
+/// (float, the integer types Q/DQ models use, int64 shapes), from the
+/// typed fields or little-endian `raw_data`.
+pub fn tensor_numbers(tensor: &TensorProto) -> Result<Vec<f64>, String> {
+    use candle_onnx::onnx::tensor_proto::DataType;
+    let raw = &tensor.raw_data;
+    let from_raw = |size: usize, decode: &dyn Fn(&[u8]) -> f64| -> Result<Vec<f64>, String> {
+        if !raw.len().is_multiple_of(size) {
+            return Err(format!("tensor {} has {} raw bytes, not a whole number of elements", tensor.name, raw.len()));
+        }
+        Ok(raw.chunks_exact(size).map(decode).collect())
+    };
+    let data_type =
+        DataType::try_from(tensor.data_type).map_err(|_| format!("tensor {} has an unknown type", tensor.name))?;
+    match data_type {
+        DataType::Float if raw.is_empty() => Ok(tensor.float_data.iter().map(|&v| v as f64).collect()),
+        DataType::Float => from_raw(4, &|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
+        DataType::Int8 | DataType::Uint8 | DataType::Int32 if raw.is_empty() => {
+            Ok(tensor.int32_data.iter().map(|&v| v as f64).collect())
+        }
+        DataType::Int8 => from_raw(1, &|b| b[0] as i8 as f64),
+        DataType::Uint8 => from_raw(1, &|b| b[0] as f64),
+        DataType::Int32 => from_raw(4, &|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
+        DataType::Int64 if raw.is_empty() => Ok(tensor.int64_data.iter().map(|&v| v as f64).collect()),
+        DataType::Int64 => from_raw(8, &|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f64),
+        other => Err(format!("tensor {} has element type {other:?}, which training does not read", tensor.name)),
+    }
+}
+
+/// `values` stored as a tensor of `data_type` (float or an integer type
+/// Q/DQ models use), in little-endian `raw_data`; integers are rounded.
+pub fn numbers_tensor(name: &str, dims: &[i64], data_type: i32, values: &[f64]) -> TensorProto {
+    use candle_onnx::onnx::tensor_proto::DataType;
+    let raw_data: Vec<u8> = match DataType::try_from(data_type) {
+        Ok(DataType::Int8) => values.iter().map(|&v| v.round() as i8 as u8).collect(),
+        Ok(DataType::Uint8) => values.iter().map(|&v| v.round() as u8).collect(),
+        Ok(DataType::Int32) => values.iter().flat_map(|&v| (v.round() as i32).to_le_bytes()).collect(),
+        Ok(DataType::Int64) => values.iter().flat_map(|&v| (v.round() as i64).to_le_bytes()).collect(),
+        _ => values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
+    };
+    TensorProto { name: name.to_string(), dims: dims.to_vec(), data_type, raw_data, ..Default::default() }
 }

@@ -1,0 +1,24 @@
+//! Training in Rust on candle: fine-tuning Q/DQ models (QAT) and training
+//! the fp32 baseline.
+//!
+//! - `kernels`: convolution, pooling and fake quantization on slices;
+//! - `ops`: those kernels as candle custom ops with their own backward;
+//! - `network`: an ONNX graph as a differentiable computation, and back;
+
+pub mod kernels;
+pub mod network;
+pub mod ops;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TrainError {
+    #[error("node {node}: {what} is not supported for training\n  fix: export the model without it (training supports {})", network::SUPPORTED.join(", "))]
+    Unsupported { node: String, what: String },
+    #[error("the model has no parameters to train (no float weights, and no int8 weights behind a DequantizeLinear)\n  fix: give a model with Conv, Gemm or MatMul weights as initializers")]
+    NothingToTrain,
+    #[error("{0}")]
+    Model(String),
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+}

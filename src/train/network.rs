@@ -1,0 +1,632 @@
+//! An ONNX graph as a differentiable candle computation: ONNX in, trained
+//! ONNX out, so any CNN a user exports (or a Q/DQ model qsweep wrote) can be
+//! trained or fine-tuned.
+//!
+//! What is trained: float initializers in weight slots (Conv and Gemm
+//! weights and biases, a MatMul's constant operand, BatchNorm's scale and
+//! bias), and integer initializers behind a DequantizeLinear (a Q/DQ
+//! model's int8 weights and int32 biases), which train as float "shadow"
+//! values and are fake-quantized on every forward pass with the scale,
+//! zero point and range they are exported with. A QuantizeLinear ->
+//! DequantizeLinear pair on an activation is fake quantization with its
+//! scale; the gradient is the straight-through estimator.
+//!
+//! BatchNorm has two modes. Training from scratch (`qsweep train`) uses
+//! batch statistics and updates the running ones. Fine-tuning (QAT) freezes
+//! the statistics: the PTQ amax values were calibrated, and TensorRT folds
+//! BatchNorm, with the running statistics, so training against batch
+//! statistics would tune a different function from the one deployed. (The
+//! `onnxruntime-cpu` Q/DQ format has BatchNorm folded into the convs
+//! already, which freezes it the same way.)
+//!
+//! Dropout is the identity: fine-tuning runs a few epochs at a small
+//! learning rate, and the deployed graph has no dropout either.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_onnx::onnx::{attribute_proto::AttributeType, tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
+
+use super::kernels::{Pooling, Quantizer};
+use super::ops::{Conv2d, FakeQuant, Geometry, Pool};
+use super::TrainError;
+use crate::onnx::graph::node_name;
+use crate::onnx::{numbers_tensor, tensor_numbers};
+
+/// The operators the interpreter runs.
+pub const SUPPORTED: &[&str] = &[
+    "Conv",
+    "BatchNormalization",
+    "Relu",
+    "Clip",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Concat",
+    "Flatten",
+    "Reshape",
+    "Gemm",
+    "MatMul",
+    "Identity",
+    "Dropout",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "Constant",
+];
+
+/// How BatchNormalization behaves while training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchNorm {
+    /// Batch statistics, with the running statistics updated (training from scratch).
+    Batch,
+    /// The running statistics, frozen (fine-tuning, evaluation).
+    Frozen,
+}
+
+/// One trainable tensor and how it is stored in the model.
+pub struct Parameter {
+    /// The initializer it came from and is exported to.
+    pub name: String,
+    pub var: Var,
+    pub storage: Storage,
+    /// Weight decay applies to weights, not to biases or BatchNorm.
+    pub decays: bool,
+}
+
+pub enum Storage {
+    Float,
+    /// An integer initializer behind a DequantizeLinear: exported by
+    /// quantizing again with this quantizer's scale, zero point and range.
+    Quantized {
+        quantizer: QuantSpec,
+        data_type: i32,
+    },
+}
+
+/// A quantizer as the model states it; the inner size depends on the shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantSpec {
+    pub scales: Vec<f32>,
+    pub zero_points: Vec<f32>,
+    pub min: f32,
+    pub max: f32,
+    pub axis: i64,
+}
+
+impl QuantSpec {
+    pub fn for_shape(&self, dims: &[usize]) -> Quantizer {
+        let axis = if self.axis < 0 { (self.axis + dims.len() as i64) as usize } else { self.axis as usize };
+        let inner = if self.scales.len() > 1 { dims[axis + 1..].iter().product() } else { 1 };
+        Quantizer {
+            scales: self.scales.clone(),
+            zero_points: self.zero_points.clone(),
+            min: self.min,
+            max: self.max,
+            inner,
+        }
+    }
+}
+
+/// A value flowing through the graph.
+#[derive(Clone)]
+enum Value {
+    Tensor(Tensor),
+    /// A QuantizeLinear's output, which only a DequantizeLinear may read.
+    Quantized(Tensor, QuantSpec),
+    /// A constant integer tensor (Reshape's shape).
+    Ints(Vec<i64>),
+}
+
+/// Running statistics of one BatchNormalization, by its mean and variance initializers.
+struct RunningStatistics {
+    mean_name: String,
+    var_name: String,
+    mean: Tensor,
+    var: Tensor,
+}
+
+pub struct Network {
+    nodes: Vec<NodeProto>,
+    input: String,
+    output: String,
+    pub parameters: Vec<Parameter>,
+    /// Float constants (scales, BatchNorm statistics, constant operands).
+    constants: HashMap<String, Value>,
+    running: HashMap<String, RunningStatistics>,
+    /// Each QuantizeLinear's quantizer, by the node's output.
+    activation_quantizers: HashMap<String, QuantSpec>,
+    pub batch_norm: BatchNorm,
+}
+
+/// Slots of each operator that hold trainable float weights.
+fn trainable_slots(op: &str) -> &'static [usize] {
+    match op {
+        "Conv" | "Gemm" => &[1, 2],
+        "MatMul" => &[0, 1],
+        "BatchNormalization" => &[1, 2],
+        _ => &[],
+    }
+}
+
+impl Network {
+    /// Reads `model`, checking every operator before any training starts.
+    /// `weight_levels` narrows int8 weights to +-levels (7-bit weights of
+    /// the `onnxruntime-cpu` format); `None` keeps the type's range.
+    pub fn from_model(
+        model: &ModelProto,
+        batch_norm: BatchNorm,
+        weight_levels: Option<f32>,
+    ) -> Result<Self, TrainError> {
+        let graph = model.graph.as_ref().ok_or_else(|| TrainError::Model("the model has no graph".into()))?;
+        for (i, node) in graph.node.iter().enumerate() {
+            check_supported(node, i)?;
+        }
+        let initializers: HashMap<&str, &TensorProto> =
+            graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+        let inputs: Vec<&str> =
+            graph.input.iter().map(|i| i.name.as_str()).filter(|n| !initializers.contains_key(n)).collect();
+        let [input] = inputs[..] else {
+            return Err(TrainError::Model(format!(
+                "training needs a model with one input, this one has {}",
+                inputs.len()
+            )));
+        };
+        let output = graph.output.first().ok_or_else(|| TrainError::Model("the model has no output".into()))?;
+
+        let numbers = |t: &TensorProto| tensor_numbers(t).map_err(TrainError::Model);
+        let mut weight_slots: HashSet<&str> = HashSet::new();
+        let mut dequantized: HashMap<&str, &NodeProto> = HashMap::new();
+        for node in &graph.node {
+            for &slot in trainable_slots(&node.op_type) {
+                if let Some(name) = node.input.get(slot) {
+                    weight_slots.insert(name);
+                }
+            }
+            if node.op_type == "DequantizeLinear" {
+                dequantized.insert(node.input[0].as_str(), node);
+            }
+        }
+
+        let mut parameters = Vec::new();
+        let mut constants = HashMap::new();
+        for tensor in &graph.initializer {
+            let name = tensor.name.as_str();
+            let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
+            let is_float = tensor.data_type == DataType::Float as i32;
+            if let (false, Some(node)) = (is_float, dequantized.get(name)) {
+                let mut quantizer = quant_spec(node, &initializers)?;
+                if let (Some(levels), true) = (weight_levels, tensor.data_type == DataType::Int8 as i32) {
+                    (quantizer.min, quantizer.max) = (-levels, levels);
+                }
+                let per_element = quantizer.for_shape(&dims);
+                let shadow: Vec<f32> =
+                    numbers(tensor)?.iter().enumerate().map(|(i, &q)| per_element.dequantize(i, q as f32)).collect();
+                let var = Var::from_vec(shadow, dims.as_slice(), &Device::Cpu)?;
+                let decays = tensor.data_type != DataType::Int32 as i32;
+                parameters.push(Parameter {
+                    name: name.to_string(),
+                    var,
+                    storage: Storage::Quantized { quantizer, data_type: tensor.data_type },
+                    decays,
+                });
+            } else if is_float && weight_slots.contains(name) {
+                let values: Vec<f32> = numbers(tensor)?.iter().map(|&v| v as f32).collect();
+                let var = Var::from_vec(values, dims.as_slice(), &Device::Cpu)?;
+                parameters.push(Parameter {
+                    name: name.to_string(),
+                    var,
+                    storage: Storage::Float,
+                    decays: dims.len() > 1,
+                });
+            } else if is_float {
+                let values: Vec<f32> = numbers(tensor)?.iter().map(|&v| v as f32).collect();
+                constants
+                    .insert(name.to_string(), Value::Tensor(Tensor::from_vec(values, dims.as_slice(), &Device::Cpu)?));
+            } else {
+                constants.insert(name.to_string(), Value::Ints(numbers(tensor)?.iter().map(|&v| v as i64).collect()));
+            }
+        }
+        if parameters.is_empty() {
+            return Err(TrainError::NothingToTrain);
+        }
+
+        let activation_quantizers = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "QuantizeLinear")
+            .map(|n| Ok((n.output[0].clone(), quant_spec(n, &initializers)?)))
+            .collect::<Result<_, TrainError>>()?;
+        let mut running = HashMap::new();
+        for node in graph.node.iter().filter(|n| n.op_type == "BatchNormalization") {
+            let statistic = |slot: usize| match constants.get(&node.input[slot]) {
+                Some(Value::Tensor(t)) => Ok(t.clone()),
+                _ => Err(TrainError::Model(format!("BatchNormalization {} has no constant statistics", node.name))),
+            };
+            running.insert(
+                node.output[0].clone(),
+                RunningStatistics {
+                    mean_name: node.input[3].clone(),
+                    var_name: node.input[4].clone(),
+                    mean: statistic(3)?,
+                    var: statistic(4)?,
+                },
+            );
+        }
+        Ok(Self {
+            nodes: graph.node.clone(),
+            input: input.to_string(),
+            output: output.name.clone(),
+            parameters,
+            constants,
+            running,
+            activation_quantizers,
+            batch_norm,
+        })
+    }
+
+    /// The logits for a batch; `training` selects BatchNorm's batch mode
+    /// (when the network was made for it) and updates running statistics.
+    pub fn forward(&mut self, input: &Tensor, training: bool) -> Result<Tensor, TrainError> {
+        let mut values: HashMap<String, Value> = self.constants.clone();
+        for parameter in &self.parameters {
+            let tensor = parameter.var.as_tensor().clone();
+            let value = match &parameter.storage {
+                Storage::Float => Value::Tensor(tensor),
+                // The DequantizeLinear reading it fake-quantizes it.
+                Storage::Quantized { quantizer, .. } => Value::Quantized(tensor, quantizer.clone()),
+            };
+            values.insert(parameter.name.clone(), value);
+        }
+        values.insert(self.input.clone(), Value::Tensor(input.clone()));
+        let batch_statistics = training && self.batch_norm == BatchNorm::Batch;
+        let mut batch_inputs = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let run = || -> Result<Value, TrainError> {
+                let tensor = |slot: usize| -> Result<Tensor, TrainError> {
+                    match node.input.get(slot).and_then(|name| values.get(name)) {
+                        Some(Value::Tensor(t)) => Ok(t.clone()),
+                        Some(Value::Ints(v)) => {
+                            Ok(Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), v.len(), &Device::Cpu)?)
+                        }
+                        Some(Value::Quantized(..)) => Err(TrainError::Model(format!(
+                            "node {} reads a QuantizeLinear output directly; only a DequantizeLinear may",
+                            node_name(node, i)
+                        ))),
+                        None => Err(TrainError::Model(format!(
+                            "node {} reads {:?}, which nothing produced",
+                            node_name(node, i),
+                            node.input.get(slot)
+                        ))),
+                    }
+                };
+                let context = Context { values: &values, quantizers: &self.activation_quantizers, batch_statistics };
+                evaluate(node, i, &tensor, &context)
+            };
+            let value = run()?;
+            if batch_statistics && node.op_type == "BatchNormalization" {
+                if let Some(Value::Tensor(x)) = values.get(&node.input[0]) {
+                    batch_inputs.push((node.output[0].clone(), x.detach(), attribute_f(node, "momentum", 0.9)));
+                }
+            }
+            values.insert(node.output[0].clone(), value);
+        }
+        for (output, x, momentum) in batch_inputs {
+            self.update_running(&output, &x, momentum)?;
+        }
+        match values.remove(&self.output) {
+            Some(Value::Tensor(t)) => Ok(t),
+            _ => Err(TrainError::Model(format!("the output {} was not computed", self.output))),
+        }
+    }
+
+    fn update_running(&mut self, output: &str, x: &Tensor, momentum: f64) -> Result<(), TrainError> {
+        let statistics = self.running.get_mut(output).expect("every BatchNormalization has running statistics");
+        let (mean, var) = channel_moments(x)?;
+        let count = (x.elem_count() / x.dim(1)?) as f64;
+        let unbiased = (var * (count / (count - 1.0).max(1.0)))?;
+        statistics.mean = ((&statistics.mean * momentum)? + (mean * (1.0 - momentum))?)?;
+        statistics.var = ((&statistics.var * momentum)? + (unbiased * (1.0 - momentum))?)?;
+        self.constants.insert(statistics.mean_name.clone(), Value::Tensor(statistics.mean.clone()));
+        self.constants.insert(statistics.var_name.clone(), Value::Tensor(statistics.var.clone()));
+        Ok(())
+    }
+
+    /// Named tensors that, with the parameters, make the training state:
+    /// the running statistics.
+    pub fn running_statistics(&self) -> Vec<(String, Tensor)> {
+        self.running
+            .values()
+            .flat_map(|s| [(s.mean_name.clone(), s.mean.clone()), (s.var_name.clone(), s.var.clone())])
+            .collect()
+    }
+
+    pub fn set_running_statistic(&mut self, name: &str, value: Tensor) {
+        for statistics in self.running.values_mut() {
+            if statistics.mean_name == name {
+                statistics.mean = value.clone();
+            }
+            if statistics.var_name == name {
+                statistics.var = value.clone();
+            }
+        }
+        self.constants.insert(name.to_string(), Value::Tensor(value));
+    }
+
+    /// `model` with the trained values in place of the initializers they came from.
+    pub fn export(&self, model: &ModelProto) -> Result<ModelProto, TrainError> {
+        let mut model = model.clone();
+        let graph = model.graph.as_mut().expect("read by from_model");
+        let mut replacements: HashMap<String, TensorProto> = HashMap::new();
+        for parameter in &self.parameters {
+            let tensor = parameter.var.as_tensor();
+            let dims: Vec<i64> = tensor.dims().iter().map(|&d| d as i64).collect();
+            let values: Vec<f32> = tensor.flatten_all()?.to_vec1()?;
+            let (data_type, numbers): (i32, Vec<f64>) = match &parameter.storage {
+                Storage::Float => (DataType::Float as i32, values.iter().map(|&v| v as f64).collect()),
+                Storage::Quantized { quantizer, data_type } => {
+                    let quantizer = quantizer.for_shape(tensor.dims());
+                    let levels = values
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| quantizer.level(i, v).clamp(quantizer.min, quantizer.max) as f64);
+                    (*data_type, levels.collect())
+                }
+            };
+            replacements.insert(parameter.name.clone(), numbers_tensor(&parameter.name, &dims, data_type, &numbers));
+        }
+        for (name, tensor) in self.running_statistics() {
+            let dims: Vec<i64> = tensor.dims().iter().map(|&d| d as i64).collect();
+            let values: Vec<f64> = tensor.flatten_all()?.to_vec1::<f32>()?.iter().map(|&v| v as f64).collect();
+            replacements.insert(name.clone(), numbers_tensor(&name, &dims, DataType::Float as i32, &values));
+        }
+        for initializer in &mut graph.initializer {
+            if let Some(replacement) = replacements.remove(&initializer.name) {
+                *initializer = replacement;
+            }
+        }
+        Ok(model)
+    }
+}
+
+/// Mean and (biased) variance per channel of an NCHW tensor, as [C].
+fn channel_moments(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let channels = x.dim(1)?;
+    let per_channel = x.transpose(0, 1)?.contiguous()?.reshape((channels, ()))?;
+    let mean = per_channel.mean_keepdim(1)?;
+    let var = per_channel.broadcast_sub(&mean)?.sqr()?.mean(1)?;
+    Ok((mean.squeeze(1)?, var))
+}
+
+fn attribute<'a>(node: &'a NodeProto, name: &str) -> Option<&'a candle_onnx::onnx::AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
+fn attribute_i(node: &NodeProto, name: &str, default: i64) -> i64 {
+    attribute(node, name).filter(|a| a.r#type == AttributeType::Int as i32).map_or(default, |a| a.i)
+}
+
+fn attribute_f(node: &NodeProto, name: &str, default: f64) -> f64 {
+    attribute(node, name).filter(|a| a.r#type == AttributeType::Float as i32).map_or(default, |a| a.f as f64)
+}
+
+fn attribute_ints(node: &NodeProto, name: &str) -> Option<Vec<usize>> {
+    attribute(node, name)
+        .filter(|a| a.r#type == AttributeType::Ints as i32)
+        .map(|a| a.ints.iter().map(|&v| v as usize).collect())
+}
+
+/// Refuses, before training, what the interpreter cannot run, naming the node.
+fn check_supported(node: &NodeProto, index: usize) -> Result<(), TrainError> {
+    let unsupported = |what: String| TrainError::Unsupported { node: node_name(node, index), what };
+    if !SUPPORTED.contains(&node.op_type.as_str()) {
+        return Err(unsupported(format!("operator {}", node.op_type)));
+    }
+    if !node.domain.is_empty() && node.domain != "ai.onnx" {
+        return Err(unsupported(format!("operator {} of domain {}", node.op_type, node.domain)));
+    }
+    if node.op_type == "Conv" && attribute_i(node, "group", 1) != 1 {
+        return Err(unsupported(format!("Conv with group {}", attribute_i(node, "group", 1))));
+    }
+    if matches!(node.op_type.as_str(), "Conv" | "MaxPool" | "AveragePool") {
+        let auto_pad = attribute(node, "auto_pad").map(|a| String::from_utf8_lossy(&a.s).to_string());
+        if auto_pad.as_deref().is_some_and(|p| p != "NOTSET") {
+            return Err(unsupported(format!("{} with auto_pad {}", node.op_type, auto_pad.unwrap_or_default())));
+        }
+        if attribute_ints(node, "kernel_shape").is_some_and(|k| k.len() != 2) {
+            return Err(unsupported(format!("{} that is not 2-D", node.op_type)));
+        }
+    }
+    if node.op_type == "MaxPool" && node.output.len() > 1 {
+        return Err(unsupported("MaxPool with an Indices output".into()));
+    }
+    Ok(())
+}
+
+fn geometry(node: &NodeProto, kernel: [usize; 2]) -> Geometry {
+    let pair = |name: &str, default: usize| {
+        attribute_ints(node, name).map_or([default; 2], |v| [v[0], v.get(1).copied().unwrap_or(v[0])])
+    };
+    let pads = attribute_ints(node, "pads").map_or([0; 4], |p| [p[0], p[1], p[2], p[3]]);
+    Geometry {
+        kernel,
+        stride: pair("strides", 1),
+        pads,
+        dilation: pair("dilations", 1),
+        ceil: attribute_i(node, "ceil_mode", 0) == 1,
+    }
+}
+
+/// The quantizer of a QuantizeLinear or DequantizeLinear node.
+fn quant_spec(node: &NodeProto, initializers: &HashMap<&str, &TensorProto>) -> Result<QuantSpec, TrainError> {
+    let constant =
+        |slot: usize| node.input.get(slot).filter(|n| !n.is_empty()).and_then(|n| initializers.get(n.as_str()));
+    let scale = constant(1)
+        .ok_or_else(|| TrainError::Model(format!("{} {} has no constant scale", node.op_type, node.name)))?;
+    let scales: Vec<f32> = tensor_numbers(scale).map_err(TrainError::Model)?.iter().map(|&v| v as f32).collect();
+    let (zero_points, data_type) = match constant(2) {
+        Some(zero) => (tensor_numbers(zero).map_err(TrainError::Model)?, zero.data_type),
+        None => (vec![0.0; scales.len()], DataType::Uint8 as i32),
+    };
+    let (min, max) = match DataType::try_from(data_type) {
+        Ok(DataType::Int8) => (-128.0, 127.0),
+        Ok(DataType::Uint8) => (0.0, 255.0),
+        Ok(DataType::Int32) => (i32::MIN as f32, i32::MAX as f32),
+        _ => {
+            return Err(TrainError::Model(format!("{} {} has an unsupported zero-point type", node.op_type, node.name)))
+        }
+    };
+    Ok(QuantSpec {
+        zero_points: zero_points.iter().map(|&z| z as f32).collect(),
+        scales,
+        min,
+        max,
+        axis: attribute_i(node, "axis", 1),
+    })
+}
+
+/// What a node's evaluation may look at besides its inputs.
+struct Context<'a> {
+    values: &'a HashMap<String, Value>,
+    quantizers: &'a HashMap<String, QuantSpec>,
+    batch_statistics: bool,
+}
+
+fn evaluate(
+    node: &NodeProto,
+    index: usize,
+    tensor: &dyn Fn(usize) -> Result<Tensor, TrainError>,
+    context: &Context<'_>,
+) -> Result<Value, TrainError> {
+    let (values, batch_statistics) = (context.values, context.batch_statistics);
+    let out = |t: Tensor| Ok(Value::Tensor(t));
+    let has = |slot: usize| node.input.get(slot).is_some_and(|n| !n.is_empty());
+    match node.op_type.as_str() {
+        "Conv" => {
+            let weight = tensor(1)?;
+            let kernel = [weight.dim(2)?, weight.dim(3)?];
+            let y = tensor(0)?.contiguous()?.apply_op2(&weight.contiguous()?, Conv2d(geometry(node, kernel)))?;
+            if has(2) {
+                let bias = tensor(2)?;
+                out(y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?)
+            } else {
+                out(y)
+            }
+        }
+        "BatchNormalization" => {
+            let (x, scale, bias) = (tensor(0)?, tensor(1)?, tensor(2)?);
+            let epsilon = attribute_f(node, "epsilon", 1e-5);
+            let (mean, var) = if batch_statistics { channel_moments(&x)? } else { (tensor(3)?, tensor(4)?) };
+            let channels = x.dim(1)?;
+            let as_channels = |t: Tensor| t.reshape((1, channels, 1, 1));
+            let multiplier = (scale / (var + epsilon)?.sqrt()?)?;
+            let shift = (bias - (&mean * &multiplier)?)?;
+            out(x.broadcast_mul(&as_channels(multiplier)?)?.broadcast_add(&as_channels(shift)?)?)
+        }
+        "Relu" => out(tensor(0)?.relu()?),
+        "Clip" => {
+            let bound = |slot: usize, attr: &str, default: f32| -> Result<f32, TrainError> {
+                if has(slot) {
+                    Ok(tensor(slot)?.flatten_all()?.to_vec1::<f32>()?[0])
+                } else {
+                    Ok(attribute_f(node, attr, default as f64) as f32)
+                }
+            };
+            out(tensor(0)?.clamp(bound(1, "min", f32::MIN)?, bound(2, "max", f32::MAX)?)?)
+        }
+        "MaxPool" | "AveragePool" => {
+            let kernel = attribute_ints(node, "kernel_shape")
+                .ok_or_else(|| TrainError::Model(format!("{} has no kernel_shape", node.name)))?;
+            let pooling = if node.op_type == "MaxPool" {
+                Pooling::Max
+            } else {
+                Pooling::Average { count_include_pad: attribute_i(node, "count_include_pad", 0) == 1 }
+            };
+            out(tensor(0)?.contiguous()?.apply_op1(Pool(geometry(node, [kernel[0], kernel[1]]), pooling))?)
+        }
+        "GlobalAveragePool" => out(tensor(0)?.mean_keepdim(3)?.mean_keepdim(2)?),
+        "Add" => out(tensor(0)?.broadcast_add(&tensor(1)?)?),
+        "Sub" => out(tensor(0)?.broadcast_sub(&tensor(1)?)?),
+        "Mul" => out(tensor(0)?.broadcast_mul(&tensor(1)?)?),
+        "Div" => out(tensor(0)?.broadcast_div(&tensor(1)?)?),
+        "Concat" => {
+            let parts: Vec<Tensor> = (0..node.input.len()).map(tensor).collect::<Result<_, _>>()?;
+            let rank = parts[0].rank() as i64;
+            let axis = attribute_i(node, "axis", 0);
+            out(Tensor::cat(&parts, (if axis < 0 { axis + rank } else { axis }) as usize)?)
+        }
+        "Flatten" => {
+            let x = tensor(0)?;
+            let axis = attribute_i(node, "axis", 1);
+            let axis = (if axis < 0 { axis + x.rank() as i64 } else { axis }) as usize;
+            let outer: usize = x.dims()[..axis].iter().product();
+            out(x.reshape((outer, ()))?)
+        }
+        "Reshape" => {
+            let x = tensor(0)?;
+            let Some(Value::Ints(shape)) = values.get(&node.input[1]) else {
+                return Err(TrainError::Unsupported {
+                    node: node_name(node, index),
+                    what: "Reshape to a computed shape".into(),
+                });
+            };
+            let mut dims: Vec<usize> =
+                shape.iter().enumerate().map(|(i, &d)| if d == 0 { x.dims()[i] } else { d.max(1) as usize }).collect();
+            if let Some(free) = shape.iter().position(|&d| d == -1) {
+                let known: usize = dims.iter().enumerate().filter(|(i, _)| *i != free).map(|(_, d)| d).product();
+                dims[free] = x.elem_count() / known.max(1);
+            }
+            out(x.reshape(dims)?)
+        }
+        "Gemm" => {
+            let (mut a, mut b) = (tensor(0)?, tensor(1)?);
+            if attribute_i(node, "transA", 0) == 1 {
+                a = a.t()?;
+            }
+            if attribute_i(node, "transB", 0) == 1 {
+                b = b.t()?;
+            }
+            let mut y = (a.matmul(&b)? * attribute_f(node, "alpha", 1.0))?;
+            if has(2) {
+                y = y.broadcast_add(&(tensor(2)? * attribute_f(node, "beta", 1.0))?)?;
+            }
+            out(y)
+        }
+        "MatMul" => out(tensor(0)?.broadcast_matmul(&tensor(1)?)?),
+        "Identity" | "Dropout" => out(tensor(0)?),
+        "Constant" => {
+            let value = attribute(node, "value").and_then(|a| a.t.as_ref()).ok_or_else(|| TrainError::Unsupported {
+                node: node_name(node, index),
+                what: "Constant without a tensor value".into(),
+            })?;
+            let numbers = tensor_numbers(value).map_err(TrainError::Model)?;
+            if value.data_type == DataType::Float as i32 {
+                let dims: Vec<usize> = value.dims.iter().map(|&d| d as usize).collect();
+                out(Tensor::from_vec(numbers.iter().map(|&v| v as f32).collect(), dims, &Device::Cpu)?)
+            } else {
+                Ok(Value::Ints(numbers.iter().map(|&v| v as i64).collect()))
+            }
+        }
+        "QuantizeLinear" => Ok(Value::Quantized(tensor(0)?, context.quantizers[&node.output[0]].clone())),
+        "DequantizeLinear" => match values.get(&node.input[0]) {
+            Some(Value::Quantized(x, quantizer)) => {
+                let x = x.contiguous()?;
+                let quantizer = quantizer.for_shape(x.dims());
+                out(x.apply_op1(FakeQuant(quantizer))?)
+            }
+            _ => Err(TrainError::Unsupported {
+                node: node_name(node, index),
+                what: "DequantizeLinear of something other than a QuantizeLinear or a quantized initializer".into(),
+            }),
+        },
+        other => Err(TrainError::Unsupported { node: node_name(node, index), what: format!("operator {other}") }),
+    }
+}
+
+/// Top-1 predictions of logits [N, classes].
+pub fn predictions(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
+    logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1()
+}
