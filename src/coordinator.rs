@@ -121,6 +121,7 @@ pub async fn run<Q: Queue>(
             let label = |key: &TaskKey| labels.get(key).cloned().unwrap_or_else(|| key.short().to_string());
             match event {
                 Event::Started { key, slot } => progress.started(slot, &label(&key)),
+                Event::Progress { key, slot, text } => progress.task_progress(slot, &label(&key), &text),
                 Event::Retrying { key, slot, attempt, error } => progress.retrying(slot, &label(&key), attempt, &error),
                 Event::Workers { alive } => progress.workers(alive),
                 Event::Note { message } => progress.note(&message),

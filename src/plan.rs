@@ -183,17 +183,35 @@ impl Plan {
         );
         chain.extend([calibration_data, calibrated.clone()]);
         let quantizer = json!({"calibration": recipe.calibration, "residual_fusion": recipe.residual_fusion});
-        let quantized_model = if recipe.qat_epochs > 0 {
+        let mut build_inputs = vec![input("calibration", &calibrated)];
+        if recipe.qat_epochs > 0 {
+            let training_data = self.add(
+                StageKind::PrepareData,
+                json!({"split": "train", "data": data, "samples": spec.qat.samples, "seed": spec.qat.seed}),
+                vec![],
+            );
+            let mut qat_params = json!({
+                "model_digest": sources.model_digest,
+                "quantizer": quantizer,
+                "format": spec.int8_format(),
+                "epochs": recipe.qat_epochs,
+                "learning_rate": spec.qat.learning_rate,
+                "momentum": spec.qat.momentum,
+                "weight_decay": spec.qat.weight_decay,
+                "batch_size": spec.qat.batch_size,
+                "seed": spec.qat.seed,
+            });
+            if recipe.calibration == CalibrationMethod::Percentile {
+                qat_params["percentile"] = json!(spec.calibration.percentile);
+            }
             let trained = self.add(
                 StageKind::Qat,
-                json!({"model_digest": sources.model_digest, "quantizer": quantizer, "epochs": recipe.qat_epochs}),
-                vec![input("calibration", &calibrated)],
+                qat_params,
+                vec![input("calibration", &calibrated), input("data", &training_data)],
             );
-            chain.push(trained.clone());
-            vec![input("model", &trained)]
-        } else {
-            vec![input("calibration", &calibrated)]
-        };
+            chain.extend([training_data, trained.clone()]);
+            build_inputs.push(input("model", &trained));
+        }
         let mut build_params = json!({
             "precision": "int8",
             "model_digest": sources.model_digest,
@@ -206,7 +224,7 @@ impl Plan {
         if recipe.calibration == CalibrationMethod::Percentile {
             build_params["percentile"] = json!(spec.calibration.percentile);
         }
-        self.add(StageKind::Build, build_params, quantized_model)
+        self.add(StageKind::Build, build_params, build_inputs)
     }
 
     /// Adds a task unless one with the same key exists; returns its key.
@@ -253,8 +271,7 @@ pub fn stage_version(stage: StageKind) -> u32 {
         StageKind::Evaluate => stages::evaluate::VERSION,
         StageKind::Noop => 1,
         StageKind::Calibrate => stages::calibrate::VERSION,
-        // No code produces QAT artifacts yet, so none can exist.
-        StageKind::Qat => 0,
+        StageKind::Qat => stages::qat::VERSION,
     }
 }
 
@@ -292,7 +309,7 @@ mod tests {
         let count = |stage| plan.tasks.iter().filter(|t| t.stage == stage).count();
         assert_eq!(plan.runs.len(), 9);
         assert_eq!(count(StageKind::Calibrate), 1);
-        assert_eq!(count(StageKind::PrepareData), 2);
+        assert_eq!(count(StageKind::PrepareData), 3);
         assert_eq!(count(StageKind::Qat), 4);
         assert_eq!(count(StageKind::Build), 1 + 8);
         assert_eq!(count(StageKind::Evaluate), 9);

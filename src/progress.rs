@@ -14,7 +14,11 @@ pub struct Progress {
     /// Remote workers alive, shown beside the run counts (None locally).
     workers: std::sync::Mutex<Option<usize>>,
     last_counts: std::sync::Mutex<RunCounts>,
+    last_plain_progress: std::sync::Mutex<std::collections::HashMap<usize, std::time::Instant>>,
 }
+
+/// How often plain (non-terminal) output repeats a task's progress.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 struct Live {
     _multi: MultiProgress,
@@ -60,7 +64,12 @@ impl Progress {
     /// A live display when stderr is a terminal, plain lines otherwise.
     pub fn new(tasks_to_run: usize, slots: usize) -> Self {
         if !std::io::stderr().is_terminal() {
-            return Self { display: None, workers: Default::default(), last_counts: Default::default() };
+            return Self {
+                display: None,
+                workers: Default::default(),
+                last_counts: Default::default(),
+                last_plain_progress: Default::default(),
+            };
         }
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let overall = multi.add(ProgressBar::new(tasks_to_run as u64));
@@ -83,6 +92,7 @@ impl Progress {
             display: Some(Live { _multi: multi, overall, slots }),
             workers: Default::default(),
             last_counts: Default::default(),
+            last_plain_progress: Default::default(),
         }
     }
 
@@ -105,6 +115,27 @@ impl Progress {
         *self.workers.lock().expect("progress lock") = Some(alive);
         let counts = *self.last_counts.lock().expect("progress lock");
         self.runs(counts);
+    }
+
+    /// How a long task on an in-process slot is getting on: the slot's
+    /// line on a terminal; off a terminal, a log line at most every
+    /// `PLAIN_PROGRESS_EVERY` per slot, so CI logs stay short.
+    pub fn task_progress(&self, slot: usize, label: &str, text: &str) {
+        match &self.display {
+            Some(live) => {
+                if let Some(line) = live.slots.get(slot) {
+                    line.set_message(format!("{label}: {text}"));
+                }
+            }
+            None => {
+                let mut last = self.last_plain_progress.lock().expect("progress lock");
+                let due = last.get(&slot).is_none_or(|at| at.elapsed() >= PLAIN_PROGRESS_EVERY);
+                if due {
+                    last.insert(slot, std::time::Instant::now());
+                    eprintln!("{}{label}: {text}", worker_prefix(Some(slot)));
+                }
+            }
+        }
     }
 
     pub fn started(&self, slot: usize, label: &str) {

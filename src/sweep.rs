@@ -7,13 +7,12 @@
 use std::path::{Path, PathBuf};
 
 use crate::data::{self, Split};
-use crate::matrix::{self, Origin, Run};
+use crate::matrix::{self, Run};
 use crate::onnx::graph::{weighted_ops, GraphIndex};
 use crate::onnx::{self, Dim, TensorSpec};
 use crate::plan::Sources;
 use crate::quant::qdq;
 use crate::spec::{self, Diagnostic, JsonPath, ParsedSpec, SpecErrors, SweepSpec};
-use crate::stages;
 
 pub struct Sweep {
     pub spec_file: PathBuf,
@@ -54,21 +53,6 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
     if runs.is_empty() && errors.is_empty() {
         errors.push(no_runs(&parsed));
     }
-    for run in &runs {
-        if let Some(reason) = stages::unsupported(run) {
-            let path = match run.origin {
-                Origin::Baseline(index) => JsonPath::parse("baselines").index(index),
-                Origin::Matrix => JsonPath::parse("matrix.qat_epochs"),
-                Origin::Include(index) => JsonPath::parse("include").index(index),
-            };
-            let diagnostic =
-                parsed.diagnostic(path, reason, "use qat_epochs 0 (PTQ) until this qsweep gains QAT support");
-            if !errors.iter().any(|e| e.path == diagnostic.path) {
-                errors.push(diagnostic);
-            }
-        }
-    }
-
     let base = parsed.base_dir();
     let model_path = base.join(&parsed.spec.model);
     let data_dir = parsed
@@ -93,6 +77,16 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         Ok(model) => {
             if runs.iter().any(|r| r.recipe().is_some()) {
                 check_quantizable(&parsed, &model, &mut errors);
+            }
+            // Before any training starts, not at the QAT stage of each run.
+            if runs.iter().any(|r| r.recipe().is_some_and(|recipe| recipe.qat_epochs > 0)) {
+                if let Err(e) = crate::train::network::check_operators(&model.proto) {
+                    errors.push(parsed.diagnostic(
+                        JsonPath::parse("model"),
+                        format!("QAT cannot fine-tune this model: {e}"),
+                        "use qat_epochs 0 (PTQ) for it, or export it with the supported operators",
+                    ));
+                }
             }
             check_model(&parsed, &model, dataset_shape, &mut errors)
         }

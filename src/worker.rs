@@ -32,15 +32,22 @@ pub struct Attempts {
     pub timeout: Duration,
 }
 
+/// Where a task's progress and retries are told.
+pub trait Listener: Send + Sync + 'static {
+    /// A failed attempt that will be retried.
+    fn retrying(&self, attempt: u32, error: &str);
+    /// The stage's own progress line.
+    fn progress(&self, text: &str);
+}
+
 /// Runs `task` until it succeeds, fails for good, or shutdown is signalled.
-/// `on_retry` hears about each failed attempt that will be retried.
 pub async fn run_task(
     task: Arc<Task>,
     sweep: Arc<Sweep>,
     results: ResultsDir,
     policy: Attempts,
     mut shutdown: watch::Receiver<bool>,
-    on_retry: impl Fn(u32, &str),
+    listener: Arc<dyn Listener>,
 ) -> Outcome {
     let mut last_error = String::new();
     let mut attempt = 0;
@@ -52,7 +59,14 @@ pub async fn run_task(
         let cancel = Arc::new(AtomicBool::new(false));
         let handle = tokio::task::spawn_blocking({
             let (task, sweep, results, cancel) = (task.clone(), sweep.clone(), results.clone(), cancel.clone());
-            move || stages::execute(&task, &StageContext { sweep: &sweep, results: &results, cancel: &cancel })
+            let listener = listener.clone();
+            move || {
+                let report = |text: &str| listener.progress(text);
+                stages::execute(
+                    &task,
+                    &StageContext { sweep: &sweep, results: &results, cancel: &cancel, report: &report },
+                )
+            }
         });
         tokio::pin!(handle);
         let result = tokio::select! {
@@ -81,7 +95,7 @@ pub async fn run_task(
             }
             Err(StageError::Retryable(message)) => {
                 if attempt <= policy.retries {
-                    on_retry(attempt, &message);
+                    listener.retrying(attempt, &message);
                 }
                 last_error = message;
             }

@@ -84,13 +84,35 @@ fn exclude_removing_everything_is_refused() {
     assert!(err.contains("`exclude` removes every run"), "{err}");
 }
 
-/// QAT epochs are valid spec, but no stage can execute them yet; the spec
-/// is refused rather than pretending to run them.
+/// A learning rate or epoch count that is negative or absurd is a spec error.
 #[test]
-fn qat_runs_are_refused_until_a_stage_can_run_them() {
-    let err = refused(&quick_spec_json(r#""matrix": { "calibration": ["mse"], "qat_epochs": [0, 2] }"#));
-    assert!(err.contains("$.matrix.qat_epochs"), "{err}");
-    assert!(err.contains("run `mse-unfused-qat2` cannot run yet"), "{err}");
+fn absurd_qat_recipes_are_refused() {
+    let err = refused(&quick_spec_json(
+        r#""matrix": { "calibration": ["mse"], "qat_epochs": [5000] }, "qat": { "learning_rate": -0.1 }"#,
+    ));
+    assert!(err.contains("$.matrix.qat_epochs[0]"), "{err}");
+    assert!(err.contains("$.qat.learning_rate"), "{err}");
+    let err = refused(&quick_spec_json(r#""matrix": { "calibration": ["mse"], "qat_epochs": [-2] }"#));
+    assert!(err.contains("$.matrix.qat_epochs[0]"), "{err}");
+    let err = refused(&quick_spec_json(
+        r#""matrix": { "calibration": ["mse"], "qat_epochs": [2] }, "qat": { "learning_rate": 5 }"#,
+    ));
+    assert!(err.contains("$.qat.learning_rate"), "{err}");
+}
+
+/// An operator the trainer cannot run is named, with its node, at validation.
+#[test]
+fn qat_of_a_model_with_an_unsupported_operator_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("softsign.onnx");
+    std::fs::write(&model, single_node_model("Softsign", 17, &[1, 28, 28], &[1, 28, 28])).unwrap();
+    let text = quick_spec_json(r#""matrix": { "calibration": ["max"], "qat_epochs": [1] }"#)
+        .replace(reference_model().to_str().unwrap(), model.to_str().unwrap());
+    let err = refused_in(dir.path(), &text);
+    assert!(
+        err.contains("QAT cannot fine-tune this model: node Softsign#0: operator Softsign is not supported"),
+        "{err}"
+    );
 }
 
 #[test]

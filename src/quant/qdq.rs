@@ -180,6 +180,12 @@ impl Encoding {
     }
 }
 
+/// The largest int8 weight level `format` writes (127, or 63 for 7-bit
+/// weights); QAT keeps fine-tuned weights inside it.
+pub fn weight_levels(format: Int8Format) -> f32 {
+    Encoding::of(format).weight_levels
+}
+
 /// Rewrites `model` into a Q/DQ model. `ranges` maps every tensor of
 /// `calibration_tensors` to its calibrated range.
 pub fn quantize(

@@ -28,7 +28,26 @@ pub struct MemoryQueue {
     /// Which slot runs which kind of task.
     busy: HashMap<usize, StageKind>,
     stop: watch::Sender<bool>,
-    retries: (mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>),
+    /// Retries and progress from running tasks.
+    updates: (mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>),
+}
+
+/// Turns one slot's task's retries and progress into events.
+struct SlotListener {
+    key: TaskKey,
+    slot: usize,
+    updates: mpsc::UnboundedSender<Event>,
+}
+
+impl worker::Listener for SlotListener {
+    fn retrying(&self, attempt: u32, error: &str) {
+        let event = Event::Retrying { key: self.key.clone(), slot: Some(self.slot), attempt, error: error.to_string() };
+        let _ = self.updates.send(event);
+    }
+
+    fn progress(&self, text: &str) {
+        let _ = self.updates.send(Event::Progress { key: self.key.clone(), slot: self.slot, text: text.to_string() });
+    }
 }
 
 impl MemoryQueue {
@@ -43,7 +62,7 @@ impl MemoryQueue {
             running: JoinSet::new(),
             busy: HashMap::new(),
             stop: watch::channel(false).0,
-            retries: mpsc::unbounded_channel(),
+            updates: mpsc::unbounded_channel(),
         }
     }
 
@@ -66,18 +85,10 @@ impl MemoryQueue {
             started.push(Event::Started { key: task.key.clone(), slot });
             let (sweep, results, policy, shutdown) =
                 (self.sweep.clone(), self.results.clone(), self.policy, self.stop.subscribe());
-            let retries = self.retries.0.clone();
             let key = task.key.clone();
+            let listener = Arc::new(SlotListener { key: key.clone(), slot, updates: self.updates.0.clone() });
             self.running.spawn(async move {
-                let outcome = worker::run_task(task, sweep, results, policy, shutdown, |attempt, error| {
-                    let _ = retries.send(Event::Retrying {
-                        key: key.clone(),
-                        slot: Some(slot),
-                        attempt,
-                        error: error.to_string(),
-                    });
-                })
-                .await;
+                let outcome = worker::run_task(task, sweep, results, policy, shutdown, listener).await;
                 (slot, key, outcome)
             });
             if stage == StageKind::Evaluate {
@@ -126,7 +137,7 @@ impl Queue for MemoryQueue {
                     events.push(self.finished(slot, key, outcome));
                 }
             }
-            Some(retry) = self.retries.1.recv() => events.push(retry),
+            Some(update) = self.updates.1.recv() => events.push(update),
         }
         Ok(events)
     }

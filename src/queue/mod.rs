@@ -58,6 +58,12 @@ pub enum Event {
         key: TaskKey,
         slot: usize,
     },
+    /// A long task's own account of its progress (in-process workers).
+    Progress {
+        key: TaskKey,
+        slot: usize,
+        text: String,
+    },
     Retrying {
         key: TaskKey,
         slot: Option<usize>,

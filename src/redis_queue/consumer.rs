@@ -254,17 +254,10 @@ impl Slot {
         ));
         let policy =
             Attempts { retries: loaded.sweep.spec.retries, timeout: Duration::from_secs(loaded.sweep.spec.timeout) };
-        let outcome = worker::run_task(
-            Arc::new(task),
-            loaded.sweep.clone(),
-            loaded.results.clone(),
-            policy,
-            shutdown,
-            |attempt, error| {
-                tracing::warn!("retrying {key} after attempt {attempt}: {error}");
-            },
-        )
-        .await;
+        let listener = Arc::new(LogListener { worker: self.name.clone(), key: key.clone() });
+        let outcome =
+            worker::run_task(Arc::new(task), loaded.sweep.clone(), loaded.results.clone(), policy, shutdown, listener)
+                .await;
         heartbeat.abort();
         match outcome {
             Outcome::Done(_) => {
@@ -361,6 +354,23 @@ impl Slot {
         pipe.xack(self.keys.queue(), GROUP, &[entry]).xdel(self.keys.queue(), &[entry]);
         let _: () = pipe.query_async(&mut self.connection).await?;
         Ok(())
+    }
+}
+
+/// A remote worker's task tells its retries and progress to the log (a
+/// pod's log, `kubectl logs`).
+struct LogListener {
+    worker: String,
+    key: TaskKey,
+}
+
+impl worker::Listener for LogListener {
+    fn retrying(&self, attempt: u32, error: &str) {
+        tracing::warn!("{}: retrying {} after attempt {attempt}: {error}", self.worker, self.key);
+    }
+
+    fn progress(&self, text: &str) {
+        tracing::info!("{}: {} {text}", self.worker, self.key.short());
     }
 }
 

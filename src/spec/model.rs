@@ -40,6 +40,9 @@ pub struct SweepSpec {
     /// Unquantized reference runs; every delta in the reports is against fp32.
     #[serde(default = "default_baselines")]
     pub baselines: Vec<Baseline>,
+    /// How QAT fine-tunes runs whose `qat_epochs` is above 0.
+    #[serde(default)]
+    pub qat: QatSpec,
     /// How each built model is measured.
     #[serde(default)]
     pub evaluate: EvaluateSpec,
@@ -218,10 +221,57 @@ pub struct MatrixSpec {
     #[serde(default)]
     #[schemars(extend("uniqueItems" = true))]
     pub residual_fusion: Vec<bool>,
-    /// QAT fine-tune epochs; 0 means PTQ only (default: just 0).
+    /// QAT fine-tune epochs; 0 means PTQ only (default: just 0). NVIDIA's
+    /// recipe fine-tunes for about 10% of the original training epochs.
     #[serde(default)]
-    #[schemars(extend("uniqueItems" = true))]
+    #[schemars(extend("uniqueItems" = true), inner(range(max = 1000)))]
     pub qat_epochs: Vec<u32>,
+}
+
+/// The QAT recipe. NVIDIA's: about 10% of the original epochs (the
+/// matrix's `qat_epochs`), at about 1% of the original learning rate,
+/// decayed by a half cosine; SGD with momentum. BatchNorm statistics are
+/// frozen (folded into the convs in the `onnxruntime-cpu` format).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QatSpec {
+    /// Starting learning rate: about 1% of the one the model was trained with.
+    #[serde(default = "default_qat_learning_rate")]
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0.0))]
+    pub learning_rate: f64,
+    /// SGD momentum.
+    #[serde(default = "default_momentum")]
+    #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1.0))]
+    pub momentum: f64,
+    /// L2 weight decay on weights (not biases or BatchNorm).
+    #[serde(default = "default_weight_decay")]
+    #[schemars(range(min = 0.0, max = 0.1))]
+    pub weight_decay: f64,
+    /// Images per training step.
+    #[serde(default = "default_train_batch")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub batch_size: u32,
+    /// Training images fine-tuned on: a seeded subset of the training
+    /// split (60000 is all of Fashion-MNIST's), drawn once per sweep.
+    #[serde(default = "default_qat_samples")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub samples: u32,
+    /// Seed of the subset and of each epoch's shuffle.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl Default for QatSpec {
+    fn default() -> Self {
+        Self {
+            learning_rate: default_qat_learning_rate(),
+            momentum: default_momentum(),
+            weight_decay: default_weight_decay(),
+            batch_size: default_train_batch(),
+            samples: default_qat_samples(),
+            seed: 0,
+        }
+    }
 }
 
 /// One partial combination of the axes, for `include` and `exclude`.
@@ -358,6 +408,22 @@ impl SweepSpec {
     }
 }
 
+fn default_qat_learning_rate() -> f64 {
+    // 1% of the reference model's 0.1.
+    0.001
+}
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_weight_decay() -> f64 {
+    1e-4
+}
+fn default_train_batch() -> u32 {
+    128
+}
+fn default_qat_samples() -> u32 {
+    10_000
+}
 fn default_baselines() -> Vec<Baseline> {
     vec![Baseline::Fp32]
 }

@@ -38,9 +38,41 @@ enum Params {
 }
 
 #[derive(Deserialize)]
-struct Quantizer {
-    calibration: CalibrationMethod,
-    residual_fusion: bool,
+pub struct Quantizer {
+    pub calibration: CalibrationMethod,
+    pub residual_fusion: bool,
+}
+
+/// The PTQ Q/DQ model of a run: the calibrated ranges under its method,
+/// written in its format; QAT starts from it.
+pub struct PtqModel {
+    pub model: candle_onnx::onnx::ModelProto,
+    pub summary: qdq::QdqSummary,
+    /// Calibrated tensors' shapes, for the coverage report.
+    pub shapes: HashMap<String, Vec<usize>>,
+}
+
+pub fn ptq_model(
+    task: &Task,
+    context: &StageContext<'_>,
+    quantizer: &Quantizer,
+    format: Int8Format,
+    percentile: Option<f64>,
+) -> Result<PtqModel, StageError> {
+    let statistics = Statistics::read(&context.input_dir(task, "calibration")?)?;
+    let ranges: HashMap<String, qdq::Range> = statistics
+        .tensors
+        .iter()
+        .map(|t| {
+            let amax = amax::amax(quantizer.calibration, &t.histogram, percentile.unwrap_or(99.99));
+            (t.name.clone(), qdq::Range { amax, nonnegative: t.histogram.min >= 0.0 })
+        })
+        .collect();
+    let shapes = statistics.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    let model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
+    let (model, summary) = qdq::quantize(&model.proto, &ranges, format, quantizer.residual_fusion)
+        .map_err(|e| StageError::Fatal(e.to_string()))?;
+    Ok(PtqModel { model, summary, shapes })
 }
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
@@ -53,21 +85,15 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let (source, mut metrics) = match params {
         Params::Fp32 { .. } => (context.sweep.model_path.clone(), json!({"precision": "fp32"})),
         Params::Int8 { quantizer, format, percentile, .. } => {
-            let statistics = Statistics::read(&context.input_dir(task, "calibration")?)?;
-            let ranges: HashMap<String, qdq::Range> = statistics
-                .tensors
-                .iter()
-                .map(|t| {
-                    let amax = amax::amax(quantizer.calibration, &t.histogram, percentile.unwrap_or(99.99));
-                    (t.name.clone(), qdq::Range { amax, nonnegative: t.histogram.min >= 0.0 })
-                })
-                .collect();
-            shapes = statistics.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
-            let model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
-            let (quantized, summary) = qdq::quantize(&model.proto, &ranges, format, quantizer.residual_fusion)
-                .map_err(|e| StageError::Fatal(e.to_string()))?;
+            let ptq = ptq_model(task, context, &quantizer, format, percentile)?;
+            shapes = ptq.shapes;
             let qdq_path = out.join(QDQ_MODEL);
-            std::fs::write(&qdq_path, quantized.encode_to_vec())?;
+            match task.input("model") {
+                // QAT fine-tuned the PTQ model; its weights are what to build.
+                Some(_) => std::fs::copy(context.input_dir(task, "model")?.join(QDQ_MODEL), &qdq_path).map(drop)?,
+                None => std::fs::write(&qdq_path, ptq.model.encode_to_vec())?,
+            }
+            let summary = ptq.summary;
             let metrics = json!({
                 "precision": "int8",
                 "format": format,

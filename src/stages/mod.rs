@@ -10,6 +10,7 @@ pub mod build;
 pub mod calibrate;
 pub mod evaluate;
 pub mod prepare_data;
+pub mod qat;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -19,7 +20,6 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::engine::EngineError;
-use crate::matrix::{Run, RunKind};
 use crate::plan::{StageKind, Task};
 use crate::store::{Manifest, ResultsDir};
 use crate::sweep::Sweep;
@@ -30,6 +30,8 @@ pub struct StageContext<'a> {
     pub results: &'a ResultsDir,
     /// Set on Ctrl-C or timeout; long loops check it between batches.
     pub cancel: &'a AtomicBool,
+    /// Says how a long stage is getting on (the worker's progress line).
+    pub report: &'a (dyn Fn(&str) + Sync),
 }
 
 /// Why a stage attempt failed, and whether trying again could help.
@@ -97,24 +99,8 @@ pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, Stag
         StageKind::Build => build::run(task, context, staging.dir())?,
         StageKind::Evaluate => evaluate::run(task, context, staging.dir())?,
         StageKind::Calibrate => calibrate::run(task, context, staging.dir())?,
-        // `unsupported` refuses specs that need QAT, so only a plan made by
-        // a newer qsweep can get here.
+        StageKind::Qat => qat::run(task, context, staging.dir())?,
         StageKind::Noop => unreachable!("no-op tasks return above"),
-        StageKind::Qat => {
-            return Err(StageError::Fatal(format!("this qsweep cannot execute {} tasks; upgrade it", task.stage)))
-        }
     };
     Ok(staging.commit(metrics, started.elapsed().as_secs_f64())?)
-}
-
-/// Why this build of qsweep cannot execute `run`, if it cannot. A spec
-/// asking for such a run is refused up front: nothing pretends to run.
-pub fn unsupported(run: &Run) -> Option<String> {
-    match run.kind {
-        RunKind::Quantized(recipe) if recipe.qat_epochs > 0 => Some(format!(
-            "run `{}` cannot run yet: this qsweep has no QAT stage, so qat_epochs {} is not available (0 means PTQ)",
-            run.id, recipe.qat_epochs
-        )),
-        _ => None,
-    }
 }

@@ -1,7 +1,8 @@
 //! prepare-data: turns the dataset into the tensors later stages read.
 //!
-//! Two tasks of this stage exist per sweep: the whole test split for
-//! evaluation, and the seeded calibration subset of the training split.
+//! Up to three tasks of this stage exist per sweep: the whole test split
+//! for evaluation, the seeded calibration subset of the training split,
+//! and, for QAT, the seeded subset of the training split it fine-tunes on.
 //! Both are written as .npy; the calibration set is also written as a
 //! PyTorch .pt dict (`images`, `labels`), the form NVIDIA's PTQ flow
 //! prepares, so a PyTorch user can calibrate on exactly the same images.
@@ -29,6 +30,7 @@ pub const CALIBRATION_PT: &str = "calibration.pt";
 enum Params {
     Test { data: DataParams },
     Calibration { data: DataParams, samples: usize, seed: u64 },
+    Train { data: DataParams, samples: usize, seed: u64 },
 }
 
 #[derive(Deserialize)]
@@ -64,6 +66,14 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
                 ],
             )?;
             Ok(json!({"split": "calibration", "count": indices.len(), "seed": seed}))
+        }
+        Params::Train { data, samples, seed } => {
+            let raw = load(data.dataset, Split::Train)?;
+            let indices = data::calibration_indices(raw.count, samples, seed);
+            let tensors = raw.preprocess(&data.preprocess, Some(&indices));
+            tensor_file::write_npy(&out.join(IMAGES), &tensors.images.view().into_dyn())?;
+            tensor_file::write_npy(&out.join(LABELS), &tensors.labels.view().into_dyn())?;
+            Ok(json!({"split": "train", "count": indices.len(), "seed": seed}))
         }
     }
 }

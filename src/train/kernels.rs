@@ -131,6 +131,8 @@ impl Operand<'_> {
 /// dst[m x n] (+)= lhs[m x k] * rhs[k x n], single-threaded: the callers
 /// already spread images over the threads.
 fn matmul(dst: &mut [f32], accumulate: bool, lhs: Operand<'_>, rhs: Operand<'_>, m: usize, n: usize, k: usize) {
+    let logical = |o: &Operand<'_>| if o.transposed { (o.cols, o.rows) } else { (o.rows, o.cols) };
+    assert_eq!((logical(&lhs), logical(&rhs)), ((m, k), (k, n)), "operand shapes");
     assert!(dst.len() >= m * n && lhs.data.len() >= m * k && rhs.data.len() >= k * n);
     let (lhs_rs, lhs_cs) = lhs.strides();
     let (rhs_rs, rhs_cs) = rhs.strides();

@@ -4,7 +4,9 @@
 //! - `kernels`: convolution, pooling and fake quantization on slices;
 //! - `ops`: those kernels as candle custom ops with their own backward;
 //! - `network`: an ONNX graph as a differentiable computation, and back;
+//! - `fit`: the training loop, checkpoints and resumption.
 
+pub mod fit;
 pub mod kernels;
 pub mod network;
 pub mod ops;
@@ -19,6 +21,10 @@ pub enum TrainError {
     NothingToTrain,
     #[error("{0}")]
     Model(String),
+    #[error("the loss became NaN or infinite at epoch {epoch}, step {step}{}\n  fix: lower the learning rate", match checkpoint { Some(dir) => format!("; the last good checkpoint (end of epoch {}) is kept in {}", epoch - 1, dir.display()), None => String::new() })]
+    NotFinite { epoch: u32, step: usize, checkpoint: Option<std::path::PathBuf> },
+    #[error("interrupted")]
+    Cancelled,
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
 }

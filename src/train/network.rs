@@ -162,9 +162,7 @@ impl Network {
         weight_levels: Option<f32>,
     ) -> Result<Self, TrainError> {
         let graph = model.graph.as_ref().ok_or_else(|| TrainError::Model("the model has no graph".into()))?;
-        for (i, node) in graph.node.iter().enumerate() {
-            check_supported(node, i)?;
-        }
+        check_operators(model)?;
         let initializers: HashMap<&str, &TensorProto> =
             graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
         let inputs: Vec<&str> =
@@ -419,7 +417,13 @@ fn attribute_ints(node: &NodeProto, name: &str) -> Option<Vec<usize>> {
         .map(|a| a.ints.iter().map(|&v| v as usize).collect())
 }
 
-/// Refuses, before training, what the interpreter cannot run, naming the node.
+/// Refuses, before training, what the interpreter cannot run, naming the
+/// first node it cannot.
+pub fn check_operators(model: &ModelProto) -> Result<(), TrainError> {
+    let nodes = model.graph.as_ref().map(|g| g.node.as_slice()).unwrap_or_default();
+    nodes.iter().enumerate().try_for_each(|(i, node)| check_supported(node, i))
+}
+
 fn check_supported(node: &NodeProto, index: usize) -> Result<(), TrainError> {
     let unsupported = |what: String| TrainError::Unsupported { node: node_name(node, index), what };
     if !SUPPORTED.contains(&node.op_type.as_str()) {

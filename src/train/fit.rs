@@ -1,0 +1,298 @@
+//! The training loop: seeded shuffles, SGD with momentum under a
+//! half-cosine learning-rate decay, a checkpoint after every epoch (so a
+//! killed run resumes from its last finished epoch), and a NaN guard that
+//! stops at the step it happened and keeps the last good checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use super::network::{predictions, Network};
+use super::TrainError;
+
+/// How to train: NVIDIA's QAT recipe is about 10% of the original epochs
+/// at about 1% of the original learning rate, decayed by a half cosine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub epochs: u32,
+    pub learning_rate: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+impl Recipe {
+    /// The learning rate at `step` of `total`: lr0 * (1 + cos(pi t / T)) / 2.
+    pub fn learning_rate_at(&self, step: usize, total: usize) -> f64 {
+        let progress = step as f64 / total.max(1) as f64;
+        self.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// Labelled images in NCHW order, as the prepare-data stage writes them.
+pub struct Examples {
+    pub images: Vec<f32>,
+    /// Channels, height, width of one image.
+    pub image_shape: [usize; 3],
+    pub labels: Vec<u32>,
+}
+
+impl Examples {
+    /// NCHW f32 images and u8 labels from .npy files.
+    pub fn from_npy(images: &Path, labels: &Path) -> std::io::Result<Self> {
+        let path = images;
+        let images = crate::data::tensor_file::read_npy::<f32>(images)?;
+        let labels = crate::data::tensor_file::read_npy::<u8>(labels)?;
+        let &[_, c, h, w] = images.shape() else {
+            return Err(std::io::Error::other(format!(
+                "{} holds images of shape {:?}, not NCHW",
+                path.display(),
+                images.shape()
+            )));
+        };
+        Ok(Self {
+            images: images.iter().copied().collect(),
+            image_shape: [c, h, w],
+            labels: labels.iter().map(|&l| l as u32).collect(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The images and labels at `indices`, as a batch.
+    pub fn batch(&self, indices: &[usize]) -> Result<(Tensor, Tensor), TrainError> {
+        let size: usize = self.image_shape.iter().product();
+        let mut images = Vec::with_capacity(indices.len() * size);
+        for &i in indices {
+            images.extend_from_slice(&self.images[i * size..(i + 1) * size]);
+        }
+        let [c, h, w] = self.image_shape;
+        let images = Tensor::from_vec(images, (indices.len(), c, h, w), &Device::Cpu)?;
+        let labels: Vec<u32> = indices.iter().map(|&i| self.labels[i]).collect();
+        Ok((images, Tensor::new(labels, &Device::Cpu)?))
+    }
+}
+
+/// One step's report, for the progress display.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    pub epoch: u32,
+    pub step: usize,
+    pub steps_per_epoch: usize,
+    pub loss: f32,
+    pub learning_rate: f64,
+    pub images_per_s: f64,
+}
+
+/// What a finished training reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Mean training loss of each epoch.
+    pub epoch_losses: Vec<f32>,
+    /// Epochs restored from a checkpoint instead of trained again.
+    pub resumed_epochs: u32,
+    pub images_per_s: f64,
+}
+
+/// Where the checkpoint of one training lives, and what it says.
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointState {
+    recipe: Recipe,
+    epochs_done: u32,
+    epoch_losses: Vec<f32>,
+}
+
+const STATE: &str = "state.json";
+const TENSORS: &str = "tensors.safetensors";
+
+/// SGD with momentum and decoupled-from-nothing L2 weight decay (on weights only).
+struct Sgd {
+    velocity: HashMap<String, Tensor>,
+}
+
+impl Sgd {
+    fn step(
+        &mut self,
+        network: &Network,
+        grads: &candle_core::backprop::GradStore,
+        recipe: &Recipe,
+        lr: f64,
+    ) -> Result<(), TrainError> {
+        for parameter in &network.parameters {
+            let Some(grad) = grads.get(parameter.var.as_tensor()) else { continue };
+            let value = parameter.var.as_tensor();
+            let grad = if parameter.decays && recipe.weight_decay > 0.0 {
+                (grad + (value * recipe.weight_decay)?)?
+            } else {
+                grad.clone()
+            };
+            let velocity = match self.velocity.get(&parameter.name) {
+                Some(v) => ((v * recipe.momentum)? + grad)?,
+                None => grad,
+            };
+            parameter.var.set(&(value - (&velocity * lr)?)?)?;
+            self.velocity.insert(parameter.name.clone(), velocity);
+        }
+        Ok(())
+    }
+}
+
+/// Trains `network` on `examples`, resuming from `checkpoint` when it holds
+/// a checkpoint of the same recipe.
+pub fn fit(
+    network: &mut Network,
+    examples: &Examples,
+    recipe: &Recipe,
+    checkpoint: &Path,
+    cancel: &AtomicBool,
+    mut on_step: impl FnMut(Step),
+) -> Result<Outcome, TrainError> {
+    if examples.is_empty() {
+        return Err(TrainError::Model("no training examples".into()));
+    }
+    let mut sgd = Sgd { velocity: HashMap::new() };
+    let mut epoch_losses = Vec::new();
+    let resumed_epochs = restore(network, &mut sgd, recipe, checkpoint, &mut epoch_losses)?;
+    let batch = recipe.batch_size.min(examples.len());
+    let steps_per_epoch = examples.len() / batch;
+    let total_steps = steps_per_epoch * recipe.epochs as usize;
+    let started = Instant::now();
+    let mut images_seen = 0usize;
+    for epoch in resumed_epochs..recipe.epochs {
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        // The epoch's seed, so a resumed run shuffles as the first did.
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(recipe.seed.wrapping_add(epoch as u64)));
+        let mut loss_sum = 0.0f64;
+        for step in 0..steps_per_epoch {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled);
+            }
+            let (images, labels) = examples.batch(&order[step * batch..(step + 1) * batch])?;
+            let logits = network.forward(&images, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let loss_value: f32 = loss.to_scalar()?;
+            if !loss_value.is_finite() {
+                return Err(TrainError::NotFinite {
+                    epoch: epoch + 1,
+                    step: step + 1,
+                    checkpoint: (epoch > 0).then(|| checkpoint.to_path_buf()),
+                });
+            }
+            let global_step = epoch as usize * steps_per_epoch + step;
+            let lr = recipe.learning_rate_at(global_step, total_steps);
+            sgd.step(network, &loss.backward()?, recipe, lr)?;
+            loss_sum += loss_value as f64;
+            images_seen += batch;
+            on_step(Step {
+                epoch: epoch + 1,
+                step: step + 1,
+                steps_per_epoch,
+                loss: loss_value,
+                learning_rate: lr,
+                images_per_s: images_seen as f64 / started.elapsed().as_secs_f64(),
+            });
+        }
+        epoch_losses.push((loss_sum / steps_per_epoch.max(1) as f64) as f32);
+        save(network, &sgd, recipe, checkpoint, epoch + 1, &epoch_losses)?;
+    }
+    Ok(Outcome { epoch_losses, resumed_epochs, images_per_s: images_seen as f64 / started.elapsed().as_secs_f64() })
+}
+
+/// Top-1 accuracy, in evaluation mode (running statistics).
+pub fn accuracy(network: &mut Network, examples: &Examples, batch: usize) -> Result<(f64, Vec<u32>), TrainError> {
+    let mut predicted = Vec::with_capacity(examples.len());
+    let indices: Vec<usize> = (0..examples.len()).collect();
+    for chunk in indices.chunks(batch) {
+        let (images, _) = examples.batch(chunk)?;
+        predicted.extend(predictions(&network.forward(&images, false)?)?);
+    }
+    let correct = predicted.iter().zip(&examples.labels).filter(|(p, l)| p == l).count();
+    Ok((correct as f64 / examples.len() as f64, predicted))
+}
+
+fn save(
+    network: &Network,
+    sgd: &Sgd,
+    recipe: &Recipe,
+    dir: &Path,
+    epochs_done: u32,
+    losses: &[f32],
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for parameter in &network.parameters {
+        tensors.insert(format!("param/{}", parameter.name), parameter.var.as_tensor().clone());
+    }
+    for (name, velocity) in &sgd.velocity {
+        tensors.insert(format!("velocity/{name}"), velocity.clone());
+    }
+    for (name, value) in network.running_statistics() {
+        tensors.insert(format!("running/{name}"), value);
+    }
+    // Tensors first, then the state that vouches for them: a kill between
+    // the two leaves the previous epoch's state, which then mismatches
+    // nothing it names.
+    let staged = dir.join(format!("{TENSORS}.partial"));
+    candle_core::safetensors::save(&tensors, &staged)?;
+    std::fs::rename(&staged, dir.join(TENSORS)).map_err(|e| io_error(dir, e))?;
+    let state = CheckpointState { recipe: recipe.clone(), epochs_done, epoch_losses: losses.to_vec() };
+    let staged = dir.join(format!("{STATE}.partial"));
+    std::fs::write(&staged, serde_json::to_vec_pretty(&state).expect("state serializes"))
+        .map_err(|e| io_error(dir, e))?;
+    std::fs::rename(&staged, dir.join(STATE)).map_err(|e| io_error(dir, e))?;
+    Ok(())
+}
+
+/// Loads a checkpoint of this recipe; returns the epochs it holds (0 if none).
+fn restore(
+    network: &mut Network,
+    sgd: &mut Sgd,
+    recipe: &Recipe,
+    dir: &Path,
+    losses: &mut Vec<f32>,
+) -> Result<u32, TrainError> {
+    let Ok(text) = std::fs::read(dir.join(STATE)) else { return Ok(0) };
+    let Ok(state) = serde_json::from_slice::<CheckpointState>(&text) else { return Ok(0) };
+    if state.recipe != *recipe || state.epochs_done > recipe.epochs {
+        return Ok(0);
+    }
+    let tensors = candle_core::safetensors::load(dir.join(TENSORS), &Device::Cpu)?;
+    for parameter in &network.parameters {
+        let saved = tensors.get(&format!("param/{}", parameter.name)).ok_or_else(|| {
+            TrainError::Model(format!("the checkpoint in {} lacks {}", dir.display(), parameter.name))
+        })?;
+        parameter.var.set(saved)?;
+        if let Some(velocity) = tensors.get(&format!("velocity/{}", parameter.name)) {
+            sgd.velocity.insert(parameter.name.clone(), velocity.clone());
+        }
+    }
+    for (name, value) in
+        tensors.iter().filter_map(|(k, v)| k.strip_prefix("running/").map(|n| (n.to_string(), v.clone())))
+    {
+        network.set_running_statistic(&name, value);
+    }
+    *losses = state.epoch_losses;
+    Ok(state.epochs_done)
+}
+
+fn io_error(dir: &Path, e: std::io::Error) -> TrainError {
+    TrainError::Model(format!("cannot write the checkpoint in {}: {e}", dir.display()))
+}
+
+/// The checkpoint directory of a training task inside a results directory.
+pub fn checkpoint_dir(results_root: &Path, key: &str) -> PathBuf {
+    results_root.join("checkpoints").join(key)
+}
