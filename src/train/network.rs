@@ -27,8 +27,8 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_onnx::onnx::{attribute_proto::AttributeType, tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
 
-use super::kernels::{Pooling, Quantizer};
-use super::ops::{Conv2d, FakeQuant, Geometry, Pool};
+use super::kernels::{self, Planes, Pooling, Quantizer};
+use super::ops::{BatchNormTrain, ChannelAffine, Conv2d, FakeQuant, Geometry, Pool};
 use super::TrainError;
 use crate::onnx::graph::node_name;
 use crate::onnx::{numbers_tensor, tensor_numbers};
@@ -323,9 +323,14 @@ impl Network {
 
     fn update_running(&mut self, output: &str, x: &Tensor, momentum: f64) -> Result<(), TrainError> {
         let statistics = self.running.get_mut(output).expect("every BatchNormalization has running statistics");
-        let (mean, var) = channel_moments(x)?;
-        let count = (x.elem_count() / x.dim(1)?) as f64;
-        let unbiased = (var * (count / (count - 1.0).max(1.0)))?;
+        let &[batch, channels, height, width] = x.dims() else {
+            return Err(TrainError::Model(format!("BatchNormalization of a {:?} tensor is not supported", x.dims())));
+        };
+        let planes = Planes { batch, channels, plane: height * width };
+        let (mean, var) = kernels::channel_moments(planes, &x.flatten_all()?.to_vec1()?);
+        let count = (batch * height * width) as f64;
+        let mean = Tensor::from_vec(mean, channels, &Device::Cpu)?;
+        let unbiased = (Tensor::from_vec(var, channels, &Device::Cpu)? * (count / (count - 1.0).max(1.0)))?;
         statistics.mean = ((&statistics.mean * momentum)? + (mean * (1.0 - momentum))?)?;
         statistics.var = ((&statistics.var * momentum)? + (unbiased * (1.0 - momentum))?)?;
         self.constants.insert(statistics.mean_name.clone(), Value::Tensor(statistics.mean.clone()));
@@ -388,15 +393,6 @@ impl Network {
         }
         Ok(model)
     }
-}
-
-/// Mean and (biased) variance per channel of an NCHW tensor, as [C].
-fn channel_moments(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-    let channels = x.dim(1)?;
-    let per_channel = x.transpose(0, 1)?.contiguous()?.reshape((channels, ()))?;
-    let mean = per_channel.mean_keepdim(1)?;
-    let var = per_channel.broadcast_sub(&mean)?.sqr()?.mean(1)?;
-    Ok((mean.squeeze(1)?, var))
 }
 
 fn attribute<'a>(node: &'a NodeProto, name: &str) -> Option<&'a candle_onnx::onnx::AttributeProto> {
@@ -514,21 +510,21 @@ fn evaluate(
             let kernel = [weight.dim(2)?, weight.dim(3)?];
             let y = tensor(0)?.contiguous()?.apply_op2(&weight.contiguous()?, Conv2d(geometry(node, kernel)))?;
             if has(2) {
-                let bias = tensor(2)?;
-                out(y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?)
+                let bias = tensor(2)?.contiguous()?;
+                out(y.apply_op3(&bias.ones_like()?, &bias, ChannelAffine)?)
             } else {
                 out(y)
             }
         }
         "BatchNormalization" => {
-            let (x, scale, bias) = (tensor(0)?, tensor(1)?, tensor(2)?);
+            let (x, scale, bias) = (tensor(0)?.contiguous()?, tensor(1)?.contiguous()?, tensor(2)?.contiguous()?);
             let epsilon = attribute_f(node, "epsilon", 1e-5);
-            let (mean, var) = if batch_statistics { channel_moments(&x)? } else { (tensor(3)?, tensor(4)?) };
-            let channels = x.dim(1)?;
-            let as_channels = |t: Tensor| t.reshape((1, channels, 1, 1));
-            let multiplier = (scale / (var + epsilon)?.sqrt()?)?;
-            let shift = (bias - (&mean * &multiplier)?)?;
-            out(x.broadcast_mul(&as_channels(multiplier)?)?.broadcast_add(&as_channels(shift)?)?)
+            if batch_statistics {
+                return out(x.apply_op3(&scale, &bias, BatchNormTrain { epsilon: epsilon as f32 })?);
+            }
+            let multiplier = (&scale / (tensor(4)? + epsilon)?.sqrt()?)?;
+            let shift = (bias - (tensor(3)? * &multiplier)?)?;
+            out(x.apply_op3(&multiplier.contiguous()?, &shift.contiguous()?, ChannelAffine)?)
         }
         "Relu" => out(tensor(0)?.relu()?),
         "Clip" => {

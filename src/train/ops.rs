@@ -3,9 +3,9 @@
 //! express (fake quantization's straight-through estimator), or does too
 //! slowly (convolution); the arithmetic is in `kernels`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::kernels::{self, Pooling, Quantizer, Window};
+use super::kernels::{self, Planes, Pooling, Quantizer, Window};
 
 /// A contiguous f32 view of a custom op's argument.
 fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -109,6 +109,112 @@ impl CustomOp1 for Pool {
     }
 }
 
+fn planes_of(shape: &Shape) -> Result<Planes> {
+    match shape.dims() {
+        &[batch, channels, height, width] => Ok(Planes { batch, channels, plane: height * width }),
+        &[batch, channels] => Ok(Planes { batch, channels, plane: 1 }),
+        _ => candle_core::bail!("expected an NCHW or NC tensor, got shape {shape:?}"),
+    }
+}
+
+fn channel_vectors<'a>(
+    planes: Planes,
+    shape: &Shape,
+    vectors: [(&'a CpuStorage, &Layout); 2],
+) -> Result<[&'a [f32]; 2]> {
+    let [(s1, l1), (s2, l2)] = vectors;
+    let (a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+    if a.len() != planes.channels || b.len() != planes.channels {
+        candle_core::bail!("per-channel vectors of {} and {} values do not fit {shape:?}", a.len(), b.len());
+    }
+    Ok([a, b])
+}
+
+/// y = x * a[c] + b[c] over NCHW in one pass: BatchNorm with frozen
+/// statistics, and a Conv's bias; candle's broadcast ops made several.
+pub struct ChannelAffine;
+
+impl CustomOp3 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "qsweep-channel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let planes = planes_of(l1.shape())?;
+        let [a, b] = channel_vectors(planes, l1.shape(), [(s2, l2), (s3, l3)])?;
+        Ok((CpuStorage::F32(kernels::channel_affine(planes, f32_slice(s1, l1)?, a, b)), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let planes = planes_of(x.shape())?;
+        let (dx, da, db) = kernels::channel_affine_backward(planes, &values(x)?, &values(a)?, &values(grad)?);
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(da, a.shape(), a.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// BatchNormalization with batch statistics, forward and backward fused.
+pub struct BatchNormTrain {
+    pub epsilon: f32,
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "qsweep-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let planes = planes_of(l1.shape())?;
+        let [scale, bias] = channel_vectors(planes, l1.shape(), [(s2, l2), (s3, l3)])?;
+        let y = kernels::batch_norm(planes, f32_slice(s1, l1)?, scale, bias, self.epsilon);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        bias: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let planes = planes_of(x.shape())?;
+        let (dx, dscale, dbias) =
+            kernels::batch_norm_backward(planes, &values(x)?, &values(scale)?, self.epsilon, &values(grad)?);
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dscale, scale.shape(), scale.device())?),
+            Some(Tensor::from_vec(dbias, bias.shape(), bias.device())?),
+        ))
+    }
+}
+
 /// QuantizeLinear followed by DequantizeLinear, with the straight-through
 /// estimator as its gradient.
 pub struct FakeQuant(pub Quantizer);
@@ -196,6 +302,15 @@ pub(crate) mod tests {
         }
         let ceil = Geometry { kernel: [2, 2], stride: [2, 2], pads: [0; 4], dilation: [1, 1], ceil: true };
         check_gradient(&[tensor(&[1, 1, 5, 5], 5)], |t| t[0].apply_op1(Pool(ceil, Pooling::Max)));
+    }
+
+    #[test]
+    fn batch_norm_and_channel_affine_gradients_match_finite_differences() {
+        let (x, scale, bias) = (tensor(&[3, 2, 2, 3], 6), tensor(&[2], 7), tensor(&[2], 8));
+        check_gradient(&[x.clone(), scale.clone(), bias.clone()], |t| {
+            t[0].apply_op3(&t[1], &t[2], BatchNormTrain { epsilon: 1e-5 })
+        });
+        check_gradient(&[x, scale, bias], |t| t[0].apply_op3(&t[1], &t[2], ChannelAffine));
     }
 
     #[test]
