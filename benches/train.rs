@@ -41,6 +41,7 @@ fn main() {
         weight_decay: 5e-4,
         batch_size: batch,
         seed: 0,
+        augment: false,
     };
     // A warm-up epoch of a few steps, then the timed epoch.
     let checkpoint = tempfile::tempdir().unwrap();

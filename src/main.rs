@@ -93,6 +93,50 @@ enum Command {
         #[arg(long, requires = "namespace")]
         context: Option<String>,
     },
+    /// Trains an fp32 model on the dataset: a ResNet qsweep writes itself
+    /// (resnet-8/20/32 style), or any ONNX model given with --from.
+    Train {
+        /// Where to write the trained ONNX model.
+        #[arg(long)]
+        out: PathBuf,
+        /// Start from this ONNX model instead of a fresh ResNet.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// ResNet depth, 6n + 2 (8, 20, 32, ...).
+        #[arg(long, default_value_t = 8)]
+        depth: usize,
+        /// Channels of the ResNet's first stage (doubled at each later stage).
+        #[arg(long, default_value_t = 16)]
+        width: usize,
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        epochs: u32,
+        /// Starting learning rate (SGD with momentum 0.9, half-cosine decay).
+        #[arg(long, default_value_t = 0.1)]
+        learning_rate: f64,
+        #[arg(long, default_value_t = 5e-4)]
+        weight_decay: f64,
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        batch_size: u32,
+        /// Training images to use (a seeded subset of the training split).
+        #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u32).range(1..))]
+        samples: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// fashion-mnist or mnist.
+        #[arg(long, default_value = "fashion-mnist")]
+        dataset: String,
+        /// Directory of the dataset's IDX files [default: where Debian installs them].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Normalization: x = (pixel / 255 - mean) / std.
+        #[arg(long, default_value_t = 0.2860)]
+        mean: f32,
+        #[arg(long, default_value_t = 0.3530)]
+        std: f32,
+        /// Train without random shifts and flips.
+        #[arg(long)]
+        no_augment: bool,
+    },
     /// Regenerates every report from a results directory.
     Report { dir: PathBuf },
     /// Prints the JSON Schema of sweep specs.
@@ -204,6 +248,34 @@ fn main() -> ExitCode {
         Command::Status { sweep, redis } => status(&sweep, &redis),
         Command::Cancel { sweep, redis, namespace, context } => cancel(&sweep, &redis, namespace, context),
         Command::Report { dir } => regenerate_reports(&dir),
+        Command::Train {
+            out,
+            from,
+            depth,
+            width,
+            epochs,
+            learning_rate,
+            weight_decay,
+            batch_size,
+            samples,
+            seed,
+            dataset,
+            data_dir,
+            mean,
+            std,
+            no_augment,
+        } => {
+            let recipe = qsweep::train::fit::Recipe {
+                epochs,
+                learning_rate,
+                momentum: 0.9,
+                weight_decay,
+                batch_size: batch_size as usize,
+                seed,
+                augment: !no_augment,
+            };
+            train(&out, from.as_deref(), (depth, width), recipe, samples as usize, &dataset, data_dir, (mean, std))
+        }
         Command::Schema => {
             print!("{}", spec::schema_text());
             ExitCode::SUCCESS
@@ -484,6 +556,118 @@ fn cancel(sweep: &str, redis: &RedisArgs, namespace: Option<String>, context: Op
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train(
+    out: &Path,
+    from: Option<&Path>,
+    (depth, width): (usize, usize),
+    recipe: qsweep::train::fit::Recipe,
+    samples: usize,
+    dataset: &str,
+    data_dir: Option<PathBuf>,
+    (mean, std): (f32, f32),
+) -> ExitCode {
+    use qsweep::train::baseline::{self, BaselineOptions, Start};
+    if !(recipe.learning_rate > 0.0 && recipe.learning_rate <= 10.0) {
+        return fail(format!(
+            "--learning-rate {} is not a learning rate\n  fix: give a value above 0 and at most 10 (0.1 is usual from scratch)",
+            recipe.learning_rate
+        ));
+    }
+    if !(0.0..=0.1).contains(&recipe.weight_decay) || !(std > 0.0) {
+        return fail("--weight-decay must be within 0 to 0.1 and --std above 0");
+    }
+    let Ok(dataset) = serde_json::from_value::<spec::Dataset>(serde_json::json!(dataset)) else {
+        return fail(format!("--dataset {dataset} is not a dataset qsweep reads\n  fix: use fashion-mnist or mnist"));
+    };
+    let start = match from {
+        Some(path) => match qsweep::onnx::Model::load(path) {
+            Ok(model) => Start::Model(model.proto),
+            Err(e) => return fail(e),
+        },
+        None => Start::ResNet { depth, width },
+    };
+    if let Start::ResNet { depth, width } = start {
+        let probe =
+            qsweep::train::resnet::Architecture { depth, width, channels: 1, height: 28, width_px: 28, classes: 10 };
+        if let Err(e) = probe.check() {
+            return fail(format!("{e}\n  fix: pick --depth 8, 20 or 32 and a --width such as 16"));
+        }
+    }
+    let Some(parent) = out.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }) else {
+        return fail(format!("--out {} names no file", out.display()));
+    };
+    if !parent.is_dir() {
+        return fail(format!(
+            "cannot write {}: {} is not a directory\n  fix: create it first",
+            out.display(),
+            parent.display()
+        ));
+    }
+    let checkpoint = parent.join(format!(".{}.checkpoint", out.file_name().unwrap_or_default().to_string_lossy()));
+    let options = BaselineOptions {
+        start,
+        dataset,
+        data_dir: data_dir.unwrap_or_else(|| PathBuf::from(dataset.default_dir())),
+        preprocess: spec::Preprocess { scale: 255.0, mean: vec![mean], std: vec![std] },
+        samples,
+        recipe: recipe.clone(),
+        checkpoint: checkpoint.clone(),
+    };
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = cancel.clone();
+    std::thread::spawn(move || {
+        let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
+        tokio.block_on(async { tokio::signal::ctrl_c().await.ok() });
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "epoch {prefix} {bar:30.cyan/blue} {pos}/{len} steps  {msg}  [ETA {eta}]",
+        )
+        .expect("a valid template"),
+    );
+    let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let trained = baseline::train(&options, &cancel, |step| {
+        bar.set_length(step.steps_per_epoch as u64);
+        bar.set_position(step.step as u64);
+        bar.set_prefix(format!("{}/{}", step.epoch, recipe.epochs));
+        bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.0} img/s",
+            step.loss, step.learning_rate, step.images_per_s
+        ));
+        if plain && step.step == step.steps_per_epoch {
+            eprintln!("epoch {}/{}: loss {:.4}, {:.0} img/s", step.epoch, recipe.epochs, step.loss, step.images_per_s);
+        }
+    });
+    bar.finish_and_clear();
+    let trained = match trained {
+        Ok(trained) => trained,
+        Err(qsweep::train::TrainError::Cancelled) => {
+            eprintln!("interrupted; the same command resumes from the last finished epoch ({})", checkpoint.display());
+            return ExitCode::from(130);
+        }
+        Err(e) => return fail(e),
+    };
+    let staged = out.with_extension("onnx.partial");
+    if let Err(e) = std::fs::write(&staged, prost::Message::encode_to_vec(&trained.model))
+        .and_then(|_| std::fs::rename(&staged, out))
+    {
+        return fail(format!("cannot write {}: {e}", out.display()));
+    }
+    let _ = std::fs::remove_dir_all(&checkpoint);
+    println!(
+        "wrote {}: top-1 {:.2}% on the {} test images; {:.0} img/s; epoch losses {:?}",
+        out.display(),
+        trained.test_accuracy * 100.0,
+        dataset.name(),
+        trained.outcome.images_per_s,
+        trained.outcome.epoch_losses.iter().map(|l| (l * 1e4).round() / 1e4).collect::<Vec<_>>()
+    );
+    ExitCode::SUCCESS
 }
 
 fn regenerate_reports(dir: &Path) -> ExitCode {

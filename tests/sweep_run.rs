@@ -18,14 +18,27 @@ fn csv_rows(results: &Path) -> Vec<csv::StringRecord> {
     csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect()
 }
 
+/// The reference sweep's PTQ half: the committed spec without its QAT
+/// runs, which take minutes (tests/train.rs and the committed reference
+/// results cover QAT).
+fn ptq_reference_spec(dir: &Path) -> std::path::PathBuf {
+    let text = fs::read_to_string(reference_spec()).unwrap();
+    assert!(text.contains(r#""qat_epochs": [0, 2]"#));
+    let model = reference_spec().parent().unwrap().join("models/fashion-resnet8.onnx");
+    let text = text
+        .replace(r#""qat_epochs": [0, 2]"#, r#""qat_epochs": [0]"#)
+        .replace(r#""models/fashion-resnet8.onnx""#, &format!("{:?}", model.to_str().unwrap()));
+    write(dir, "fashion-resnet.json", &text)
+}
+
 /// The reference sweep measures the committed model for real (fp32 and
 /// the eight PTQ recipes), writes every report, and a rerun skips everything.
 #[test]
 fn reference_sweep_measures_reports_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let results = dir.path().join("results");
-    let first =
-        qsweep(&["run", reference_spec().to_str().unwrap(), "--results", results.to_str().unwrap(), "--jobs", "2"]);
+    let spec = ptq_reference_spec(dir.path());
+    let first = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap(), "--jobs", "2"]);
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
     assert!(stderr(&first).contains("21 task(s) executed, 0 reused"), "{}", stderr(&first));
 
@@ -72,7 +85,7 @@ fn reference_sweep_measures_reports_and_resumes() {
     let svg = fs::read_to_string(results.join("accuracy_latency.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("mse-fused-ptq"));
 
-    let second = run_into(&reference_spec(), &results);
+    let second = run_into(&spec, &results);
     assert_eq!(second.status.code(), Some(0));
     assert!(stderr(&second).contains("0 task(s) executed, 21 reused"), "{}", stderr(&second));
 
@@ -84,7 +97,7 @@ fn reference_sweep_measures_reports_and_resumes() {
 
     // `plan` sees that everything is cached, and that one calibration
     // serves all eight recipes.
-    let plan = qsweep(&["plan", reference_spec().to_str().unwrap(), "--json", "--results", results.to_str().unwrap()]);
+    let plan = qsweep(&["plan", spec.to_str().unwrap(), "--json", "--results", results.to_str().unwrap()]);
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     let tasks = plan["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), 21);

@@ -90,7 +90,7 @@ fn small_model() -> onnx::ModelProto {
 }
 
 fn recipe(epochs: u32, learning_rate: f64) -> Recipe {
-    Recipe { epochs, learning_rate, momentum: 0.9, weight_decay: 1e-4, batch_size: 64, seed: 3 }
+    Recipe { epochs, learning_rate, momentum: 0.9, weight_decay: 1e-4, batch_size: 64, seed: 3, augment: false }
 }
 
 #[test]

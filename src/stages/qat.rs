@@ -67,6 +67,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         weight_decay: params.weight_decay,
         batch_size: params.batch_size,
         seed: params.seed,
+        augment: false,
     };
     let checkpoint = fit::checkpoint_dir(context.results.root(), &task.key.0);
     let outcome = fit::fit(&mut network, &examples, &recipe, &checkpoint, context.cancel, |step| {

@@ -26,6 +26,9 @@ pub struct Recipe {
     pub weight_decay: f64,
     pub batch_size: usize,
     pub seed: u64,
+    /// Random 2-pixel shifts and horizontal flips of each training image.
+    #[serde(default)]
+    pub augment: bool,
 }
 
 impl Recipe {
@@ -83,6 +86,35 @@ impl Examples {
         let images = Tensor::from_vec(images, (indices.len(), c, h, w), &Device::Cpu)?;
         let labels: Vec<u32> = indices.iter().map(|&i| self.labels[i]).collect();
         Ok((images, Tensor::new(labels, &Device::Cpu)?))
+    }
+}
+
+impl Examples {
+    /// A batch with each image shifted by up to 2 pixels each way (the
+    /// uncovered border takes the image's background, its smallest value)
+    /// and flipped left-right half the time.
+    pub fn augmented_batch(&self, indices: &[usize], rng: &mut impl rand::Rng) -> Result<(Tensor, Tensor), TrainError> {
+        let (images, labels) = self.batch(indices)?;
+        let [c, h, w] = self.image_shape;
+        let mut values: Vec<f32> = images.flatten_all()?.to_vec1()?;
+        for image in values.chunks_mut(c * h * w) {
+            let (dy, dx) = (rng.random_range(-2i64..=2), rng.random_range(-2i64..=2));
+            let flip = rng.random_bool(0.5);
+            let source = image.to_vec();
+            let background = source.iter().copied().fold(f32::INFINITY, f32::min);
+            for ch in 0..c {
+                for y in 0..h {
+                    for x in 0..w {
+                        let sx = if flip { w - 1 - x } else { x } as i64 - dx;
+                        let sy = y as i64 - dy;
+                        let inside = (0..h as i64).contains(&sy) && (0..w as i64).contains(&sx);
+                        image[(ch * h + y) * w + x] =
+                            if inside { source[(ch * h + sy as usize) * w + sx as usize] } else { background };
+                    }
+                }
+            }
+        }
+        Ok((Tensor::from_vec(values, images.shape(), &Device::Cpu)?, labels))
     }
 }
 
@@ -175,12 +207,18 @@ pub fn fit(
         let mut order: Vec<usize> = (0..examples.len()).collect();
         // The epoch's seed, so a resumed run shuffles as the first did.
         order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(recipe.seed.wrapping_add(epoch as u64)));
+        let mut augmenter = rand_chacha::ChaCha8Rng::seed_from_u64(recipe.seed ^ (0x5eed << 32) ^ epoch as u64);
         let mut loss_sum = 0.0f64;
         for step in 0..steps_per_epoch {
             if cancel.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
             }
-            let (images, labels) = examples.batch(&order[step * batch..(step + 1) * batch])?;
+            let indices = &order[step * batch..(step + 1) * batch];
+            let (images, labels) = if recipe.augment {
+                examples.augmented_batch(indices, &mut augmenter)?
+            } else {
+                examples.batch(indices)?
+            };
             let logits = network.forward(&images, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             let loss_value: f32 = loss.to_scalar()?;

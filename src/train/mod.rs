@@ -4,12 +4,16 @@
 //! - `kernels`: convolution, pooling and fake quantization on slices;
 //! - `ops`: those kernels as candle custom ops with their own backward;
 //! - `network`: an ONNX graph as a differentiable computation, and back;
-//! - `fit`: the training loop, checkpoints and resumption.
+//! - `fit`: the training loop, checkpoints and resumption;
+//! - `resnet`: the ResNets `qsweep train` writes as ONNX to start from;
+//! - `baseline`: `qsweep train`, the fp32 baseline trained end to end.
 
+pub mod baseline;
 pub mod fit;
 pub mod kernels;
 pub mod network;
 pub mod ops;
+pub mod resnet;
 
 use thiserror::Error;
 
