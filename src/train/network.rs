@@ -630,3 +630,95 @@ fn evaluate(
 pub fn predictions(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
     logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::ops::tests::check_gradient;
+    use candle_onnx::onnx::AttributeProto;
+
+    fn node(op: &str, inputs: usize, attributes: Vec<AttributeProto>) -> NodeProto {
+        NodeProto {
+            op_type: op.into(),
+            name: op.into(),
+            input: (0..inputs).map(|i| format!("in{i}")).collect(),
+            output: vec!["out".into()],
+            attribute: attributes,
+            ..Default::default()
+        }
+    }
+
+    fn int(name: &str, value: i64) -> AttributeProto {
+        AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i: value, ..Default::default() }
+    }
+
+    fn float(name: &str, value: f32) -> AttributeProto {
+        AttributeProto { name: name.into(), r#type: AttributeType::Float as i32, f: value, ..Default::default() }
+    }
+
+    fn input(shape: &[usize], seed: usize) -> Tensor {
+        let count: usize = shape.iter().product();
+        let values: Vec<f32> = (0..count).map(|i| (((i + seed) * 7919) % 1009) as f32 / 250.0 - 2.0).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Checks one operator's gradient, through the interpreter, against
+    /// finite differences for each of its inputs.
+    fn check(node: NodeProto, inputs: &[Tensor], constants: HashMap<String, Value>) {
+        check_gradient(inputs, |tensors| {
+            let tensor = |slot: usize| Ok(tensors[slot].clone());
+            let context = Context { values: &constants, quantizers: &HashMap::new(), batch_statistics: false };
+            match evaluate(&node, 0, &tensor, &context) {
+                Ok(Value::Tensor(t)) => Ok(t),
+                Ok(_) => candle_core::bail!("not a tensor"),
+                Err(e) => candle_core::bail!("{e}"),
+            }
+        });
+    }
+
+    #[test]
+    fn every_candle_backed_operator_has_the_right_gradient() {
+        let none = HashMap::new;
+        let (a, b) = (input(&[2, 3, 2, 2], 1), input(&[2, 3, 2, 2], 2));
+        for op in ["Add", "Sub", "Mul"] {
+            check(node(op, 2, vec![]), &[a.clone(), b.clone()], none());
+        }
+        let positive = (input(&[2, 3, 2, 2], 3).abs().unwrap() + 1.0).unwrap();
+        check(node("Div", 2, vec![]), &[a.clone(), positive], none());
+        // Broadcasting, as a per-channel bias or scale is written.
+        check(node("Add", 2, vec![]), &[a.clone(), input(&[1, 3, 1, 1], 4)], none());
+        check(node("Relu", 1, vec![]), &[a.clone()], none());
+        check(node("Clip", 1, vec![float("min", -0.5), float("max", 0.7)]), &[a.clone()], none());
+        check(node("Concat", 2, vec![int("axis", 1)]), &[a.clone(), b.clone()], none());
+        check(node("Flatten", 1, vec![int("axis", 1)]), &[a.clone()], none());
+        check(node("GlobalAveragePool", 1, vec![]), &[a.clone()], none());
+        check(node("Identity", 1, vec![]), &[a.clone()], none());
+        check(node("Dropout", 1, vec![]), &[a.clone()], none());
+        let mut reshape = node("Reshape", 2, vec![]);
+        reshape.input[1] = "shape".into();
+        let shape = HashMap::from([("shape".to_string(), Value::Ints(vec![0, -1]))]);
+        check(reshape, &[a.clone()], shape);
+        let gemm = node("Gemm", 3, vec![int("transB", 1), float("alpha", 0.5), float("beta", 2.0)]);
+        check(gemm, &[input(&[4, 6], 5), input(&[3, 6], 6), input(&[3], 7)], none());
+        check(node("MatMul", 2, vec![]), &[input(&[4, 6], 8), input(&[6, 3], 9)], none());
+        // Frozen BatchNorm: scale and bias train, the statistics do not.
+        let batch_norm = node("BatchNormalization", 5, vec![]);
+        let stats = [input(&[3], 10), (input(&[3], 11).abs().unwrap() + 0.5).unwrap()];
+        let mut frozen = batch_norm.clone();
+        frozen.input[3] = "mean".into();
+        frozen.input[4] = "var".into();
+        let constants = HashMap::from([
+            ("mean".to_string(), Value::Tensor(stats[0].clone())),
+            ("var".to_string(), Value::Tensor(stats[1].clone())),
+        ]);
+        check_gradient(&[a.clone(), input(&[3], 12), input(&[3], 13)], |t| {
+            let all = [t[0].clone(), t[1].clone(), t[2].clone(), stats[0].clone(), stats[1].clone()];
+            let tensor = |slot: usize| Ok(all[slot].clone());
+            let context = Context { values: &constants, quantizers: &HashMap::new(), batch_statistics: false };
+            match evaluate(&frozen, 0, &tensor, &context) {
+                Ok(Value::Tensor(t)) => Ok(t),
+                _ => candle_core::bail!("BatchNormalization failed"),
+            }
+        });
+    }
+}
