@@ -14,12 +14,14 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::matrix::{Recipe, Run, RunKind};
-use crate::spec::{Baseline, CalibrationMethod, SweepSpec};
+use crate::spec::{Baseline, CalibrationMethod, ModelSource, SweepSpec};
 
 /// The kinds of work a run is made of, in the order data flows through them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StageKind {
+    /// Trains the fp32 model a spec declares with `model: {"train": ...}`.
+    Train,
     PrepareData,
     Calibrate,
     Qat,
@@ -31,11 +33,18 @@ pub enum StageKind {
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 5] =
-        [StageKind::PrepareData, StageKind::Calibrate, StageKind::Qat, StageKind::Build, StageKind::Evaluate];
+    pub const ALL: [StageKind; 6] = [
+        StageKind::Train,
+        StageKind::PrepareData,
+        StageKind::Calibrate,
+        StageKind::Qat,
+        StageKind::Build,
+        StageKind::Evaluate,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            StageKind::Train => "train",
             StageKind::PrepareData => "prepare-data",
             StageKind::Calibrate => "calibrate",
             StageKind::Qat => "qat",
@@ -132,6 +141,14 @@ impl Plan {
             "preprocess": spec.data.preprocess,
         });
         let test_data = plan.add(StageKind::PrepareData, json!({"split": "test", "data": data}), vec![]);
+        // A model the sweep trains is an input of every task that reads it.
+        let trained = match &spec.model {
+            ModelSource::Trained(trained) => {
+                Some(plan.add(StageKind::Train, json!({"train": trained.train, "data": data}), vec![]))
+            }
+            ModelSource::File(_) => None,
+        };
+        let fp32_model: Vec<Input> = trained.iter().map(|key| input(FP32_MODEL, key)).collect();
         let evaluate_params = json!({
             "batch_sizes": spec.evaluate.batch_sizes,
             "warmup": spec.evaluate.warmup,
@@ -141,14 +158,14 @@ impl Plan {
         });
 
         for run in runs {
-            let mut chain = vec![test_data.clone()];
+            let mut chain: Vec<TaskKey> = trained.iter().cloned().chain([test_data.clone()]).collect();
             let built = match &run.kind {
                 RunKind::Baseline(Baseline::Fp32) => plan.add(
                     StageKind::Build,
                     json!({"precision": "fp32", "model_digest": sources.model_digest, "engine": spec.evaluate.engine}),
-                    vec![],
+                    fp32_model.clone(),
                 ),
-                RunKind::Quantized(recipe) => plan.add_quantized(spec, sources, &data, recipe, &mut chain),
+                RunKind::Quantized(recipe) => plan.add_quantized(spec, sources, &data, recipe, &fp32_model, &mut chain),
             };
             chain.push(built.clone());
             let evaluated = plan.add(
@@ -169,6 +186,7 @@ impl Plan {
         sources: &Sources,
         data: &Value,
         recipe: &Recipe,
+        fp32_model: &[Input],
         chain: &mut Vec<TaskKey>,
     ) -> TaskKey {
         let calibration_data = self.add(
@@ -179,11 +197,12 @@ impl Plan {
         let calibrated = self.add(
             StageKind::Calibrate,
             json!({"model_digest": sources.model_digest}),
-            vec![input("data", &calibration_data)],
+            [input("data", &calibration_data)].into_iter().chain(fp32_model.iter().cloned()).collect(),
         );
         chain.extend([calibration_data, calibrated.clone()]);
         let quantizer = json!({"calibration": recipe.calibration, "residual_fusion": recipe.residual_fusion});
-        let mut build_inputs = vec![input("calibration", &calibrated)];
+        let mut build_inputs: Vec<Input> =
+            [input("calibration", &calibrated)].into_iter().chain(fp32_model.iter().cloned()).collect();
         if recipe.qat_epochs > 0 {
             let training_data = self.add(
                 StageKind::PrepareData,
@@ -207,7 +226,10 @@ impl Plan {
             let trained = self.add(
                 StageKind::Qat,
                 qat_params,
-                vec![input("calibration", &calibrated), input("data", &training_data)],
+                [input("calibration", &calibrated), input("data", &training_data)]
+                    .into_iter()
+                    .chain(fp32_model.iter().cloned())
+                    .collect(),
             );
             chain.extend([training_data, trained.clone()]);
             build_inputs.push(input("model", &trained));
@@ -258,6 +280,9 @@ impl Plan {
     }
 }
 
+/// The input role of a model the sweep trained.
+pub const FP32_MODEL: &str = "fp32_model";
+
 fn input(role: &str, key: &TaskKey) -> Input {
     Input { role: role.to_string(), key: key.clone() }
 }
@@ -266,6 +291,7 @@ fn input(role: &str, key: &TaskKey) -> Input {
 pub fn stage_version(stage: StageKind) -> u32 {
     use crate::stages;
     match stage {
+        StageKind::Train => stages::train::VERSION,
         StageKind::PrepareData => stages::prepare_data::VERSION,
         StageKind::Build => stages::build::VERSION,
         StageKind::Evaluate => stages::evaluate::VERSION,

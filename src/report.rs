@@ -46,6 +46,8 @@ pub struct RunRow {
     pub int8_flop_share: Option<f64>,
     /// Residual Adds whose shortcut stayed in float, `;`-separated.
     pub float_residual_adds: String,
+    /// Training the fp32 model, when the sweep trains it (shared by every run).
+    pub train_s: Option<f64>,
     pub prepare_data_s: Option<f64>,
     pub calibrate_s: Option<f64>,
     pub qat_s: Option<f64>,
@@ -88,6 +90,7 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
                 match results.manifest(key) {
                     Some(manifest) => {
                         let timing = match manifest.stage {
+                            StageKind::Train => &mut row.train_s,
                             StageKind::PrepareData => &mut row.prepare_data_s,
                             StageKind::Calibrate => &mut row.calibrate_s,
                             StageKind::Qat => &mut row.qat_s,

@@ -12,7 +12,7 @@ use crate::onnx::graph::{weighted_ops, GraphIndex};
 use crate::onnx::{self, Dim, TensorSpec};
 use crate::plan::Sources;
 use crate::quant::qdq;
-use crate::spec::{self, Diagnostic, JsonPath, ParsedSpec, SpecErrors, SweepSpec};
+use crate::spec::{self, Diagnostic, JsonPath, ModelSource, ParsedSpec, SpecErrors, SweepSpec};
 
 pub struct Sweep {
     pub spec_file: PathBuf,
@@ -20,7 +20,6 @@ pub struct Sweep {
     pub model_path: PathBuf,
     pub data_dir: PathBuf,
     pub runs: Vec<Run>,
-    pub model_input: TensorSpec,
 }
 
 /// Reads, checks and resolves a spec file.
@@ -54,7 +53,11 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         errors.push(no_runs(&parsed));
     }
     let base = parsed.base_dir();
-    let model_path = base.join(&parsed.spec.model);
+    // A model the sweep trains itself has no file yet; its stage writes one.
+    let model_path = match &parsed.spec.model {
+        ModelSource::File(path) => base.join(path),
+        ModelSource::Trained(_) => PathBuf::new(),
+    };
     let data_dir = parsed
         .spec
         .data
@@ -73,45 +76,54 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(parsed.spec.data.dataset)));
     }
 
-    let model_input = match onnx::Model::load(&model_path) {
-        Ok(model) => {
-            if runs.iter().any(|r| r.recipe().is_some()) {
-                check_quantizable(&parsed, &model, &mut errors);
-            }
-            // Before any training starts, not at the QAT stage of each run.
-            if runs.iter().any(|r| r.recipe().is_some_and(|recipe| recipe.qat_epochs > 0)) {
-                if let Err(e) = crate::train::network::check_operators(&model.proto) {
-                    errors.push(parsed.diagnostic(
-                        JsonPath::parse("model"),
-                        format!("QAT cannot fine-tune this model: {e}"),
-                        "use qat_epochs 0 (PTQ) for it, or export it with the supported operators",
-                    ));
+    if let ModelSource::Trained(trained) = &parsed.spec.model {
+        let architecture = crate::train::resnet::Architecture {
+            depth: trained.train.depth as usize,
+            width: trained.train.width as usize,
+            channels: 1,
+            height: 28,
+            width_px: 28,
+            classes: 10,
+        };
+        if let Err(problem) = architecture.check() {
+            errors.push(parsed.diagnostic(JsonPath::parse("model.train.depth"), problem, "use a depth of 8, 20 or 32"));
+        }
+    }
+    match &parsed.spec.model {
+        ModelSource::Trained(_) => None,
+        ModelSource::File(_) => match onnx::Model::load(&model_path) {
+            Ok(model) => {
+                if runs.iter().any(|r| r.recipe().is_some()) {
+                    check_quantizable(&parsed, &model, &mut errors);
                 }
+                // Before any training starts, not at the QAT stage of each run.
+                if runs.iter().any(|r| r.recipe().is_some_and(|recipe| recipe.qat_epochs > 0)) {
+                    if let Err(e) = crate::train::network::check_operators(&model.proto) {
+                        errors.push(parsed.diagnostic(
+                            JsonPath::parse("model"),
+                            format!("QAT cannot fine-tune this model: {e}"),
+                            "use qat_epochs 0 (PTQ) for it, or export it with the supported operators",
+                        ));
+                    }
+                }
+                check_model(&parsed, &model, dataset_shape, &mut errors)
             }
-            check_model(&parsed, &model, dataset_shape, &mut errors)
-        }
-        Err(e) => {
-            errors.push(parsed.diagnostic(
-                JsonPath::parse("model"),
-                e.to_string(),
-                "point `model` at an fp32 ONNX file (paths are relative to the spec file), or re-export the model",
-            ));
-            None
-        }
+            Err(e) => {
+                errors.push(parsed.diagnostic(
+                    JsonPath::parse("model"),
+                    e.to_string(),
+                    "point `model` at an fp32 ONNX file (paths are relative to the spec file), or re-export the model",
+                ));
+                None
+            }
+        },
     };
 
     if !errors.is_empty() {
         errors.sort_by_key(|d| (d.line, d.column));
         return Err(parsed.errors(errors));
     }
-    Ok(Sweep {
-        spec_file: parsed.file.clone(),
-        spec: parsed.spec,
-        model_path,
-        data_dir,
-        runs,
-        model_input: model_input.expect("no errors means the model was checked"),
-    })
+    Ok(Sweep { spec_file: parsed.file.clone(), spec: parsed.spec, model_path, data_dir, runs })
 }
 
 /// Checks that need only the typed spec.
@@ -314,7 +326,9 @@ impl Sweep {
     /// that read it from elsewhere than the spec's directory.
     pub fn portable_spec(&self) -> std::io::Result<String> {
         let mut spec = self.spec.clone();
-        spec.model = std::path::absolute(&self.model_path)?.display().to_string();
+        if let ModelSource::File(_) = spec.model {
+            spec.model = ModelSource::File(std::path::absolute(&self.model_path)?.display().to_string());
+        }
         spec.data.dir = Some(std::path::absolute(&self.data_dir)?.display().to_string());
         Ok(serde_json::to_string(&spec).expect("a spec serializes"))
     }
@@ -326,7 +340,14 @@ impl Sweep {
 
     /// Content fingerprints of the model and the dataset files.
     pub fn sources(&self) -> std::io::Result<Sources> {
-        let (_, model_digest) = crate::store::hash_file(&self.model_path)?;
+        let model_digest = match &self.spec.model {
+            ModelSource::File(_) => crate::store::hash_file(&self.model_path)?.1,
+            // What the training stage is asked for stands for what it writes.
+            ModelSource::Trained(trained) => {
+                let text = serde_json::to_string(trained).expect("a spec serializes");
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()))
+            }
+        };
         let mut data_digest = String::new();
         for split in [Split::Train, Split::Test] {
             let (images, labels) =

@@ -220,3 +220,43 @@ fn a_qat_export_agrees_with_the_interpreter_in_onnx_runtime() {
     eprintln!("export fidelity: top-1 agreement {:.2}% on {} test images", agreement * 100.0, test.len());
     assert!(agreement >= 0.995, "top-1 agreement {agreement}");
 }
+
+/// A spec may declare a model to train; training is then a cached stage
+/// that every task reading the model depends on.
+#[test]
+fn a_sweep_trains_its_own_model_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = quick_spec_json(r#""matrix": { "calibration": ["max"], "residual_fusion": [true] }"#).replace(
+        &format!("{:?}", reference_model().to_str().unwrap()),
+        r#"{ "train": { "depth": 8, "width": 4, "epochs": 1, "samples": 1024, "batch_size": 64 } }"#,
+    );
+    let spec = write(dir.path(), "trained.json", &text);
+    let results = dir.path().join("results");
+    let first = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let plan: serde_json::Value = serde_json::from_slice(&std::fs::read(results.join("plan.json")).unwrap()).unwrap();
+    let tasks = plan["tasks"].as_array().unwrap();
+    let train = tasks.iter().find(|t| t["stage"] == "train").expect("a train task");
+    for stage in ["calibrate", "build"] {
+        for task in tasks.iter().filter(|t| t["stage"] == stage) {
+            let inputs = task["inputs"].as_array().unwrap();
+            assert!(inputs.iter().any(|i| i["role"] == "fp32_model" && i["key"] == train["key"]), "{task}");
+        }
+    }
+    let rows: Vec<csv::StringRecord> =
+        csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| &r[4] == "ok"), "{rows:?}");
+    let second = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
+    assert!(stderr(&second).contains("0 task(s) executed"), "{}", stderr(&second));
+
+    let bad = text.replace(r#""depth": 8"#, r#""depth": 9"#);
+    let bad_spec = write(dir.path(), "bad.json", &bad);
+    let refused = qsweep(&["validate", bad_spec.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("$.model.train.depth") && stderr(&refused).contains("6n + 2"),
+        "{}",
+        stderr(&refused)
+    );
+}

@@ -20,8 +20,10 @@ pub struct SweepSpec {
     /// Names the sweep; results go to `results/<name>` unless `qsweep run --results` says otherwise.
     #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"), length(max = 100))]
     pub name: String,
-    /// Path to the fp32 ONNX model, relative to this spec file.
-    pub model: String,
+    /// The fp32 model: a path to an ONNX file (relative to this spec
+    /// file), or `{"train": {...}}` for a ResNet qsweep trains first, as a
+    /// cached stage of the sweep.
+    pub model: ModelSource,
     /// The dataset and how to preprocess it for the model.
     #[serde(default)]
     pub data: DataSpec,
@@ -67,6 +69,59 @@ pub struct SweepSpec {
     #[serde(default = "default_timeout")]
     #[schemars(range(min = 1))]
     pub timeout: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ModelSource {
+    /// Path to an fp32 ONNX model, relative to this spec file.
+    File(String),
+    Trained(TrainedModel),
+}
+
+/// A model qsweep trains before the sweep's other stages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainedModel {
+    pub train: TrainSpec,
+}
+
+/// The ResNet to train (the CIFAR-style family: resnet-8/20/32 for 28x28
+/// and 32x32 images) and how. SGD with momentum 0.9 and a half-cosine
+/// learning-rate decay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// 6n + 2: 8, 14, 20, 32, ...
+    #[serde(default = "default_depth")]
+    #[schemars(range(min = 8, max = 110))]
+    pub depth: u32,
+    /// Channels of the first stage (doubled at each later stage).
+    #[serde(default = "default_width")]
+    #[schemars(range(min = 1, max = 512))]
+    pub width: u32,
+    #[serde(default = "default_train_epochs")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub epochs: u32,
+    #[serde(default = "default_train_learning_rate")]
+    #[schemars(range(max = 10.0), extend("exclusiveMinimum" = 0.0))]
+    pub learning_rate: f64,
+    #[serde(default = "default_train_weight_decay")]
+    #[schemars(range(min = 0.0, max = 0.1))]
+    pub weight_decay: f64,
+    #[serde(default = "default_train_batch")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub batch_size: u32,
+    /// Training images used: a seeded subset of the training split.
+    #[serde(default = "default_train_samples")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub samples: u32,
+    /// Seed of the initialization, the subset, the shuffles and the augmentation.
+    #[serde(default)]
+    pub seed: u64,
+    /// Random 2-pixel shifts and horizontal flips of training images.
+    #[serde(default = "default_true")]
+    pub augment: bool,
 }
 
 /// Kubernetes settings of the worker pods.
@@ -408,6 +463,27 @@ impl SweepSpec {
     }
 }
 
+fn default_depth() -> u32 {
+    8
+}
+fn default_width() -> u32 {
+    16
+}
+fn default_train_epochs() -> u32 {
+    8
+}
+fn default_train_learning_rate() -> f64 {
+    0.1
+}
+fn default_train_weight_decay() -> f64 {
+    5e-4
+}
+fn default_train_samples() -> u32 {
+    60_000
+}
+fn default_true() -> bool {
+    true
+}
 fn default_qat_learning_rate() -> f64 {
     // 1% of the reference model's 0.1.
     0.001

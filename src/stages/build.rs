@@ -69,7 +69,7 @@ pub fn ptq_model(
         })
         .collect();
     let shapes = statistics.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
-    let model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
+    let model = onnx::Model::load(&context.model_path(task)?).map_err(|e| StageError::Fatal(e.to_string()))?;
     let (model, summary) = qdq::quantize(&model.proto, &ranges, format, quantizer.residual_fusion)
         .map_err(|e| StageError::Fatal(e.to_string()))?;
     Ok(PtqModel { model, summary, shapes })
@@ -83,7 +83,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         Params::Int8 { engine, .. } => (*engine, true),
     };
     let (source, mut metrics) = match params {
-        Params::Fp32 { .. } => (context.sweep.model_path.clone(), json!({"precision": "fp32"})),
+        Params::Fp32 { .. } => (context.model_path(task)?, json!({"precision": "fp32"})),
         Params::Int8 { quantizer, format, percentile, .. } => {
             let ptq = ptq_model(task, context, &quantizer, format, percentile)?;
             shapes = ptq.shapes;
@@ -121,7 +121,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         // One thread: building is a one-off graph rewrite, and the saved
         // graph does not depend on the thread count.
         InferenceSession::open(&source, 1, Some(&built))?;
-        let fp32_model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
+        let fp32_model = onnx::Model::load(&context.model_path(task)?).map_err(|e| StageError::Fatal(e.to_string()))?;
         let built_model = onnx::Model::load(&built).map_err(|e| StageError::Retryable(e.to_string()))?;
         extra["engine_bytes"] = json!(std::fs::metadata(&built)?.len());
         extra["nodes_after"] = json!(built_model.node_count());

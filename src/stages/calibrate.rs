@@ -60,7 +60,7 @@ impl Statistics {
 }
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
-    let model = onnx::Model::load(&context.sweep.model_path).map_err(|e| StageError::Fatal(e.to_string()))?;
+    let model = onnx::Model::load(&context.model_path(task)?).map_err(|e| StageError::Fatal(e.to_string()))?;
     let data = context.input_dir(task, "data")?;
     let images = data.join(prepare_data::IMAGES);
     let per_sample: usize = NpyBatches::open(&images, 1)?.shape()[1..].iter().product();

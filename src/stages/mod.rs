@@ -11,6 +11,7 @@ pub mod calibrate;
 pub mod evaluate;
 pub mod prepare_data;
 pub mod qat;
+pub mod train;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -66,6 +67,14 @@ impl From<EngineError> for StageError {
 }
 
 impl StageContext<'_> {
+    /// The fp32 model `task` works on: the one its sweep trained, or the spec's file.
+    pub fn model_path(&self, task: &Task) -> Result<PathBuf, StageError> {
+        match task.input(crate::plan::FP32_MODEL) {
+            Some(_) => Ok(self.input_dir(task, crate::plan::FP32_MODEL)?.join(train::MODEL)),
+            None => Ok(self.sweep.model_path.clone()),
+        }
+    }
+
     /// The artifact directory of the input playing `role`.
     pub fn input_dir(&self, task: &Task, role: &str) -> Result<PathBuf, StageError> {
         let key =
@@ -100,6 +109,7 @@ pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, Stag
         StageKind::Evaluate => evaluate::run(task, context, staging.dir())?,
         StageKind::Calibrate => calibrate::run(task, context, staging.dir())?,
         StageKind::Qat => qat::run(task, context, staging.dir())?,
+        StageKind::Train => train::run(task, context, staging.dir())?,
         StageKind::Noop => unreachable!("no-op tasks return above"),
     };
     Ok(staging.commit(metrics, started.elapsed().as_secs_f64())?)
