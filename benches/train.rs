@@ -3,7 +3,12 @@
 //! with PyTorch training the same architecture at the same batch size and
 //! thread count (bench/torch_train.py), and the ratio.
 //!
-//!   cargo bench --bench train          (QSWEEP_BENCH_STEPS, QSWEEP_BENCH_BATCH)
+//! First, the convolution layer (batch 128, 48 channels, 14x14,
+//! 3x3): candle's conv2d and its backward, qsweep's im2col/GEMM op, and
+//! PyTorch's, forward and forward+backward.
+//!
+//!   cargo bench --bench train          (QSWEEP_BENCH_STEPS, QSWEEP_BENCH_BATCH,
+//!                                       QSWEEP_TORCH_PYTHON for the peer)
 
 mod common;
 
@@ -14,10 +19,44 @@ use std::time::Instant;
 
 use qsweep::data::{self, Split};
 use qsweep::spec::{Dataset, Preprocess};
-use qsweep::train::fit::Examples;
+use qsweep::train::fit::{fit, Examples};
 use qsweep::train::network::{BatchNorm, Network};
 
+/// Mean milliseconds of `f` over `runs` runs, after one warm-up.
+fn time_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let started = Instant::now();
+    for _ in 0..runs {
+        f();
+    }
+    started.elapsed().as_secs_f64() * 1000.0 / runs as f64
+}
+
+fn convolution_layer(python: &str, root: &Path) {
+    use candle_core::{Device, Tensor, Var};
+    use qsweep::train::ops::{Conv2d, Geometry};
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (128, 48, 14, 14), &Device::Cpu).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (48, 48, 3, 3), &Device::Cpu).unwrap()).unwrap();
+    let geometry = Geometry { kernel: [3, 3], stride: [1, 1], pads: [1; 4], dilation: [1, 1], ceil: false };
+    let candle_forward = || x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1).unwrap();
+    let ours_forward = || x.as_tensor().apply_op2(w.as_tensor(), Conv2d(geometry)).unwrap();
+    let candle_f = time_ms(5, || drop(candle_forward()));
+    let candle_fb = time_ms(5, || drop(candle_forward().sum_all().unwrap().backward().unwrap()));
+    let ours_f = time_ms(5, || drop(ours_forward()));
+    let ours_fb = time_ms(5, || drop(ours_forward().sum_all().unwrap().backward().unwrap()));
+    println!("conv 128x48x14x14, 3x3: candle forward {candle_f:.1} ms, forward+backward {candle_fb:.1} ms");
+    println!("conv 128x48x14x14, 3x3: qsweep forward {ours_f:.1} ms, forward+backward {ours_fb:.1} ms");
+    let peer = Command::new(python).arg(root.join("bench/torch_train.py")).args(["conv", "5"]).output();
+    if let Some(output) = peer.ok().filter(|o| o.status.success()) {
+        println!("conv 128x48x14x14, 3x3: PyTorch {}", String::from_utf8_lossy(&output.stdout).trim());
+    }
+}
+
 fn main() {
+    // As training does (`fit` calls it too).
+    qsweep::train::fit::keep_freed_memory();
+    let python = std::env::var("QSWEEP_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    convolution_layer(&python, Path::new(env!("CARGO_MANIFEST_DIR")));
     let steps = common::env_usize("QSWEEP_BENCH_STEPS", 20);
     let batch = common::env_usize("QSWEEP_BENCH_BATCH", 128);
     let threads = rayon::current_num_threads();
@@ -43,15 +82,20 @@ fn main() {
         seed: 0,
         augment: false,
     };
-    // A warm-up epoch of a few steps, then the timed epoch.
+    // Three warm-up steps, as the peer takes, then the timed epoch.
     let checkpoint = tempfile::tempdir().unwrap();
+    let warm_up = Examples {
+        images: examples.images[..3 * batch * 784].to_vec(),
+        image_shape: [1, 28, 28],
+        labels: examples.labels[..3 * batch].to_vec(),
+    };
+    fit(&mut network, &warm_up, &recipe, &checkpoint.path().join("warm-up"), &AtomicBool::new(false), |_| {}).unwrap();
     let started = Instant::now();
     qsweep::train::fit::fit(&mut network, &examples, &recipe, checkpoint.path(), &AtomicBool::new(false), |_| {})
         .unwrap();
     let ours = (batch * steps) as f64 / started.elapsed().as_secs_f64();
     println!("qsweep:  {ours:.0} img/s (resnet-8, batch {batch}, {threads} threads, {steps} steps)");
 
-    let python = std::env::var("QSWEEP_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let output = Command::new(&python)
         .arg(root.join("bench/torch_train.py"))
         .args([batch.to_string(), steps.to_string(), threads.to_string()])

@@ -182,6 +182,20 @@ impl Sgd {
     }
 }
 
+/// Training frees and reallocates the same large activation buffers every
+/// step. glibc gives blocks above its mmap threshold back to the kernel when
+/// they are freed, so every step faulted them in again: perf put a third of
+/// a step in the kernel, and a convolution's backward pass ran 1.6x faster
+/// with freed memory kept in the heap for the next step to reuse.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; any value is valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 /// Trains `network` on `examples`, resuming from `checkpoint` when it holds
 /// a checkpoint of the same recipe.
 pub fn fit(
@@ -195,6 +209,7 @@ pub fn fit(
     if examples.is_empty() {
         return Err(TrainError::Model("no training examples".into()));
     }
+    keep_freed_memory();
     let mut sgd = Sgd { velocity: HashMap::new() };
     let mut epoch_losses = Vec::new();
     let resumed_epochs = restore(network, &mut sgd, recipe, checkpoint, &mut epoch_losses)?;

@@ -209,19 +209,29 @@ fn matmul(dst: &mut [f32], accumulate: bool, lhs: Operand<'_>, rhs: Operand<'_>,
     }
 }
 
+/// Images per rayon job: one even share per thread, so each thread sets up
+/// its column buffer (and weight-gradient accumulator) once, not per image.
+fn images_per_thread(batch: usize) -> usize {
+    batch.div_ceil(rayon::current_num_threads()).max(1)
+}
+
 /// y[b, o] = W[o] * x[b] for every image; W is [out_channels, patch].
 pub fn conv_forward(window: &Window, input: &[f32], weight: &[f32], out_channels: usize) -> Vec<f32> {
     let (positions, patch) = (window.positions(), window.patch_len());
     let mut output = vec![0.0; window.batch * out_channels * positions];
-    output.par_chunks_mut(out_channels * positions).zip(input.par_chunks(window.image_len())).for_each_init(
-        || vec![0.0; patch * positions],
-        |cols, (out, image)| {
-            im2col(window, image, cols);
-            let w = Operand { data: weight, rows: out_channels, cols: patch, transposed: false };
-            let c = Operand { data: cols, rows: patch, cols: positions, transposed: false };
-            matmul(out, false, w, c, out_channels, positions, patch);
-        },
-    );
+    output
+        .par_chunks_mut(out_channels * positions)
+        .zip(input.par_chunks(window.image_len()))
+        .with_min_len(images_per_thread(window.batch))
+        .for_each_init(
+            || vec![0.0; patch * positions],
+            |cols, (out, image)| {
+                im2col(window, image, cols);
+                let w = Operand { data: weight, rows: out_channels, cols: patch, transposed: false };
+                let c = Operand { data: cols, rows: patch, cols: positions, transposed: false };
+                matmul(out, false, w, c, out_channels, positions, patch);
+            },
+        );
     output
 }
 
@@ -239,6 +249,7 @@ pub fn conv_backward(
         .par_chunks_mut(window.image_len())
         .zip(input.par_chunks(window.image_len()))
         .zip(grad_output.par_chunks(out_channels * positions))
+        .with_min_len(images_per_thread(window.batch))
         .fold(
             || (vec![0.0; out_channels * patch], vec![0.0; patch * positions]),
             |(mut grad_weight, mut cols), ((grad_image, image), grad_out)| {
@@ -337,6 +348,15 @@ pub fn pool_backward(window: &Window, pooling: Pooling, input: &[f32], grad_outp
     grad_input
 }
 
+pub fn relu(x: &[f32]) -> Vec<f32> {
+    x.par_iter().map(|v| v.max(0.0)).collect()
+}
+
+/// ReLU's gradient from its output: it passes where the output is positive.
+pub fn relu_backward(y: &[f32], g: &[f32]) -> Vec<f32> {
+    y.par_iter().zip(g).map(|(y, g)| if *y > 0.0 { *g } else { 0.0 }).collect()
+}
+
 /// An NCHW tensor's layout, for per-channel work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Planes {
@@ -403,8 +423,15 @@ pub fn channel_affine_backward(planes: Planes, x: &[f32], a: &[f32], g: &[f32]) 
 }
 
 /// BatchNormalization with batch statistics: y = (x - mean) / sqrt(var + eps) * scale + bias.
-pub fn batch_norm(planes: Planes, x: &[f32], scale: &[f32], bias: &[f32], epsilon: f32) -> Vec<f32> {
-    let (mean, var) = channel_moments(planes, x);
+/// `moments` are the batch's (mean, biased variance) per channel.
+pub fn batch_norm(
+    planes: Planes,
+    x: &[f32],
+    scale: &[f32],
+    bias: &[f32],
+    (mean, var): (&[f32], &[f32]),
+    epsilon: f32,
+) -> Vec<f32> {
     let multiplier: Vec<f32> = (0..planes.channels).map(|c| scale[c] / (var[c] + epsilon).sqrt()).collect();
     let shift: Vec<f32> = (0..planes.channels).map(|c| bias[c] - mean[c] * multiplier[c]).collect();
     channel_affine(planes, x, &multiplier, &shift)
@@ -415,10 +442,10 @@ pub fn batch_norm_backward(
     planes: Planes,
     x: &[f32],
     scale: &[f32],
+    (mean, var): (&[f32], &[f32]),
     epsilon: f32,
     g: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (mean, var) = channel_moments(planes, x);
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect();
     let (sum_g, sum_gx) = channel_sums(planes, x, g);
     // dscale = sum(g * xhat) with xhat = (x - mean) * inv_std.

@@ -27,8 +27,8 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_onnx::onnx::{attribute_proto::AttributeType, tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
 
-use super::kernels::{self, Planes, Pooling, Quantizer};
-use super::ops::{BatchNormTrain, ChannelAffine, Conv2d, FakeQuant, Geometry, Pool};
+use super::kernels::{Pooling, Quantizer};
+use super::ops::{BatchNormTrain, BatchStatistics, ChannelAffine, Conv2d, FakeQuant, Geometry, Pool, Relu};
 use super::TrainError;
 use crate::onnx::graph::node_name;
 use crate::onnx::{numbers_tensor, tensor_numbers};
@@ -281,7 +281,7 @@ impl Network {
         }
         values.insert(self.input.clone(), Value::Tensor(input.clone()));
         let batch_statistics = training && self.batch_norm == BatchNorm::Batch;
-        let mut batch_inputs = Vec::new();
+        let measured = std::cell::RefCell::new(Vec::new());
         for (i, node) in self.nodes.iter().enumerate() {
             let run = || -> Result<Value, TrainError> {
                 let tensor = |slot: usize| -> Result<Tensor, TrainError> {
@@ -301,19 +301,18 @@ impl Network {
                         ))),
                     }
                 };
-                let context = Context { values: &values, quantizers: &self.activation_quantizers, batch_statistics };
+                let context = Context {
+                    values: &values,
+                    quantizers: &self.activation_quantizers,
+                    batch_statistics: batch_statistics.then_some(&measured),
+                };
                 evaluate(node, i, &tensor, &context)
             };
             let value = run()?;
-            if batch_statistics && node.op_type == "BatchNormalization" {
-                if let Some(Value::Tensor(x)) = values.get(&node.input[0]) {
-                    batch_inputs.push((node.output[0].clone(), x.detach(), attribute_f(node, "momentum", 0.9)));
-                }
-            }
             values.insert(node.output[0].clone(), value);
         }
-        for (output, x, momentum) in batch_inputs {
-            self.update_running(&output, &x, momentum)?;
+        for measurement in measured.into_inner() {
+            self.update_running(measurement)?;
         }
         match values.remove(&self.output) {
             Some(Value::Tensor(t)) => Ok(t),
@@ -321,14 +320,14 @@ impl Network {
         }
     }
 
-    fn update_running(&mut self, output: &str, x: &Tensor, momentum: f64) -> Result<(), TrainError> {
-        let statistics = self.running.get_mut(output).expect("every BatchNormalization has running statistics");
-        let &[batch, channels, height, width] = x.dims() else {
-            return Err(TrainError::Model(format!("BatchNormalization of a {:?} tensor is not supported", x.dims())));
+    /// Folds one BatchNormalization's batch statistics into its running ones.
+    fn update_running(&mut self, measured: Measured) -> Result<(), TrainError> {
+        let statistics =
+            self.running.get_mut(&measured.output).expect("every BatchNormalization has running statistics");
+        let Some((mean, var)) = measured.statistics.lock().expect("statistics lock").take() else {
+            return Ok(());
         };
-        let planes = Planes { batch, channels, plane: height * width };
-        let (mean, var) = kernels::channel_moments(planes, &x.flatten_all()?.to_vec1()?);
-        let count = (batch * height * width) as f64;
+        let (channels, count, momentum) = (mean.len(), measured.count as f64, measured.momentum);
         let mean = Tensor::from_vec(mean, channels, &Device::Cpu)?;
         let unbiased = (Tensor::from_vec(var, channels, &Device::Cpu)? * (count / (count - 1.0).max(1.0)))?;
         statistics.mean = ((&statistics.mean * momentum)? + (mean * (1.0 - momentum))?)?;
@@ -492,7 +491,18 @@ fn quant_spec(node: &NodeProto, initializers: &HashMap<&str, &TensorProto>) -> R
 struct Context<'a> {
     values: &'a HashMap<String, Value>,
     quantizers: &'a HashMap<String, QuantSpec>,
-    batch_statistics: bool,
+    /// In BatchNorm's batch mode, where each BatchNormalization leaves the
+    /// statistics it measured, for the running ones.
+    batch_statistics: Option<&'a std::cell::RefCell<Vec<Measured>>>,
+}
+
+/// A BatchNormalization's batch statistics from one forward pass.
+struct Measured {
+    output: String,
+    statistics: BatchStatistics,
+    momentum: f64,
+    /// Values per channel (batch x height x width).
+    count: usize,
 }
 
 fn evaluate(
@@ -501,7 +511,7 @@ fn evaluate(
     tensor: &dyn Fn(usize) -> Result<Tensor, TrainError>,
     context: &Context<'_>,
 ) -> Result<Value, TrainError> {
-    let (values, batch_statistics) = (context.values, context.batch_statistics);
+    let values = context.values;
     let out = |t: Tensor| Ok(Value::Tensor(t));
     let has = |slot: usize| node.input.get(slot).is_some_and(|n| !n.is_empty());
     match node.op_type.as_str() {
@@ -519,14 +529,19 @@ fn evaluate(
         "BatchNormalization" => {
             let (x, scale, bias) = (tensor(0)?.contiguous()?, tensor(1)?.contiguous()?, tensor(2)?.contiguous()?);
             let epsilon = attribute_f(node, "epsilon", 1e-5);
-            if batch_statistics {
-                return out(x.apply_op3(&scale, &bias, BatchNormTrain { epsilon: epsilon as f32 })?);
+            if let Some(measured) = context.batch_statistics {
+                let statistics = BatchStatistics::default();
+                let count = x.elem_count() / x.dim(1)?;
+                let momentum = attribute_f(node, "momentum", 0.9);
+                let output = node.output[0].clone();
+                measured.borrow_mut().push(Measured { output, statistics: statistics.clone(), momentum, count });
+                return out(x.apply_op3(&scale, &bias, BatchNormTrain { epsilon: epsilon as f32, statistics })?);
             }
             let multiplier = (&scale / (tensor(4)? + epsilon)?.sqrt()?)?;
             let shift = (bias - (tensor(3)? * &multiplier)?)?;
             out(x.apply_op3(&multiplier.contiguous()?, &shift.contiguous()?, ChannelAffine)?)
         }
-        "Relu" => out(tensor(0)?.relu()?),
+        "Relu" => out(tensor(0)?.contiguous()?.apply_op1(Relu)?),
         "Clip" => {
             let bound = |slot: usize, attr: &str, default: f32| -> Result<f32, TrainError> {
                 if has(slot) {
@@ -667,7 +682,7 @@ mod tests {
     fn check(node: NodeProto, inputs: &[Tensor], constants: HashMap<String, Value>) {
         check_gradient(inputs, |tensors| {
             let tensor = |slot: usize| Ok(tensors[slot].clone());
-            let context = Context { values: &constants, quantizers: &HashMap::new(), batch_statistics: false };
+            let context = Context { values: &constants, quantizers: &HashMap::new(), batch_statistics: None };
             match evaluate(&node, 0, &tensor, &context) {
                 Ok(Value::Tensor(t)) => Ok(t),
                 Ok(_) => candle_core::bail!("not a tensor"),
@@ -714,7 +729,7 @@ mod tests {
         check_gradient(&[a.clone(), input(&[3], 12), input(&[3], 13)], |t| {
             let all = [t[0].clone(), t[1].clone(), t[2].clone(), stats[0].clone(), stats[1].clone()];
             let tensor = |slot: usize| Ok(all[slot].clone());
-            let context = Context { values: &constants, quantizers: &HashMap::new(), batch_statistics: false };
+            let context = Context { values: &constants, quantizers: &HashMap::new(), batch_statistics: None };
             match evaluate(&frozen, 0, &tensor, &context) {
                 Ok(Value::Tensor(t)) => Ok(t),
                 _ => candle_core::bail!("BatchNormalization failed"),
