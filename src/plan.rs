@@ -219,6 +219,7 @@ impl Plan {
                 "weight_decay": spec.qat.weight_decay,
                 "batch_size": spec.qat.batch_size,
                 "seed": spec.qat.seed,
+                "augment": spec.qat.augment,
             });
             if recipe.calibration == CalibrationMethod::Percentile {
                 qat_params["percentile"] = json!(spec.calibration.percentile);

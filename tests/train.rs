@@ -260,3 +260,25 @@ fn a_sweep_trains_its_own_model_once() {
         stderr(&refused)
     );
 }
+
+/// `qsweep train` from a model that does not fit the dataset's images says
+/// so before training, and bad numbers are refused.
+#[test]
+fn qsweep_train_refuses_what_cannot_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rgb = small_model();
+    let graph = rgb.graph.as_mut().unwrap();
+    graph.initializer[0] = tensor("w", &[8, 3, 3, 3], vec![0.1; 8 * 27]);
+    let start = dir.path().join("rgb.onnx");
+    std::fs::write(&start, prost::Message::encode_to_vec(&rgb)).unwrap();
+    let out = dir.path().join("out.onnx");
+    let (start, out) = (start.to_str().unwrap(), out.to_str().unwrap());
+    let output = qsweep(&["train", "--from", start, "--out", out, "--epochs", "1", "--samples", "64"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("the model cannot take 1x28x28 images"), "{}", stderr(&output));
+    assert!(!Path::new(out).exists(), "nothing is written");
+    for bad in [["--learning-rate", "0"], ["--learning-rate", "1e9"], ["--epochs", "0"], ["--depth", "10"]] {
+        let output = qsweep(&["train", "--out", out, bad[0], bad[1]]);
+        assert_eq!(output.status.code(), Some(2), "{bad:?}: {}", stderr(&output));
+    }
+}

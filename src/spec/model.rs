@@ -314,6 +314,11 @@ pub struct QatSpec {
     /// Seed of the subset and of each epoch's shuffle.
     #[serde(default)]
     pub seed: u64,
+    /// Random 2-pixel shifts and horizontal flips of the training images,
+    /// as the reference model was trained: fine-tuning should see the
+    /// original training pipeline.
+    #[serde(default = "default_true")]
+    pub augment: bool,
 }
 
 impl Default for QatSpec {
@@ -325,6 +330,7 @@ impl Default for QatSpec {
             batch_size: default_train_batch(),
             samples: default_qat_samples(),
             seed: 0,
+            augment: true,
         }
     }
 }

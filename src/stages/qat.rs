@@ -41,6 +41,7 @@ struct Params {
     weight_decay: f64,
     batch_size: usize,
     seed: u64,
+    augment: bool,
 }
 
 impl From<TrainError> for StageError {
@@ -67,7 +68,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         weight_decay: params.weight_decay,
         batch_size: params.batch_size,
         seed: params.seed,
-        augment: false,
+        augment: params.augment,
     };
     let checkpoint = fit::checkpoint_dir(context.results.root(), &task.key.0);
     let outcome = fit::fit(&mut network, &examples, &recipe, &checkpoint, context.cancel, |step| {
