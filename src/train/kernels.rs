@@ -390,13 +390,14 @@ pub fn channel_moments(planes: Planes, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
         .unzip()
 }
 
-/// y = x * a[c] + b[c].
-pub fn channel_affine(planes: Planes, x: &[f32], a: &[f32], b: &[f32]) -> Vec<f32> {
+/// y = x * a[c] + b[c], then max(y, 0) when `relu`.
+pub fn channel_affine(planes: Planes, x: &[f32], a: &[f32], b: &[f32], relu: bool) -> Vec<f32> {
+    let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
     let mut y = vec![0.0; x.len()];
     y.par_chunks_mut(planes.plane).zip(x.par_chunks(planes.plane)).enumerate().for_each(|(i, (out, input))| {
         let c = i % planes.channels;
         for (o, v) in out.iter_mut().zip(input) {
-            *o = v * a[c] + b[c];
+            *o = (v * a[c] + b[c]).max(floor);
         }
     });
     y
@@ -419,11 +420,12 @@ fn channel_sums(planes: Planes, x: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>) {
 pub fn channel_affine_backward(planes: Planes, x: &[f32], a: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (db, da) = channel_sums(planes, x, g);
     let zeros = vec![0.0; planes.channels];
-    (channel_affine(planes, g, a, &zeros), da, db)
+    (channel_affine(planes, g, a, &zeros, false), da, db)
 }
 
 /// BatchNormalization with batch statistics: y = (x - mean) / sqrt(var + eps) * scale + bias.
-/// `moments` are the batch's (mean, biased variance) per channel.
+/// `moments` are the batch's (mean, biased variance) per channel; `relu`
+/// applies a ReLU to the result.
 pub fn batch_norm(
     planes: Planes,
     x: &[f32],
@@ -431,10 +433,11 @@ pub fn batch_norm(
     bias: &[f32],
     (mean, var): (&[f32], &[f32]),
     epsilon: f32,
+    relu: bool,
 ) -> Vec<f32> {
     let multiplier: Vec<f32> = (0..planes.channels).map(|c| scale[c] / (var[c] + epsilon).sqrt()).collect();
     let shift: Vec<f32> = (0..planes.channels).map(|c| bias[c] - mean[c] * multiplier[c]).collect();
-    channel_affine(planes, x, &multiplier, &shift)
+    channel_affine(planes, x, &multiplier, &shift, relu)
 }
 
 /// Gradients of `batch_norm` through the batch statistics: (dx, dscale, dbias).

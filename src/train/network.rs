@@ -139,6 +139,8 @@ pub struct Network {
     running: HashMap<String, RunningStatistics>,
     /// Each QuantizeLinear's quantizer, by the node's output.
     activation_quantizers: HashMap<String, QuantSpec>,
+    /// BatchNormalization outputs whose only reader is a Relu.
+    fused_relu: HashSet<String>,
     pub batch_norm: BatchNorm,
 }
 
@@ -262,6 +264,7 @@ impl Network {
             constants,
             running,
             activation_quantizers,
+            fused_relu: batch_norms_before_relu(graph),
             batch_norm,
         })
     }
@@ -305,6 +308,7 @@ impl Network {
                     values: &values,
                     quantizers: &self.activation_quantizers,
                     batch_statistics: batch_statistics.then_some(&measured),
+                    fused_relu: &self.fused_relu,
                 };
                 evaluate(node, i, &tensor, &context)
             };
@@ -412,6 +416,27 @@ fn attribute_ints(node: &NodeProto, name: &str) -> Option<Vec<usize>> {
         .map(|a| a.ints.iter().map(|&v| v as usize).collect())
 }
 
+/// BatchNormalization outputs that exactly one node reads, a Relu, and
+/// that are not graph outputs.
+fn batch_norms_before_relu(graph: &candle_onnx::onnx::GraphProto) -> HashSet<String> {
+    let mut readers: HashMap<&str, Vec<&NodeProto>> = HashMap::new();
+    for node in &graph.node {
+        for input in &node.input {
+            readers.entry(input.as_str()).or_default().push(node);
+        }
+    }
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "BatchNormalization" && !outputs.contains(n.output[0].as_str()))
+        .filter(
+            |n| matches!(readers.get(n.output[0].as_str()).map(Vec::as_slice), Some([only]) if only.op_type == "Relu"),
+        )
+        .map(|n| n.output[0].clone())
+        .collect()
+}
+
 /// Refuses, before training, what the interpreter cannot run, naming the
 /// first node it cannot.
 pub fn check_operators(model: &ModelProto) -> Result<(), TrainError> {
@@ -494,6 +519,9 @@ struct Context<'a> {
     /// In BatchNorm's batch mode, where each BatchNormalization leaves the
     /// statistics it measured, for the running ones.
     batch_statistics: Option<&'a std::cell::RefCell<Vec<Measured>>>,
+    /// BatchNormalization outputs read only by a Relu, which the
+    /// BatchNormalization applies itself: one pass each way instead of three.
+    fused_relu: &'a HashSet<String>,
 }
 
 /// A BatchNormalization's batch statistics from one forward pass.
@@ -521,7 +549,7 @@ fn evaluate(
             let y = tensor(0)?.contiguous()?.apply_op2(&weight.contiguous()?, Conv2d(geometry(node, kernel)))?;
             if has(2) {
                 let bias = tensor(2)?.contiguous()?;
-                out(y.apply_op3(&bias.ones_like()?, &bias, ChannelAffine)?)
+                out(y.apply_op3(&bias.ones_like()?, &bias, ChannelAffine { relu: false })?)
             } else {
                 out(y)
             }
@@ -529,18 +557,22 @@ fn evaluate(
         "BatchNormalization" => {
             let (x, scale, bias) = (tensor(0)?.contiguous()?, tensor(1)?.contiguous()?, tensor(2)?.contiguous()?);
             let epsilon = attribute_f(node, "epsilon", 1e-5);
+            let relu = context.fused_relu.contains(&node.output[0]);
             if let Some(measured) = context.batch_statistics {
                 let statistics = BatchStatistics::default();
                 let count = x.elem_count() / x.dim(1)?;
                 let momentum = attribute_f(node, "momentum", 0.9);
                 let output = node.output[0].clone();
                 measured.borrow_mut().push(Measured { output, statistics: statistics.clone(), momentum, count });
-                return out(x.apply_op3(&scale, &bias, BatchNormTrain { epsilon: epsilon as f32, statistics })?);
+                let op = BatchNormTrain { epsilon: epsilon as f32, statistics, relu };
+                return out(x.apply_op3(&scale, &bias, op)?);
             }
             let multiplier = (&scale / (tensor(4)? + epsilon)?.sqrt()?)?;
             let shift = (bias - (tensor(3)? * &multiplier)?)?;
-            out(x.apply_op3(&multiplier.contiguous()?, &shift.contiguous()?, ChannelAffine)?)
+            out(x.apply_op3(&multiplier.contiguous()?, &shift.contiguous()?, ChannelAffine { relu })?)
         }
+        // The BatchNormalization before it applied it already.
+        "Relu" if context.fused_relu.contains(&node.input[0]) => out(tensor(0)?),
         "Relu" => out(tensor(0)?.contiguous()?.apply_op1(Relu)?),
         "Clip" => {
             let bound = |slot: usize, attr: &str, default: f32| -> Result<f32, TrainError> {
@@ -682,7 +714,12 @@ mod tests {
     fn check(node: NodeProto, inputs: &[Tensor], constants: HashMap<String, Value>) {
         check_gradient(inputs, |tensors| {
             let tensor = |slot: usize| Ok(tensors[slot].clone());
-            let context = Context { values: &constants, quantizers: &HashMap::new(), batch_statistics: None };
+            let context = Context {
+                values: &constants,
+                quantizers: &HashMap::new(),
+                batch_statistics: None,
+                fused_relu: &HashSet::new(),
+            };
             match evaluate(&node, 0, &tensor, &context) {
                 Ok(Value::Tensor(t)) => Ok(t),
                 Ok(_) => candle_core::bail!("not a tensor"),
@@ -729,11 +766,70 @@ mod tests {
         check_gradient(&[a.clone(), input(&[3], 12), input(&[3], 13)], |t| {
             let all = [t[0].clone(), t[1].clone(), t[2].clone(), stats[0].clone(), stats[1].clone()];
             let tensor = |slot: usize| Ok(all[slot].clone());
-            let context = Context { values: &constants, quantizers: &HashMap::new(), batch_statistics: None };
+            let context = Context {
+                values: &constants,
+                quantizers: &HashMap::new(),
+                batch_statistics: None,
+                fused_relu: &HashSet::new(),
+            };
             match evaluate(&frozen, 0, &tensor, &context) {
                 Ok(Value::Tensor(t)) => Ok(t),
                 _ => candle_core::bail!("BatchNormalization failed"),
             }
         });
+    }
+
+    /// A BatchNormalization that applies its Relu itself computes what the
+    /// two nodes compute apart, in both modes, and trains the same.
+    #[test]
+    fn batch_norm_with_its_relu_fused_matches_them_apart() {
+        let constant = |name: &str, values: Vec<f32>| {
+            crate::onnx::numbers_tensor(
+                name,
+                &[values.len() as i64],
+                1,
+                &values.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            )
+        };
+        let info = |name: &str| candle_onnx::onnx::ValueInfoProto { name: name.into(), ..Default::default() };
+        let mut bn = node("BatchNormalization", 5, vec![]);
+        bn.input = vec!["x".into(), "gamma".into(), "beta".into(), "mean".into(), "var".into()];
+        bn.output = vec!["normalized".into()];
+        let mut relu = node("Relu", 1, vec![]);
+        relu.input = vec!["normalized".into()];
+        relu.output = vec!["y".into()];
+        let graph = |outputs: &[&str]| candle_onnx::onnx::GraphProto {
+            node: vec![bn.clone(), relu.clone()],
+            initializer: vec![
+                constant("gamma", vec![1.5, 0.5]),
+                constant("beta", vec![0.2, -0.3]),
+                constant("mean", vec![0.1, -0.1]),
+                constant("var", vec![2.0, 0.5]),
+            ],
+            input: vec![info("x")],
+            output: outputs.iter().map(|o| info(o)).collect(),
+            ..Default::default()
+        };
+        let fused = ModelProto { graph: Some(graph(&["y"])), ..Default::default() };
+        let apart = ModelProto { graph: Some(graph(&["y", "normalized"])), ..Default::default() };
+        let x = input(&[2, 2, 3, 3], 5);
+        for mode in [BatchNorm::Frozen, BatchNorm::Batch] {
+            let mut a = Network::from_model(&fused, mode, None).unwrap();
+            let mut b = Network::from_model(&apart, mode, None).unwrap();
+            assert_eq!(a.fused_relu.len(), 1);
+            assert!(b.fused_relu.is_empty());
+            let (ya, yb) = (a.forward(&x, true).unwrap(), b.forward(&x, true).unwrap());
+            let difference = (&ya - &yb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(difference < 1e-6, "{mode:?}: {difference}");
+            let (ga, gb) = (ya.sum_all().unwrap().backward().unwrap(), yb.sum_all().unwrap().backward().unwrap());
+            for (pa, pb) in a.parameters.iter().zip(&b.parameters) {
+                let gap = (ga.get(pa.var.as_tensor()).unwrap() - gb.get(pb.var.as_tensor()).unwrap()).unwrap();
+                assert!(
+                    gap.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5,
+                    "{mode:?} {}",
+                    pa.name
+                );
+            }
+        }
     }
 }

@@ -91,8 +91,9 @@ impl CustomOp2 for Conv2d {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let window = window_over(input.shape(), &self.0)?;
         let out_channels = weight.dim(0)?;
-        let (grad_input, grad_weight) =
-            kernels::conv_backward(&window, &values(input)?, &values(weight)?, out_channels, &values(grad)?);
+        let (grad_input, grad_weight) = with_values(input, |x| {
+            with_values(weight, |w| with_values(grad, |g| kernels::conv_backward(&window, x, w, out_channels, g)))
+        })???;
         Ok((
             Some(Tensor::from_vec(grad_input, input.shape(), input.device())?),
             Some(Tensor::from_vec(grad_weight, weight.shape(), weight.device())?),
@@ -165,7 +166,20 @@ fn channel_vectors<'a>(
 
 /// y = x * a[c] + b[c] over NCHW in one pass: BatchNorm with frozen
 /// statistics, and a Conv's bias; candle's broadcast ops made several.
-pub struct ChannelAffine;
+/// With `relu`, the ReLU that follows a BatchNorm too.
+pub struct ChannelAffine {
+    pub relu: bool,
+}
+
+/// The gradient that reaches a fused op's affine part: zero where its ReLU
+/// clipped the output.
+fn through_relu(relu: bool, output: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if !relu {
+        return Ok(grad.clone());
+    }
+    let masked = with_values(output, |y| with_values(grad, |g| kernels::relu_backward(y, g)))??;
+    Tensor::from_vec(masked, grad.shape(), grad.device())
+}
 
 impl CustomOp3 for ChannelAffine {
     fn name(&self) -> &'static str {
@@ -183,7 +197,8 @@ impl CustomOp3 for ChannelAffine {
     ) -> Result<(CpuStorage, Shape)> {
         let planes = planes_of(l1.shape())?;
         let [a, b] = channel_vectors(planes, l1.shape(), [(s2, l2), (s3, l3)])?;
-        Ok((CpuStorage::F32(kernels::channel_affine(planes, f32_slice(s1, l1)?, a, b)), l1.shape().clone()))
+        let y = kernels::channel_affine(planes, f32_slice(s1, l1)?, a, b, self.relu);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     fn bwd(
@@ -191,11 +206,14 @@ impl CustomOp3 for ChannelAffine {
         x: &Tensor,
         a: &Tensor,
         b: &Tensor,
-        _: &Tensor,
+        output: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let planes = planes_of(x.shape())?;
-        let (dx, da, db) = kernels::channel_affine_backward(planes, &values(x)?, &values(a)?, &values(grad)?);
+        let grad = through_relu(self.relu, output, grad)?;
+        let a_values = values(a)?;
+        let (dx, da, db) =
+            with_values(x, |xs| with_values(&grad, |g| kernels::channel_affine_backward(planes, xs, &a_values, g)))??;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(da, a.shape(), a.device())?),
@@ -214,6 +232,8 @@ pub struct BatchNormTrain {
     pub epsilon: f32,
     /// Filled by the forward pass with (mean, biased variance).
     pub statistics: BatchStatistics,
+    /// Applies the ReLU that follows, in the same pass.
+    pub relu: bool,
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -234,7 +254,7 @@ impl CustomOp3 for BatchNormTrain {
         let [scale, bias] = channel_vectors(planes, l1.shape(), [(s2, l2), (s3, l3)])?;
         let x = f32_slice(s1, l1)?;
         let (mean, var) = kernels::channel_moments(planes, x);
-        let y = kernels::batch_norm(planes, x, scale, bias, (&mean, &var), self.epsilon);
+        let y = kernels::batch_norm(planes, x, scale, bias, (&mean, &var), self.epsilon, self.relu);
         *self.statistics.lock().expect("statistics lock") = Some((mean, var));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -244,15 +264,16 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         scale: &Tensor,
         bias: &Tensor,
-        _: &Tensor,
+        output: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let planes = planes_of(x.shape())?;
         let statistics = self.statistics.lock().expect("statistics lock").clone();
         let scale_values = values(scale)?;
+        let grad = through_relu(self.relu, output, grad)?;
         let (dx, dscale, dbias) = with_values(x, |xs| {
             let moments = statistics.unwrap_or_else(|| kernels::channel_moments(planes, xs));
-            with_values(grad, |g| {
+            with_values(&grad, |g| {
                 kernels::batch_norm_backward(planes, xs, &scale_values, (&moments.0, &moments.1), self.epsilon, g)
             })
         })??;
@@ -361,10 +382,14 @@ pub(crate) mod tests {
     #[test]
     fn batch_norm_and_channel_affine_gradients_match_finite_differences() {
         let (x, scale, bias) = (tensor(&[3, 2, 2, 3], 6), tensor(&[2], 7), tensor(&[2], 8));
-        check_gradient(&[x.clone(), scale.clone(), bias.clone()], |t| {
-            t[0].apply_op3(&t[1], &t[2], BatchNormTrain { epsilon: 1e-5, statistics: Default::default() })
-        });
-        check_gradient(&[x, scale, bias], |t| t[0].apply_op3(&t[1], &t[2], ChannelAffine));
+        for relu in [false, true] {
+            check_gradient(&[x.clone(), scale.clone(), bias.clone()], |t| {
+                t[0].apply_op3(&t[1], &t[2], BatchNormTrain { epsilon: 1e-5, statistics: Default::default(), relu })
+            });
+            check_gradient(&[x.clone(), scale.clone(), bias.clone()], |t| {
+                t[0].apply_op3(&t[1], &t[2], ChannelAffine { relu })
+            });
+        }
     }
 
     #[test]
