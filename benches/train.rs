@@ -66,12 +66,7 @@ fn main() {
         data::load_split(Dataset::FashionMnist, Path::new(Dataset::FashionMnist.default_dir()), Split::Train).unwrap();
     let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530] };
     let indices: Vec<usize> = (0..batch * steps).collect();
-    let tensors = raw.preprocess(&preprocess, Some(&indices));
-    let examples = Examples {
-        images: tensors.images.iter().copied().collect(),
-        image_shape: [1, 28, 28],
-        labels: tensors.labels.iter().map(|&l| l as u32).collect(),
-    };
+    let examples: Examples = raw.preprocess(&preprocess, Some(&indices)).into();
     let mut network = Network::from_model(&model.proto, BatchNorm::Batch, None).unwrap();
     let recipe = qsweep::train::fit::Recipe {
         epochs: 1,

@@ -19,12 +19,7 @@ fn examples(split: Split, count: usize) -> Examples {
     let raw = data::load_split(Dataset::FashionMnist, Path::new(Dataset::FashionMnist.default_dir()), split).unwrap();
     let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530] };
     let indices: Vec<usize> = (0..count.min(raw.count)).collect();
-    let tensors = raw.preprocess(&preprocess, Some(&indices));
-    Examples {
-        images: tensors.images.iter().copied().collect(),
-        image_shape: [1, 28, 28],
-        labels: tensors.labels.iter().map(|&l| l as u32).collect(),
-    }
+    raw.preprocess(&preprocess, Some(&indices)).into()
 }
 
 fn tensor(name: &str, dims: &[i64], values: Vec<f32>) -> onnx::TensorProto {

@@ -83,6 +83,15 @@ impl StageContext<'_> {
     }
 }
 
+/// A training stage's steps, told to the worker's progress line.
+pub fn report_steps<'a>(context: &'a StageContext<'_>, epochs: u32) -> impl FnMut(crate::train::fit::Step) + 'a {
+    move |step| {
+        if step.worth_reporting() {
+            (context.report)(&step.describe(epochs));
+        }
+    }
+}
+
 /// Decodes a task's parameters into the stage's own type.
 pub fn params<T: DeserializeOwned>(task: &Task) -> Result<T, StageError> {
     serde_json::from_value(task.params.clone())

@@ -71,20 +71,14 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         augment: params.augment,
     };
     let checkpoint = fit::checkpoint_dir(context.results.root(), &task.key.0);
-    let outcome = fit::fit(&mut network, &examples, &recipe, &checkpoint, context.cancel, |step| {
-        if step.step == step.steps_per_epoch || step.step % 10 == 0 {
-            (context.report)(&format!(
-                "epoch {}/{} step {}/{} loss {:.4} lr {:.2e} {:.0} img/s",
-                step.epoch,
-                recipe.epochs,
-                step.step,
-                step.steps_per_epoch,
-                step.loss,
-                step.learning_rate,
-                step.images_per_s
-            ));
-        }
-    })?;
+    let outcome = fit::fit(
+        &mut network,
+        &examples,
+        &recipe,
+        &checkpoint,
+        context.cancel,
+        super::report_steps(context, recipe.epochs),
+    )?;
     let trained = network.export(&ptq.model)?;
     qdq::lint(&trained, params.quantizer.residual_fusion).map_err(|e| StageError::Fatal(e.to_string()))?;
     std::fs::write(out.join(QDQ_MODEL), trained.encode_to_vec())?;

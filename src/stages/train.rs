@@ -52,14 +52,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         recipe: recipe.clone(),
         checkpoint: fit::checkpoint_dir(context.results.root(), &task.key.0),
     };
-    let trained = baseline::train(&options, context.cancel, |step| {
-        if step.step == step.steps_per_epoch || step.step % 10 == 0 {
-            (context.report)(&format!(
-                "epoch {}/{} step {}/{} loss {:.4} {:.0} img/s",
-                step.epoch, recipe.epochs, step.step, step.steps_per_epoch, step.loss, step.images_per_s
-            ));
-        }
-    })?;
+    let trained = baseline::train(&options, context.cancel, super::report_steps(context, recipe.epochs))?;
     std::fs::write(out.join(MODEL), trained.model.encode_to_vec())?;
     let _ = std::fs::remove_dir_all(&options.checkpoint);
     Ok(json!({

@@ -42,13 +42,7 @@ fn examples(options: &BaselineOptions, split: Split, samples: Option<usize>) -> 
     let raw = data::load_split(options.dataset, &options.data_dir, split)
         .map_err(|e| TrainError::Model(format!("{e}\n  fix: {}", e.fix(options.dataset))))?;
     let indices = samples.map(|n| data::calibration_indices(raw.count, n, options.recipe.seed));
-    let tensors = raw.preprocess(&options.preprocess, indices.as_deref());
-    let &[_, c, h, w] = tensors.images.shape() else { unreachable!("preprocess writes NCHW") };
-    Ok(Examples {
-        images: tensors.images.iter().copied().collect(),
-        image_shape: [c, h, w],
-        labels: tensors.labels.iter().map(|&l| l as u32).collect(),
-    })
+    Ok(raw.preprocess(&options.preprocess, indices.as_deref()).into())
 }
 
 pub fn train(options: &BaselineOptions, cancel: &AtomicBool, on_step: impl FnMut(Step)) -> Result<Trained, TrainError> {

@@ -47,6 +47,18 @@ pub struct Examples {
     pub labels: Vec<u32>,
 }
 
+impl From<crate::data::Tensors> for Examples {
+    /// The preprocessed images and labels of a split.
+    fn from(tensors: crate::data::Tensors) -> Self {
+        let &[_, c, h, w] = tensors.images.shape() else { unreachable!("an Array4 has four dimensions") };
+        Self {
+            images: tensors.images.iter().copied().collect(),
+            image_shape: [c, h, w],
+            labels: tensors.labels.iter().map(|&l| l as u32).collect(),
+        }
+    }
+}
+
 impl Examples {
     /// NCHW f32 images and u8 labels from .npy files.
     pub fn from_npy(images: &Path, labels: &Path) -> std::io::Result<Self> {
@@ -127,6 +139,22 @@ pub struct Step {
     pub loss: f32,
     pub learning_rate: f64,
     pub images_per_s: f64,
+}
+
+impl Step {
+    /// Whether a stage's progress line should hear of this step: every
+    /// tenth step and each epoch's last.
+    pub fn worth_reporting(&self) -> bool {
+        self.step == self.steps_per_epoch || self.step.is_multiple_of(10)
+    }
+
+    /// "epoch 1/2 step 40/78 loss 0.2060 lr 1.46e-4 276 img/s".
+    pub fn describe(&self, epochs: u32) -> String {
+        format!(
+            "epoch {}/{epochs} step {}/{} loss {:.4} lr {:.2e} {:.0} img/s",
+            self.epoch, self.step, self.steps_per_epoch, self.loss, self.learning_rate, self.images_per_s
+        )
+    }
 }
 
 /// What a finished training reports.
