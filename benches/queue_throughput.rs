@@ -24,6 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use qsweep::artifacts::Artifacts;
 use qsweep::coordinator;
 use qsweep::plan::Plan;
 use qsweep::redis_queue::queue::RedisQueue;
@@ -93,7 +94,7 @@ fn main() {
                 let connection = connection::connect(&url).await?;
                 let mut queue =
                     RedisQueue::publish(connection, Keys::new("bench"), &sweep, &plan, &results, None).await?;
-                coordinator::run(&plan, &results, &mut queue, std::future::pending::<()>()).await
+                coordinator::run(&plan, Artifacts::Shared(&results), &mut queue, std::future::pending::<()>()).await
             })
             .unwrap();
         assert_eq!(summary.counts.failed, 0);

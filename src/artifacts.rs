@@ -16,7 +16,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use thiserror::Error;
 
-use crate::plan::TaskKey;
+use crate::plan::{Task, TaskKey};
 use crate::store::{Manifest, ResultsDir};
 
 #[derive(Debug, Error)]
@@ -59,12 +59,15 @@ impl ObjectArtifacts {
         ArtifactError::Store { url: self.url.clone(), message: e.to_string() }
     }
 
-    /// The manifest of `key` in the store, if its artifact is complete there.
+    /// The manifest of `key` in the store, if its artifact is complete
+    /// there and the manifest is intact (an altered one counts as absent,
+    /// so the task runs again and replaces it).
     pub async fn manifest(&self, key: &TaskKey) -> Result<Option<Manifest>, ArtifactError> {
         match self.store.get(&self.object(key, "manifest.json")).await {
             Ok(found) => {
                 let bytes = found.bytes().await.map_err(|e| self.error(e))?;
-                Ok(serde_json::from_slice(&bytes).ok())
+                let manifest = serde_json::from_slice::<Manifest>(&bytes).ok();
+                Ok(manifest.filter(|m| &m.key == key && m.is_intact()))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.error(e)),
@@ -107,12 +110,49 @@ impl ObjectArtifacts {
         Ok(())
     }
 
-    /// Copies `key`'s manifest alone into the local results, for reports.
+    /// Copies `key`'s manifest alone into the local results, for reports;
+    /// one the store no longer has (or has altered) is removed here too.
     pub async fn fetch_manifest(&self, results: &ResultsDir, key: &TaskKey) -> Result<bool, ArtifactError> {
-        let Some(manifest) = self.manifest(key).await? else { return Ok(false) };
+        let Some(manifest) = self.manifest(key).await? else {
+            match std::fs::remove_file(results.remote_manifest_path(key)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => return Ok(false),
+            }
+        };
         let bytes = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
         crate::store::write_atomically(&results.remote_manifest_path(key), &bytes)?;
         Ok(true)
+    }
+}
+
+/// Where the coordinator tells whether a task's artifact is complete and
+/// current.
+#[derive(Clone, Copy)]
+pub enum Artifacts<'a> {
+    /// The results directory every worker shares: files and manifests.
+    Shared(&'a ResultsDir),
+    /// An object store; the coordinator keeps only manifests, in `results`.
+    Store { results: &'a ResultsDir, store: &'a ObjectArtifacts },
+}
+
+impl Artifacts<'_> {
+    /// Where the reports and failure records go.
+    pub fn results(&self) -> &ResultsDir {
+        match self {
+            Artifacts::Shared(results) | Artifacts::Store { results, .. } => results,
+        }
+    }
+
+    /// Whether `task`'s artifact is there, verifies, and was made from
+    /// its inputs as they are now.
+    pub async fn current(&self, task: &Task) -> Result<bool, ArtifactError> {
+        match self {
+            Artifacts::Shared(results) => Ok(results.current(task).is_some()),
+            Artifacts::Store { results, store } => {
+                store.fetch_manifest(results, &task.key).await?;
+                Ok(results.current_manifest(task).is_some())
+            }
+        }
     }
 }
 
@@ -154,7 +194,7 @@ mod tests {
         let key = TaskKey("cd".repeat(32));
         let staging = here.begin(&key, crate::plan::StageKind::Build).unwrap();
         std::fs::write(staging.dir().join("model.onnx"), b"weights").unwrap();
-        staging.commit(serde_json::json!({"x": 1}), 0.5).unwrap();
+        staging.commit(serde_json::json!({"x": 1}), 0.5, Default::default()).unwrap();
         store.publish(&here, &key).await.unwrap();
         store.fetch(&there, &key).await.unwrap();
         let fetched = there.verified(&key).expect("a verified copy");

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::plan::{Plan, TaskKey};
+use crate::artifacts::Artifacts;
+use crate::plan::{Plan, Task, TaskKey};
 use crate::progress::{Progress, RunCounts, TaskOutcome};
 use crate::queue::QueueError;
 use crate::queue::{Event, Finished, Queue, Recorded};
@@ -34,15 +35,19 @@ enum State {
 
 pub async fn run<Q: Queue>(
     plan: &Plan,
-    results: &ResultsDir,
+    artifacts: Artifacts<'_>,
     queue: &mut Q,
     mut interrupt: impl std::future::Future<Output = ()> + Unpin,
 ) -> Result<RunSummary, QueueError> {
+    let results = artifacts.results();
     let recorded = queue.recorded().await?;
     let mut state: HashMap<TaskKey, State> = HashMap::new();
     let mut cached_tasks = 0;
+    // Tasks come after their inputs, so an input's state is known first:
+    // an artifact counts as done only if its inputs are done too.
     for task in &plan.tasks {
-        let current = if results.verified(&task.key).is_some() {
+        let inputs_done = task.inputs.iter().all(|i| state[&i.key] == State::Done);
+        let current = if inputs_done && is_current(&artifacts, task).await? {
             cached_tasks += 1;
             State::Done
         } else {
@@ -133,8 +138,22 @@ pub async fn run<Q: Queue>(
                     match outcome {
                         Finished::Done { elapsed_s } => {
                             executed_tasks += 1;
-                            state.insert(key, State::Done);
-                            progress.finished(slot, &label, elapsed_s);
+                            let task = plan.task(&key).expect("events name the plan's tasks");
+                            if !task.stage.writes_artifact() || is_current(&artifacts, task).await? {
+                                state.insert(key, State::Done);
+                                progress.finished(slot, &label, elapsed_s);
+                            } else {
+                                // Never count a result that is not there.
+                                let error = format!(
+                                    "{} reported {} done, but its artifact is missing, damaged or stale in {}",
+                                    worker,
+                                    task.stage,
+                                    results.root().display()
+                                );
+                                record_failure(plan, results, &key, &error);
+                                state.insert(key, State::Failed);
+                                progress.failed(slot, &label, &error);
+                            }
                         }
                         Finished::Failed { error } => {
                             executed_tasks += 1;
@@ -154,7 +173,18 @@ pub async fn run<Q: Queue>(
         }
     }
     progress.finish();
+    queue.close().await;
     Ok(RunSummary { counts: run_counts(plan, &state), cached_tasks, executed_tasks, interrupted })
+}
+
+/// Whether `task`'s artifact is complete and current (a benchmark's no-op
+/// task writes none and is never cached). An object store that cannot be
+/// read is an error that ends the sweep, with what is recorded kept.
+async fn is_current(artifacts: &Artifacts<'_>, task: &Task) -> Result<bool, QueueError> {
+    if !task.stage.writes_artifact() {
+        return Ok(false);
+    }
+    artifacts.current(task).await.map_err(|e| QueueError::Fatal(e.to_string()))
 }
 
 /// A queue error mid-sweep is most likely Redis restarting: say so and
@@ -181,6 +211,7 @@ fn record_failure(plan: &Plan, results: &ResultsDir, key: &TaskKey, error: &str)
                 attempts: 1,
                 error: error.to_string(),
                 failed_unix: unix_now(),
+                fatal: false,
             };
             let _ = results.record_failure(&record);
         }

@@ -10,6 +10,7 @@
 //! - [`spec`]: the user's JSON, its schema, and errors that point into the file.
 //! - [`matrix`]: axes into runs, with include/exclude, and stable run ids.
 //! - [`plan`]: runs into a DAG of tasks named by content keys.
+//! - [`owner`]: which process owns shared state, and whether it is gone.
 //! - [`store`]: the results directory, with atomically completed artifacts.
 //! - [`onnx`]: ONNX protobuf models and questions about their graphs.
 //! - [`data`]: IDX datasets, preprocessing, calibration subsets, tensor files.
@@ -22,6 +23,7 @@
 //! - [`redis_queue`]: the Redis queue, `qsweep worker`, status and cancel.
 //! - [`coordinator`]: walks a plan's DAG against any queue.
 //! - [`progress`]: the live display, or plain lines off a terminal.
+//! - [`shutdown`]: SIGINT, SIGTERM and SIGHUP, handled alike by every command.
 //! - [`report`]: runs.csv, runs.jsonl, summary.md and the accuracy/latency plot.
 
 pub mod artifacts;
@@ -31,12 +33,14 @@ pub mod engine;
 pub mod k8s;
 pub mod matrix;
 pub mod onnx;
+pub mod owner;
 pub mod plan;
 pub mod progress;
 pub mod quant;
 pub mod queue;
 pub mod redis_queue;
 pub mod report;
+pub mod shutdown;
 
 pub mod spec;
 pub mod stages;

@@ -8,13 +8,14 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use qsweep::artifacts::ObjectArtifacts;
+use qsweep::artifacts::{Artifacts, ObjectArtifacts};
 use qsweep::k8s::backend::{ClusterOptions, KubernetesQueue};
 use qsweep::k8s::cluster::Cluster;
 use qsweep::plan::Plan;
 use qsweep::queue::memory::MemoryQueue;
 use qsweep::queue::QueueError;
 use qsweep::redis_queue::queue::RedisQueue;
+use qsweep::shutdown::{Signal, Signals};
 use qsweep::store::ResultsDir;
 use qsweep::{coordinator, engine, redis_queue, report, spec, sweep};
 
@@ -74,6 +75,11 @@ enum Command {
         /// has tasks to queue (what a sweep's Kubernetes Job passes).
         #[arg(long, requires = "exit_when_idle")]
         sweep: Option<String>,
+        /// Seconds running stages get to finish after SIGTERM, SIGINT or
+        /// SIGHUP before their tasks are handed back to the queue (below
+        /// Kubernetes' default 30 s grace period).
+        #[arg(long, default_value_t = qsweep::k8s::DRAIN_SECS, value_parser = clap::value_parser!(u64).range(0..=3600))]
+        drain_secs: u64,
     },
     /// Shows a Redis sweep's progress, from any machine.
     Status {
@@ -233,7 +239,7 @@ fn main() -> ExitCode {
             ),
             Backend::K8s => run(&spec, jobs as usize, results, redis, Some(kubernetes)),
         },
-        Command::Worker { redis, concurrency, lease_secs, exit_when_idle, cache, sweep } => {
+        Command::Worker { redis, concurrency, lease_secs, exit_when_idle, cache, sweep, drain_secs } => {
             let options = qsweep::redis_queue::consumer::WorkerOptions {
                 url: redis.url,
                 prefix: redis.prefix,
@@ -242,6 +248,7 @@ fn main() -> ExitCode {
                 exit_when_idle,
                 cache,
                 sweep,
+                drain: std::time::Duration::from_secs(drain_secs),
             };
             work(options)
         }
@@ -400,7 +407,11 @@ fn run(
             ))
         }
     };
-    if let Err(e) = results.remove_abandoned_staging().and_then(|_| results.save_plan(&plan)) {
+    let _lock = match results.lock(&format!("qsweep run {}", spec.display())) {
+        Ok(lock) => lock,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = results.remove_abandoned_staging(|_| false).and_then(|_| results.save_plan(&plan)) {
         return fail(format!("cannot write to {}: {e}", dir.display()));
     }
 
@@ -408,45 +419,55 @@ fn run(
         Ok(store) => store,
         Err(e) => return fail(e),
     };
+    let artifacts = match &store {
+        Some(store) => Artifacts::Store { results: &results, store },
+        None => Artifacts::Shared(&results),
+    };
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime starts");
+    let mut signals = match tokio.block_on(async { Signals::install() }) {
+        Ok(signals) => signals,
+        Err(e) => return fail(format!("cannot handle signals: {e}")),
+    };
+    let caught = std::sync::OnceLock::new();
     let interrupt = Box::pin(async {
-        let _ = tokio::signal::ctrl_c().await;
+        let _ = caught.set(signals.recv().await);
     });
     let coordinated = tokio.block_on(async {
         match redis.url {
             None => {
                 let mut queue = MemoryQueue::new(Arc::new(sweep), results.clone(), jobs);
-                coordinator::run(&plan, &results, &mut queue, interrupt).await
+                coordinator::run(&plan, artifacts, &mut queue, interrupt).await
             }
             Some(url) => {
                 let connection = redis_queue::connection::connect(&url).await?;
                 let keys = redis_queue::Keys::new(&redis.prefix);
                 let queue =
                     RedisQueue::publish(connection, keys, &sweep, &plan, &results, redis.artifacts.as_deref()).await?;
+                let (mut connection, keys) = (queue.connection(), queue.keys().clone());
+                remove_staging_of_gone_workers(&mut connection, &keys, &results).await?;
                 let summary = match (cluster_options, &kubernetes) {
                     (Some(options), Some(args)) => {
                         let cluster = Cluster::connect(args.context.as_deref(), &args.namespace).await?;
                         cluster.check_access().await?;
-                        let pending = plan.tasks.iter().filter(|t| results.verified(&t.key).is_none()).count();
+                        let pending = plan.tasks.iter().filter(|t| results.current(t).is_none()).count();
                         let mut queue =
                             KubernetesQueue::start(queue, cluster, &sweep.spec.name, pending, options).await?;
-                        coordinator::run(&plan, &results, &mut queue, interrupt).await?
+                        coordinator::run(&plan, artifacts, &mut queue, interrupt).await
                     }
-                    _ => coordinator::run(&plan, &results, &mut { queue }, interrupt).await?,
-                };
-                if let Some(store) = &store {
-                    // The reports read manifests; the files stay in the store.
-                    for task in &plan.tasks {
-                        store
-                            .fetch_manifest(&results, &task.key)
-                            .await
-                            .map_err(|e| QueueError::State(e.to_string()))?;
-                    }
-                }
+                    _ => coordinator::run(&plan, artifacts, &mut { queue }, interrupt).await,
+                }?;
+                // Workers killed during the sweep leave no staging behind it.
+                remove_staging_of_gone_workers(&mut connection, &keys, &results).await?;
                 Ok(summary)
             }
         }
     });
+    // A stage left running by a signal must not hold the exit up; what it
+    // had in staging goes with it.
+    tokio.shutdown_timeout(qsweep::worker::STOP_GRACE);
+    if let Err(e) = results.remove_own_staging().and_then(|_| results.remove_abandoned_staging(|_| false)) {
+        eprintln!("warning: cannot remove staging directories in {}: {e}", dir.display());
+    }
     let summary = match coordinated {
         Ok(summary) => summary,
         Err(e) => return fail(e),
@@ -458,13 +479,34 @@ fn run(
     }
     eprintln!("{} task(s) executed, {} reused from earlier runs", summary.executed_tasks, summary.cached_tasks);
     if summary.interrupted {
-        eprintln!("interrupted; `qsweep run {}` resumes where this stopped", spec.display());
-        ExitCode::from(130)
+        let (how, code) = match caught.get() {
+            Some(signal) => (format!("stopped by {}", signal.name()), signal.exit_code()),
+            None => ("cancelled".to_string(), Signal::Interrupt.exit_code()),
+        };
+        eprintln!("{how}; `qsweep run {}` resumes where this stopped", spec.display());
+        ExitCode::from(code)
     } else if summary.counts.failed > 0 || reported.is_err() {
+        ExitCode::FAILURE
+    } else if summary.counts.remaining > 0 {
+        eprintln!("error: {} run(s) have no result; rerun to finish them", summary.counts.remaining);
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Removes staging directories of workers on other hosts whose Redis
+/// heartbeat has expired (this host's dead processes are found by PID).
+async fn remove_staging_of_gone_workers(
+    connection: &mut redis::aio::ConnectionManager,
+    keys: &redis_queue::Keys,
+    results: &ResultsDir,
+) -> Result<(), QueueError> {
+    let gone = redis_queue::queue::gone_workers(connection, keys).await?;
+    results
+        .remove_abandoned_staging(|owner| gone.contains(&(owner.host.clone(), owner.pid)))
+        .map_err(|e| QueueError::State(format!("cannot sweep staging in {}: {e}", results.root().display())))?;
+    Ok(())
 }
 
 /// The pods' side of a k8s run, checked before anything is written.
@@ -507,16 +549,33 @@ fn kubernetes_job(spec: &Path, results: Option<PathBuf>, prefix: &str, args: &Ku
     }
 }
 
+/// `qsweep worker`: the first stop signal stops it taking tasks and
+/// starts the drain; the drain's end, or a second signal, abandons what
+/// still runs (handed back to the queue).
 fn work(options: redis_queue::consumer::WorkerOptions) -> ExitCode {
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime starts");
+    let mut signals = match tokio.block_on(async { Signals::install() }) {
+        Ok(signals) => signals,
+        Err(e) => return fail(format!("cannot handle signals: {e}")),
+    };
+    let drain = options.drain;
     let result = tokio.block_on(async {
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (stop, stop_seen) = tokio::sync::watch::channel(false);
+        let (abandon, abandon_seen) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            let signal = signals.recv().await;
+            tracing::warn!("{}: taking no more tasks; running stages have {}s to finish", signal.name(), drain.as_secs());
             let _ = stop.send(true);
+            tokio::select! {
+                _ = tokio::time::sleep(drain) => {}
+                _ = signals.recv() => {}
+            }
+            let _ = abandon.send(true);
         });
-        redis_queue::consumer::run(options, shutdown).await
+        let stop = redis_queue::consumer::Stop { stop: stop_seen, abandon: abandon_seen };
+        redis_queue::consumer::run(options, stop).await
     });
+    tokio.shutdown_timeout(qsweep::worker::STOP_GRACE);
     match result {
         Ok(summary) => {
             eprintln!("worker done: {} task(s) executed, {} skipped", summary.executed, summary.skipped);
@@ -617,10 +676,15 @@ fn train(
         checkpoint: checkpoint.clone(),
     };
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = cancel.clone();
+    let caught = Arc::new(std::sync::OnceLock::new());
+    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
+    let mut signals = match tokio.block_on(async { Signals::install() }) {
+        Ok(signals) => signals,
+        Err(e) => return fail(format!("cannot handle signals: {e}")),
+    };
+    let (flag, signal) = (cancel.clone(), caught.clone());
     std::thread::spawn(move || {
-        let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
-        tokio.block_on(async { tokio::signal::ctrl_c().await.ok() });
+        let _ = signal.set(tokio.block_on(signals.recv()));
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     let bar = indicatif::ProgressBar::new(0);
@@ -647,8 +711,13 @@ fn train(
     let trained = match trained {
         Ok(trained) => trained,
         Err(qsweep::train::TrainError::Cancelled) => {
-            eprintln!("interrupted; the same command resumes from the last finished epoch ({})", checkpoint.display());
-            return ExitCode::from(130);
+            let signal = caught.get().copied().unwrap_or(Signal::Interrupt);
+            eprintln!(
+                "stopped by {}; the same command resumes from the last finished epoch ({})",
+                signal.name(),
+                checkpoint.display()
+            );
+            return ExitCode::from(signal.exit_code());
         }
         Err(e) => return fail(e),
     };

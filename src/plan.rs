@@ -42,6 +42,12 @@ impl StageKind {
         StageKind::Evaluate,
     ];
 
+    /// Whether the stage leaves an artifact (every stage but the
+    /// benchmark's no-op).
+    pub fn writes_artifact(self) -> bool {
+        self != StageKind::Noop
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             StageKind::Train => "train",

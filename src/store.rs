@@ -6,7 +6,18 @@
 //! the directory to its key. A crash before the rename leaves only a staging
 //! directory, which never counts as done; a crash after it leaves a complete
 //! artifact. A rerun trusts an artifact only if its manifest verifies.
+//!
+//! What "verifies" means: the manifest's own digest covers everything in it
+//! (metrics included, so an edited accuracy is caught), every file matches
+//! its recorded size and SHA-256, and the inputs it was made from are the
+//! inputs there now (it records each input manifest's digest), so an
+//! artifact made from an input that has since been rebuilt is stale.
+//!
+//! Staging directories are named for the process that owns them
+//! (`crate::owner`), so one process only ever removes its own or those of a
+//! process that is provably gone.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,7 +28,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::plan::{Plan, StageKind, TaskKey};
+use crate::owner::Owner;
+use crate::plan::{Plan, StageKind, Task, TaskKey};
 
 const MANIFEST: &str = "manifest.json";
 const STAGING_PREFIX: &str = ".staging-";
@@ -39,6 +51,42 @@ pub struct Manifest {
     pub metrics: Value,
     pub elapsed_s: f64,
     pub completed_unix: u64,
+    /// Each input's manifest digest when this artifact was made.
+    #[serde(default)]
+    pub inputs: BTreeMap<TaskKey, String>,
+    /// SHA-256 of this manifest as JSON with `digest` empty. A manifest
+    /// without one (written by an older qsweep) never verifies.
+    #[serde(default)]
+    pub digest: String,
+}
+
+impl Manifest {
+    /// A manifest for what a stage just made, with its digest.
+    pub fn new(key: TaskKey, stage: StageKind, files: Vec<FileEntry>, metrics: Value, elapsed_s: f64) -> Self {
+        Self { key, stage, files, metrics, elapsed_s, completed_unix: unix_now(), inputs: BTreeMap::new(), digest: String::new() }
+            .sealed()
+    }
+
+    /// The same manifest, recording the inputs it was made from.
+    pub fn made_from(mut self, inputs: BTreeMap<TaskKey, String>) -> Self {
+        self.inputs = inputs;
+        self.sealed()
+    }
+
+    fn sealed(mut self) -> Self {
+        self.digest = self.content_digest();
+        self
+    }
+
+    fn content_digest(&self) -> String {
+        let unsealed = Manifest { digest: String::new(), ..self.clone() };
+        hex::encode(Sha256::digest(serde_json::to_vec(&unsealed).expect("a manifest serializes")))
+    }
+
+    /// Whether the manifest is what its stage wrote: nothing in it edited.
+    pub fn is_intact(&self) -> bool {
+        !self.digest.is_empty() && self.digest == self.content_digest()
+    }
 }
 
 /// The last error of a task that used up its retries.
@@ -49,6 +97,10 @@ pub struct FailureRecord {
     pub attempts: u32,
     pub error: String,
     pub failed_unix: u64,
+    /// The error will repeat until the spec or its files change (a
+    /// malformed model, a missing dataset); retrying cannot help.
+    #[serde(default)]
+    pub fatal: bool,
 }
 
 /// A results directory: `plan.json`, `artifacts/<key>/`, `failures/<key>.json`.
@@ -82,26 +134,53 @@ impl ResultsDir {
         self.root.join("artifacts").join(&key.0)
     }
 
-    /// The manifest of a complete artifact whose files all verify.
+    /// The manifest of a complete artifact whose manifest and files all
+    /// verify. Whether it is still current for its task is `current`.
     pub fn verified(&self, key: &TaskKey) -> Option<Manifest> {
-        let dir = self.artifact_dir(key);
-        let manifest: Manifest = serde_json::from_slice(&fs::read(dir.join(MANIFEST)).ok()?).ok()?;
-        if &manifest.key != key {
-            return None;
-        }
-        let intact = manifest.files.iter().all(|entry| {
-            hash_file(&dir.join(&entry.name)).is_ok_and(|(bytes, sha)| bytes == entry.bytes && sha == entry.sha256)
-        });
-        intact.then_some(manifest)
+        verified_at(&self.artifact_dir(key), key)
     }
 
-    /// The manifest of an artifact without re-hashing its files; for reports,
-    /// which must stay fast on large sweeps and only read metrics. Falls
-    /// back to manifests fetched from an object store without their files.
+    /// The verified artifact of `task`, if it was made from the inputs
+    /// that are there now; otherwise the task must run again.
+    pub fn current(&self, task: &Task) -> Option<Manifest> {
+        self.verified(&task.key).filter(|manifest| self.made_from_current_inputs(task, manifest))
+    }
+
+    /// Like `current`, from the manifest alone: for a coordinator whose
+    /// artifacts live in an object store and which holds only manifests.
+    pub fn current_manifest(&self, task: &Task) -> Option<Manifest> {
+        self.manifest(&task.key).filter(|manifest| self.made_from_current_inputs(task, manifest))
+    }
+
+    fn made_from_current_inputs(&self, task: &Task, manifest: &Manifest) -> bool {
+        self.input_digests(task).is_ok_and(|inputs| manifest.inputs == inputs)
+    }
+
+    /// The manifest digest of each of `task`'s inputs, as they are now.
+    pub fn input_digests(&self, task: &Task) -> std::io::Result<BTreeMap<TaskKey, String>> {
+        task.inputs
+            .iter()
+            .map(|input| match self.manifest(&input.key) {
+                Some(manifest) => Ok((input.key.clone(), manifest.digest)),
+                None => Err(std::io::Error::other(format!(
+                    "input {} ({}) of {} has no intact artifact",
+                    input.key.short(),
+                    input.role,
+                    task.stage
+                ))),
+            })
+            .collect()
+    }
+
+    /// The intact manifest of an artifact, without re-hashing its files;
+    /// for reports, which must stay fast on large sweeps and only read
+    /// metrics. Falls back to manifests fetched from an object store
+    /// without their files.
     pub fn manifest(&self, key: &TaskKey) -> Option<Manifest> {
         let local =
             fs::read(self.artifact_dir(key).join(MANIFEST)).or_else(|_| fs::read(self.remote_manifest_path(key)));
-        serde_json::from_slice(&local.ok()?).ok()
+        let manifest: Manifest = serde_json::from_slice(&local.ok()?).ok()?;
+        (&manifest.key == key && manifest.is_intact()).then_some(manifest)
     }
 
     /// Where a manifest fetched from an object store, without its files,
@@ -110,32 +189,57 @@ impl ResultsDir {
         self.root.join("remote-manifests").join(format!("{}.json", key.0))
     }
 
-    /// Starts writing the artifact of `key` in a private staging directory.
+    /// Starts writing the artifact of `key` in a staging directory named
+    /// for this process (`.staging-KEY-ATTEMPT-PID.START@HOST`).
     pub fn begin(&self, key: &TaskKey, stage: StageKind) -> std::io::Result<Staging> {
-        static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-        let name = format!(
-            "{STAGING_PREFIX}{}-{}-{}",
-            key.short(),
-            std::process::id(),
-            SEQUENCE.fetch_add(1, Ordering::Relaxed)
-        );
+        static ATTEMPT: AtomicU64 = AtomicU64::new(0);
+        let attempt = ATTEMPT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{STAGING_PREFIX}{}-{attempt}-{}", key.short(), Owner::current().tag());
         let dir = self.root.join("artifacts").join(name);
         fs::create_dir_all(&dir)?;
         Ok(Staging { dir, key: key.clone(), stage, target: self.artifact_dir(key), committed: false })
     }
 
-    /// Removes staging directories left by a process that died mid-stage.
-    /// Only for a single coordinator that owns the directory.
-    pub fn remove_abandoned_staging(&self) -> std::io::Result<usize> {
+    /// Removes the staging directories whose owner is provably gone: a
+    /// process of this host that has ended, or one that `also_gone` says
+    /// has (a worker elsewhere whose Redis heartbeat expired). Live
+    /// owners' work in progress, here or on other hosts, is left alone.
+    pub fn remove_abandoned_staging(&self, also_gone: impl Fn(&Owner) -> bool) -> std::io::Result<usize> {
+        self.remove_staging(|owner| owner.is_gone_from_this_host() || also_gone(owner))
+    }
+
+    /// Removes this process's own staging directories (a worker that
+    /// abandons its stages on shutdown).
+    pub fn remove_own_staging(&self) -> std::io::Result<usize> {
+        let me = Owner::current();
+        self.remove_staging(|owner| *owner == me)
+    }
+
+    fn remove_staging(&self, remove: impl Fn(&Owner) -> bool) -> std::io::Result<usize> {
         let mut removed = 0;
         for entry in fs::read_dir(self.root.join("artifacts"))? {
             let entry = entry?;
-            if entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
-                fs::remove_dir_all(entry.path())?;
-                removed += 1;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if staging_owner(&name).is_some_and(|owner| remove(&owner)) {
+                match fs::remove_dir_all(entry.path()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => removed += 1,
+                }
             }
         }
         Ok(removed)
+    }
+
+    /// The staging directories there are now, by name.
+    pub fn staging_dirs(&self) -> std::io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(self.root.join("artifacts"))? {
+            let name = entry?.file_name().to_string_lossy().to_string();
+            if name.starts_with(STAGING_PREFIX) {
+                names.push(name);
+            }
+        }
+        Ok(names)
     }
 
     pub fn record_failure(&self, record: &FailureRecord) -> std::io::Result<()> {
@@ -173,6 +277,54 @@ impl ResultsDir {
     }
 }
 
+/// The one coordinator's hold on a results directory: an advisory lock
+/// (flock) on `.lock`, which the kernel releases when the process ends,
+/// however it ends. The file names the holder for whoever finds it taken.
+pub struct ResultsLock {
+    _file: fs::File,
+}
+
+/// Who holds a results directory's lock, as its lock file says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockHolder {
+    pub owner: Owner,
+    pub command: String,
+    pub since_unix: u64,
+}
+
+impl ResultsDir {
+    /// Takes the results directory for this process, or says who has it.
+    pub fn lock(&self, command: &str) -> Result<ResultsLock, std::io::Error> {
+        use std::os::fd::AsRawFd;
+        let path = self.root.join(".lock");
+        let mut file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(error);
+            }
+            let holder = fs::read(&path).ok().and_then(|bytes| serde_json::from_slice::<LockHolder>(&bytes).ok());
+            let who = match holder {
+                Some(h) => format!("`{}` ({}) since {}", h.command, h.owner, h.since_unix),
+                None => "another qsweep process".to_string(),
+            };
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "{} is in use by {who}\n  fix: wait for that sweep to finish or stop it; two coordinators on one results directory would run every task twice",
+                    self.root.display()
+                ),
+            ));
+        }
+        let holder = LockHolder { owner: Owner::current(), command: command.to_string(), since_unix: unix_now() };
+        file.set_len(0)?;
+        std::io::Seek::rewind(&mut file)?;
+        file.write_all(&serde_json::to_vec(&holder).map_err(std::io::Error::other)?)?;
+        Ok(ResultsLock { _file: file })
+    }
+}
+
 /// An artifact being written. Dropping it uncommitted deletes it.
 pub struct Staging {
     dir: PathBuf,
@@ -189,7 +341,10 @@ impl Staging {
 
     /// Seals files copied from elsewhere under their original manifest,
     /// after checking that they are exactly what it lists.
-    pub fn adopt(mut self, manifest: &Manifest) -> std::io::Result<()> {
+    pub fn adopt(self, manifest: &Manifest) -> std::io::Result<Manifest> {
+        if !manifest.is_intact() {
+            return Err(std::io::Error::other(format!("the manifest of {} has been altered", manifest.key)));
+        }
         for entry in &manifest.files {
             let (bytes, sha256) = hash_file(&self.dir.join(&entry.name))?;
             if bytes != entry.bytes || sha256 != entry.sha256 {
@@ -198,19 +353,18 @@ impl Staging {
         }
         let bytes = serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?;
         write_atomically(&self.dir.join(MANIFEST), &bytes)?;
-        match fs::rename(&self.dir, &self.target) {
-            Ok(()) => {}
-            Err(_) if self.target.join(MANIFEST).exists() => fs::remove_dir_all(&self.dir)?,
-            Err(e) => return Err(e),
-        }
-        self.committed = true;
-        Ok(())
+        self.install(manifest.clone())
     }
 
-    /// Seals the artifact: hashes its files, writes the manifest, and makes
-    /// it visible under its key in one rename. If another worker completed
-    /// the same key first, theirs is kept; the outputs are equivalent.
-    pub fn commit(mut self, metrics: Value, elapsed_s: f64) -> std::io::Result<Manifest> {
+    /// Seals the artifact: hashes its files, writes the manifest (with the
+    /// digests of the inputs it was made from), and makes it visible under
+    /// its key in one rename.
+    pub fn commit(
+        self,
+        metrics: Value,
+        elapsed_s: f64,
+        inputs: BTreeMap<TaskKey, String>,
+    ) -> std::io::Result<Manifest> {
         let mut files = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
@@ -220,27 +374,82 @@ impl Staging {
             files.push(FileEntry { name, bytes, sha256 });
         }
         files.sort_by(|a, b| a.name.cmp(&b.name));
-        let manifest = Manifest {
-            key: self.key.clone(),
-            stage: self.stage,
-            files,
-            metrics,
-            elapsed_s,
-            completed_unix: unix_now(),
-        };
+        let manifest = Manifest::new(self.key.clone(), self.stage, files, metrics, elapsed_s).made_from(inputs);
         let bytes = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
         let mut file = fs::File::create(self.dir.join(MANIFEST))?;
         file.write_all(&bytes)?;
         file.sync_all()?;
-        match fs::rename(&self.dir, &self.target) {
-            Ok(()) => {}
-            Err(_) if self.target.join(MANIFEST).exists() => fs::remove_dir_all(&self.dir)?,
+        self.install(manifest)
+    }
+
+    /// Puts the sealed directory under its key. If another worker completed
+    /// the same key from the same inputs first, theirs is kept (the outputs
+    /// are equivalent) and returned. If what is there is damaged or stale,
+    /// ours replaces it in one atomic exchange, so readers see the old
+    /// artifact or the new one, never a mix or nothing.
+    fn install(mut self, ours: Manifest) -> std::io::Result<Manifest> {
+        let installed = match fs::rename(&self.dir, &self.target) {
+            Ok(()) => ours,
+            Err(_) if self.target.exists() => match verified_at(&self.target, &self.key) {
+                Some(theirs) if theirs.inputs == ours.inputs => {
+                    fs::remove_dir_all(&self.dir)?;
+                    theirs
+                }
+                _ => {
+                    exchange(&self.dir, &self.target)?;
+                    // The staging path now holds the damaged artifact.
+                    fs::remove_dir_all(&self.dir)?;
+                    ours
+                }
+            },
             Err(e) => return Err(e),
-        }
+        };
         sync_dir(self.target.parent().expect("artifacts live in a directory"));
         self.committed = true;
-        Ok(manifest)
+        Ok(installed)
     }
+}
+
+/// Swaps two directories atomically (Linux renameat2 RENAME_EXCHANGE).
+/// Where the filesystem cannot, the old one is moved aside first, so for a
+/// moment there is no artifact, which reads as not done: still never a
+/// damaged one.
+fn exchange(ours: &Path, theirs: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |path: &Path| std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (a, b) = (c(ours)?, c(theirs)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let swapped =
+        unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if swapped == 0 {
+        return Ok(());
+    }
+    let mut aside = ours.as_os_str().to_os_string();
+    aside.push(".replaced");
+    fs::rename(theirs, &aside)?;
+    fs::rename(ours, theirs)?;
+    fs::rename(&aside, ours)
+}
+
+/// The manifest in `dir` if it is intact, is for `key`, and every file
+/// it lists matches.
+fn verified_at(dir: &Path, key: &TaskKey) -> Option<Manifest> {
+    let manifest: Manifest = serde_json::from_slice(&fs::read(dir.join(MANIFEST)).ok()?).ok()?;
+    if &manifest.key != key || !manifest.is_intact() {
+        return None;
+    }
+    let intact = manifest.files.iter().all(|entry| {
+        hash_file(&dir.join(&entry.name)).is_ok_and(|(bytes, sha)| bytes == entry.bytes && sha == entry.sha256)
+    });
+    intact.then_some(manifest)
+}
+
+/// The owner named in a staging directory's name, if it is one.
+fn staging_owner(name: &str) -> Option<Owner> {
+    let rest = name.strip_prefix(STAGING_PREFIX)?;
+    let (_key, rest) = rest.split_once('-')?;
+    let (_attempt, tag) = rest.split_once('-')?;
+    Owner::from_tag(tag)
 }
 
 impl Drop for Staging {
@@ -303,7 +512,7 @@ mod tests {
         let staging = results.begin(&k, StageKind::Build).unwrap();
         fs::write(staging.dir().join("model.onnx"), b"bytes").unwrap();
         assert!(results.verified(&k).is_none(), "a staging directory is not an artifact");
-        let manifest = staging.commit(serde_json::json!({"size": 5}), 0.1).unwrap();
+        let manifest = staging.commit(serde_json::json!({"size": 5}), 0.1, BTreeMap::new()).unwrap();
         assert_eq!(manifest.files[0].bytes, 5);
         assert_eq!(results.verified(&k).unwrap().metrics["size"], 5);
     }
@@ -315,7 +524,7 @@ mod tests {
         let k = key("b");
         let staging = results.begin(&k, StageKind::Build).unwrap();
         fs::write(staging.dir().join("model.onnx"), b"bytes").unwrap();
-        staging.commit(Value::Null, 0.0).unwrap();
+        staging.commit(Value::Null, 0.0, BTreeMap::new()).unwrap();
         fs::write(results.artifact_dir(&k).join("model.onnx"), b"bytez").unwrap();
         assert!(results.verified(&k).is_none());
     }

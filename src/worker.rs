@@ -40,6 +40,11 @@ pub trait Listener: Send + Sync + 'static {
     fn progress(&self, text: &str);
 }
 
+/// How long a stage told to stop by shutdown gets to notice before it is
+/// left behind (its thread ends with the process; its staging directory
+/// is then swept as abandoned).
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs `task` until it succeeds, fails for good, or shutdown is signalled.
 pub async fn run_task(
     task: Arc<Task>,
@@ -50,6 +55,7 @@ pub async fn run_task(
     listener: Arc<dyn Listener>,
 ) -> Outcome {
     let mut last_error = String::new();
+    let mut fatal = false;
     let mut attempt = 0;
     while attempt <= policy.retries {
         attempt += 1;
@@ -79,7 +85,7 @@ pub async fn run_task(
             // The guard `wait_for` returns must not live across the await below.
             _ = async { drop(shutdown.wait_for(|stop| *stop).await) } => {
                 cancel.store(true, Ordering::Relaxed);
-                let _ = (&mut handle).await;
+                let _ = tokio::time::timeout(STOP_GRACE, &mut handle).await;
                 return Outcome::Cancelled;
             }
         };
@@ -91,6 +97,7 @@ pub async fn run_task(
             Err(StageError::Cancelled) => return Outcome::Cancelled,
             Err(StageError::Fatal(message)) => {
                 last_error = message;
+                fatal = true;
                 break;
             }
             Err(StageError::Retryable(message)) => {
@@ -107,6 +114,7 @@ pub async fn run_task(
         attempts: attempt,
         error: last_error,
         failed_unix: unix_now(),
+        fatal,
     };
     if let Err(e) = results.record_failure(&record) {
         tracing::error!("cannot record the failure of {} {}: {e}", task.stage, task.key.short());

@@ -39,7 +39,7 @@ use super::pods::{scheduled, trouble, PodTrouble};
 use crate::plan::Task;
 use crate::queue::{Event, Queue, QueueError, Recorded};
 use crate::redis_queue::queue::RedisQueue;
-use crate::redis_queue::{pending_on_host, record_outcome, requeue, PendingTask};
+use crate::redis_queue::{pending_on_host, record_outcome, requeue, PendingTask, TaskResult};
 use crate::spec::Resources;
 
 /// How often the Job itself is read (the pods are watched).
@@ -237,7 +237,7 @@ impl KubernetesQueue {
                      fix: raise resources.memory in the spec",
                     self.options.resources.memory.as_deref().unwrap_or("none set")
                 );
-                record_outcome(&mut connection, &keys, &task, pod, Err(&error)).await?;
+                record_outcome(&mut connection, &keys, &task, pod, TaskResult::Failed(&error)).await?;
             } else {
                 requeue(&mut connection, &keys, &task).await?;
                 self.notes.push(retrying(&task, attempt, format!("{reason} (pod {pod} was OOMKilled)")));
@@ -372,6 +372,10 @@ impl Queue for KubernetesQueue {
         Ok(vec![Event::Note {
             message: format!("Job {} keeps running; `qsweep cancel {}` stops it", self.job, self.sweep),
         }])
+    }
+
+    async fn close(&mut self) {
+        self.inner.close().await;
     }
 }
 

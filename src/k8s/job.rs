@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use thiserror::Error;
 
-use crate::redis_queue::consumer::WORKER_HOST_ENV;
+use crate::owner::HOST_ENV as WORKER_HOST_ENV;
 use crate::spec::Resources;
 
 /// Where the `volume_claim` is mounted in every pod.
@@ -31,6 +31,11 @@ pub const DATA_MOUNT: &str = "/data";
 pub const BACKOFF_LIMIT: i32 = 6;
 /// How long a finished Job stays for `kubectl logs` before it is deleted.
 pub const TTL_AFTER_FINISHED_S: i32 = 3600;
+/// Seconds a worker's running stages get after SIGTERM (`--drain-secs`).
+pub const DRAIN_SECS: u64 = 20;
+/// The pod's grace period between SIGTERM and SIGKILL: the drain, plus
+/// time to hand the tasks back, remove staging and exit.
+pub const TERMINATION_GRACE_S: i64 = DRAIN_SECS as i64 + 10;
 /// qsweep's exit code for configuration errors: retrying cannot help.
 pub const CONFIGURATION_ERROR_EXIT: i32 = 2;
 
@@ -140,6 +145,8 @@ pub fn worker_job(
             "--sweep".into(),
             sweep.into(),
             "--exit-when-idle".into(),
+            "--drain-secs".into(),
+            DRAIN_SECS.to_string(),
         ]),
         // Consumer names start with the pod's name, so the coordinator
         // can find the tasks of a pod that was killed.
@@ -168,6 +175,9 @@ pub fn worker_job(
     let pod = PodSpec {
         // podFailurePolicy requires Never: the Job, not the kubelet, decides.
         restart_policy: Some("Never".into()),
+        // qsweep handles SIGTERM itself (also as PID 1): it drains for
+        // DRAIN_SECS, hands back what still runs, and exits 0 in time.
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_S),
         containers: vec![container],
         service_account_name: resources.service_account.clone(),
         priority_class_name: resources.priority_class.clone(),

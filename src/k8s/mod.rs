@@ -14,4 +14,4 @@ pub mod cluster;
 pub mod job;
 pub mod pods;
 
-pub use job::{check_image, labels, to_yaml, worker_job, JobOptions, K8sError};
+pub use job::{check_image, labels, to_yaml, worker_job, JobOptions, K8sError, DRAIN_SECS};

@@ -136,4 +136,8 @@ pub trait Queue {
     /// them Cancelled; remote workers keep their tasks, which a restarted
     /// coordinator finds again.
     async fn shutdown(&mut self) -> Result<Vec<Event>, QueueError>;
+
+    /// Ends this coordinator's hold on the sweep (Redis: gives up the
+    /// coordinator lease, so the next one need not wait for it to expire).
+    async fn close(&mut self) {}
 }

@@ -1,5 +1,11 @@
 //! `qsweep worker`: takes tasks from the Redis queue, runs them, records
 //! their outcomes, and keeps a lease on each task while it runs.
+//!
+//! On SIGTERM (a pod being stopped), SIGINT or SIGHUP a worker takes no
+//! more tasks and gives the stages it runs `--drain-secs` to finish; a
+//! stage still running then is abandoned and its task handed back to the
+//! queue at once, so another worker takes it within seconds rather than a
+//! lease period. Its staging directories are removed and it exits 0.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,10 +18,11 @@ use redis::AsyncCommands;
 use tokio::sync::watch;
 
 use super::connection::connect;
-use super::{now_ms, record_outcome, Keys, PendingTask, GROUP};
+use super::{now_ms, record_outcome, requeue, Keys, PendingTask, TaskResult, GROUP};
 use crate::artifacts::ObjectArtifacts;
 use crate::plan::{Plan, TaskKey};
 use crate::queue::QueueError;
+use crate::owner;
 use crate::store::{unix_now, FailureRecord, ResultsDir};
 use crate::sweep::{self, Sweep};
 use crate::worker::{self, Attempts, Outcome};
@@ -39,6 +46,16 @@ pub struct WorkerOptions {
     /// its coordinator will queue (a pod of the sweep's Job must not leave
     /// while a long stage holds back the next ones).
     pub sweep: Option<String>,
+    /// How long running stages get to finish after a stop signal.
+    pub drain: Duration,
+}
+
+/// How a worker is told to stop: `stop` first (take no more tasks), then
+/// `abandon` (leave the running stages and hand their tasks back).
+#[derive(Clone)]
+pub struct Stop {
+    pub stop: watch::Receiver<bool>,
+    pub abandon: watch::Receiver<bool>,
 }
 
 /// How long an `exit_when_idle` worker waits on an empty queue.
@@ -51,17 +68,18 @@ pub struct WorkerSummary {
     pub skipped: usize,
 }
 
-/// Runs until shutdown is signalled (or, with `exit_when_idle`, until the
-/// queue is empty). Connection errors are retried, so a Redis restart is
-/// survived.
-pub async fn run(options: WorkerOptions, shutdown: watch::Receiver<bool>) -> Result<WorkerSummary, QueueError> {
+/// Runs until told to stop (or, with `exit_when_idle`, until the queue is
+/// empty). Connection errors are retried, so a Redis restart is survived.
+pub async fn run(options: WorkerOptions, stop: Stop) -> Result<WorkerSummary, QueueError> {
     let connection = connect(&options.url).await?;
     let keys = Keys::new(&options.prefix);
     ensure_group(&mut connection.clone(), &keys).await?;
-    let host = worker_host();
+    let host = owner::host();
     let mut slots = tokio::task::JoinSet::new();
+    let mut names = Vec::new();
     for slot in 0..options.concurrency.max(1) {
         let name = format!("{host}-{}-{slot}", std::process::id());
+        names.push(name.clone());
         let context = Slot {
             connection: connection.clone(),
             keys: keys.clone(),
@@ -71,30 +89,37 @@ pub async fn run(options: WorkerOptions, shutdown: watch::Receiver<bool>) -> Res
             // Look for abandoned tasks at once on start.
             last_claim_check: std::time::Instant::now() - options.lease,
         };
-        slots.spawn(context.run(shutdown.clone()));
+        slots.spawn(context.run(stop.clone()));
     }
     let mut summary = WorkerSummary::default();
+    let mut results_dirs = Vec::new();
+    let mut failure = None;
     while let Some(done) = slots.join_next().await {
-        let slot = done.map_err(|e| QueueError::State(format!("a worker slot panicked: {e}")))??;
-        summary.executed += slot.executed;
-        summary.skipped += slot.skipped;
+        match done.map_err(|e| QueueError::State(format!("a worker slot panicked: {e}"))).and_then(|slot| slot) {
+            Ok((slot, dirs)) => {
+                summary.executed += slot.executed;
+                summary.skipped += slot.skipped;
+                results_dirs.extend(dirs);
+            }
+            Err(e) => failure = Some(e),
+        }
     }
-    Ok(summary)
+    // Every slot has stopped: what this process still has in staging was
+    // abandoned, and no live stage of ours can lose its directory.
+    for results in results_dirs {
+        if let Err(e) = results.remove_own_staging() {
+            tracing::warn!("cannot remove this worker's staging directories in {}: {e}", results.root().display());
+        }
+    }
+    let mut connection = connection;
+    let _: Result<(), _> = connection.hdel(keys.workers(), &names).await;
+    failure.map_or(Ok(summary), Err)
 }
 
-/// Where a worker's consumer names begin: the pod's name when a Job's
-/// pod says so (the coordinator finds a dead pod's tasks by it), else the
-/// hostname.
-fn worker_host() -> String {
-    std::env::var(WORKER_HOST_ENV)
-        .ok()
-        .filter(|host| !host.is_empty())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
-        .unwrap_or_default()
-}
-
-/// The environment variable that names a worker's host (see `worker_host`).
-pub const WORKER_HOST_ENV: &str = "QSWEEP_WORKER_HOST";
+/// The environment variable that names a worker's host: its consumer
+/// names begin with it, which is how the coordinator finds a dead pod's
+/// tasks.
+pub const WORKER_HOST_ENV: &str = owner::HOST_ENV;
 
 pub async fn ensure_group(connection: &mut ConnectionManager, keys: &Keys) -> Result<(), QueueError> {
     let created: Result<(), redis::RedisError> = connection.xgroup_create_mkstream(keys.queue(), GROUP, "0").await;
@@ -104,7 +129,7 @@ pub async fn ensure_group(connection: &mut ConnectionManager, keys: &Keys) -> Re
     }
 }
 
-/// A sweep as a worker needs it, loaded once from Redis.
+/// A sweep as a worker needs it, loaded from Redis for one identity.
 struct LoadedSweep {
     sweep: Arc<Sweep>,
     plan: Arc<Plan>,
@@ -120,23 +145,40 @@ struct Slot {
     keys: Keys,
     options: WorkerOptions,
     name: String,
-    sweeps: HashMap<String, Result<Arc<LoadedSweep>, String>>,
+    /// By sweep name: the sweep as last loaded, or why it cannot be.
+    sweeps: HashMap<String, (String, Result<Arc<LoadedSweep>, String>)>,
     last_claim_check: std::time::Instant,
 }
 
+/// What became of one queue entry.
+enum Handled {
+    Executed,
+    Skipped,
+    /// Stopped by shutdown and given back to the queue.
+    HandedBack,
+}
+
 impl Slot {
-    async fn run(mut self, shutdown: watch::Receiver<bool>) -> Result<WorkerSummary, QueueError> {
+    /// Returns what it did and the results directories it wrote to.
+    async fn run(mut self, stop: Stop) -> Result<(WorkerSummary, Vec<ResultsDir>), QueueError> {
         let mut summary = WorkerSummary::default();
         let mut idle_since = std::time::Instant::now();
-        while !*shutdown.borrow() {
+        while !*stop.stop.borrow() {
             match self.next_entry().await {
+                // A stop that came while waiting on the queue: give it back untouched.
+                Ok(Some(entry)) if *stop.stop.borrow() => {
+                    if let Err(e) = requeue(&mut self.connection, &self.keys, &PendingTask::from_entry(&entry)).await {
+                        tracing::warn!("worker {}: cannot hand back {}: {e}", self.name, entry.id);
+                    }
+                }
                 Ok(Some(entry)) => match self
-                    .handle(&entry, shutdown.clone())
+                    .handle(&entry, stop.abandon.clone())
                     .await
                     .inspect(|_| idle_since = std::time::Instant::now())
                 {
-                    Ok(true) => summary.executed += 1,
-                    Ok(false) => summary.skipped += 1,
+                    Ok(Handled::Executed) => summary.executed += 1,
+                    Ok(Handled::Skipped) => summary.skipped += 1,
+                    Ok(Handled::HandedBack) => {}
                     Err(e) => {
                         tracing::warn!("worker {}: {e}; retrying", self.name);
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -157,7 +199,8 @@ impl Slot {
                 }
             }
         }
-        Ok(summary)
+        let dirs = self.sweeps.into_values().filter_map(|(_, loaded)| loaded.ok()).map(|l| l.results.clone()).collect();
+        Ok((summary, dirs))
     }
 
     /// An abandoned entry whose lease expired, else a new one. Looking
@@ -196,51 +239,62 @@ impl Slot {
         Ok(cancelled.as_deref() != Some("1") && left.unwrap_or(0) > 0)
     }
 
-    /// Runs one entry's task. Returns whether a stage was executed.
-    async fn handle(&mut self, entry: &StreamId, shutdown: watch::Receiver<bool>) -> Result<bool, QueueError> {
-        let field = |name: &str| entry.get::<String>(name).unwrap_or_default();
-        let (sweep_name, key) = (field("sweep"), TaskKey(field("key")));
+    /// Runs one entry's task.
+    async fn handle(&mut self, entry: &StreamId, abandon: watch::Receiver<bool>) -> Result<Handled, QueueError> {
+        let task = PendingTask::from_entry(entry);
+        let (sweep_name, key) = (task.sweep.clone(), task.key.clone());
         let mut connection = self.connection.clone();
-        let (cancelled, state): (Option<String>, Option<String>) = redis::pipe()
+        let (cancelled, identity, state): (Option<String>, Option<String>, Option<String>) = redis::pipe()
             .hget(self.keys.sweep(&sweep_name), "cancelled")
+            .hget(self.keys.sweep(&sweep_name), "identity")
             .hget(self.keys.state(&sweep_name), &key.0)
             .query_async(&mut connection)
             .await?;
-        if cancelled.as_deref() == Some("1") || matches!(state.as_deref(), Some("done") | Some("failed")) {
+        // An entry queued for an earlier identity of the sweep: its
+        // coordinator is gone or has republished, and queues its own.
+        let superseded = identity.as_deref() != Some(task.identity.as_str());
+        let settled = matches!(state.as_deref(), Some("done" | "failed" | "fatal"));
+        if superseded || settled || cancelled.as_deref() == Some("1") {
             self.finish_entry(&entry.id).await?;
-            return Ok(false);
+            return Ok(Handled::Skipped);
         }
-        let loaded = match self.load(&sweep_name).await? {
+        let loaded = self.load(&sweep_name, &task.identity).await?;
+        if self.sweeps.get(&sweep_name).is_none_or(|(loaded_as, _)| *loaded_as != task.identity) {
+            // Republished while this worker looked: the task is superseded.
+            self.finish_entry(&entry.id).await?;
+            return Ok(Handled::Skipped);
+        }
+        let loaded = match loaded {
             Ok(loaded) => loaded,
             Err(message) => {
-                self.record(&sweep_name, &key, &entry.id, Err(message)).await?;
-                return Ok(false);
+                self.record(&task, None, TaskResult::Fatal(&message)).await?;
+                return Ok(Handled::Skipped);
             }
         };
-        let Some(task) = loaded.plan.task(&key).cloned() else {
-            self.record(
-                &sweep_name,
-                &key,
-                &entry.id,
-                Err(format!("task {key} is not in the plan of sweep {sweep_name}")),
-            )
-            .await?;
-            return Ok(false);
+        let Some(planned) = loaded.plan.task(&key).cloned() else {
+            let message = format!("task {key} is not in the plan of sweep {sweep_name}");
+            self.record(&task, Some(&loaded), TaskResult::Fatal(&message)).await?;
+            return Ok(Handled::Skipped);
         };
-        // An artifact that is complete is done work, even if Redis forgot it.
+        // An artifact that is complete and current is done work, even if
+        // Redis forgot it.
         let complete = match &loaded.store {
-            Some(store) => store.manifest(&key).await.map_err(|e| QueueError::State(e.to_string()))?.is_some(),
-            None => loaded.results.verified(&key).is_some(),
+            Some(store) => {
+                let there = store.fetch_manifest(&loaded.results, &key).await;
+                there.map_err(|e| QueueError::State(e.to_string()))?
+                    && loaded.results.current_manifest(&planned).is_some()
+            }
+            None => loaded.results.current(&planned).is_some(),
         };
         if complete {
-            self.record(&sweep_name, &key, &entry.id, Ok(())).await?;
-            return Ok(false);
+            self.record(&task, Some(&loaded), TaskResult::Done).await?;
+            return Ok(Handled::Skipped);
         }
         if let Some(store) = &loaded.store {
-            for input in &task.inputs {
+            for input in &planned.inputs {
                 if let Err(e) = store.fetch(&loaded.results, &input.key).await {
-                    self.record(&sweep_name, &key, &entry.id, Err(e.to_string())).await?;
-                    return Ok(false);
+                    self.record(&task, Some(&loaded), TaskResult::Failed(&e.to_string())).await?;
+                    return Ok(Handled::Skipped);
                 }
             }
         }
@@ -255,9 +309,15 @@ impl Slot {
         let policy =
             Attempts { retries: loaded.sweep.spec.retries, timeout: Duration::from_secs(loaded.sweep.spec.timeout) };
         let listener = Arc::new(LogListener { worker: self.name.clone(), key: key.clone() });
-        let outcome =
-            worker::run_task(Arc::new(task), loaded.sweep.clone(), loaded.results.clone(), policy, shutdown, listener)
-                .await;
+        let outcome = worker::run_task(
+            Arc::new(planned),
+            loaded.sweep.clone(),
+            loaded.results.clone(),
+            policy,
+            abandon,
+            listener,
+        )
+        .await;
         heartbeat.abort();
         match outcome {
             Outcome::Done(_) => {
@@ -266,20 +326,40 @@ impl Slot {
                     Some(store) => store.publish(&loaded.results, &key).await.map_err(|e| e.to_string()),
                     None => Ok(()),
                 };
-                self.record(&sweep_name, &key, &entry.id, published).await?
+                let result = match &published {
+                    Ok(()) => TaskResult::Done,
+                    Err(e) => TaskResult::Failed(e),
+                };
+                self.record(&task, Some(&loaded), result).await?
             }
             // The failure record is already in the results directory.
-            Outcome::Failed(record) => self.record(&sweep_name, &key, &entry.id, Err(record.error)).await?,
-            // Shutdown: leave the entry pending, so another worker takes it
-            // over when the lease runs out.
-            Outcome::Cancelled => {}
+            Outcome::Failed(record) => {
+                let result =
+                    if record.fatal { TaskResult::Fatal(&record.error) } else { TaskResult::Failed(&record.error) };
+                self.record(&task, Some(&loaded), result).await?
+            }
+            // Shutdown: give the task back now, so that another worker
+            // takes it at once instead of after the lease.
+            Outcome::Cancelled => {
+                requeue(&mut self.connection, &self.keys, &task).await?;
+                tracing::warn!("{}: handed {} back to the queue on shutdown", self.name, key.short());
+                return Ok(Handled::HandedBack);
+            }
         }
-        Ok(true)
+        Ok(Handled::Executed)
     }
 
-    async fn load(&mut self, sweep_name: &str) -> Result<Result<Arc<LoadedSweep>, String>, QueueError> {
-        if let Some(loaded) = self.sweeps.get(sweep_name) {
-            return Ok(loaded.clone());
+    /// The sweep as published under `identity`, loading it again when it
+    /// was loaded under another.
+    async fn load(
+        &mut self,
+        sweep_name: &str,
+        identity: &str,
+    ) -> Result<Result<Arc<LoadedSweep>, String>, QueueError> {
+        if let Some((loaded_as, loaded)) = self.sweeps.get(sweep_name) {
+            if loaded_as == identity {
+                return Ok(loaded.clone());
+            }
         }
         let mut connection = self.connection.clone();
         let definition: HashMap<String, String> = connection.hgetall(self.keys.sweep(sweep_name)).await?;
@@ -311,42 +391,41 @@ impl Slot {
                     (results, None)
                 }
             };
+            // Staging left by crashed workers of this host is swept here,
+            // so repeated crashes do not leak disk.
+            if let Err(e) = results.remove_abandoned_staging(|_| false) {
+                tracing::warn!("cannot sweep abandoned staging in {}: {e}", results.root().display());
+            }
             Ok(Arc::new(LoadedSweep { sweep: Arc::new(sweep), plan: Arc::new(plan), results, store }))
         })();
-        self.sweeps.insert(sweep_name.to_string(), loaded.clone());
+        // Loaded under the identity Redis has now, which the caller compares.
+        let loaded_as = definition.get("identity").cloned().unwrap_or_default();
+        self.sweeps.insert(sweep_name.to_string(), (loaded_as, loaded.clone()));
         Ok(loaded)
     }
 
     /// Records a task's outcome in Redis, and a failure in the results too.
     async fn record(
         &mut self,
-        sweep_name: &str,
-        key: &TaskKey,
-        entry: &str,
-        outcome: Result<(), String>,
+        task: &PendingTask,
+        loaded: Option<&LoadedSweep>,
+        result: TaskResult<'_>,
     ) -> Result<(), QueueError> {
-        if let (Err(message), Some(loaded)) = (&outcome, self.sweeps.get(sweep_name).and_then(|l| l.as_ref().ok())) {
-            if loaded.results.failure(key).is_none() {
-                let stage = loaded.plan.task(key).map(|t| t.stage).unwrap_or(crate::plan::StageKind::Build);
+        if let (TaskResult::Failed(message) | TaskResult::Fatal(message), Some(loaded)) = (result, loaded) {
+            if loaded.results.failure(&task.key).is_none() {
+                let stage = loaded.plan.task(&task.key).map(|t| t.stage).unwrap_or(crate::plan::StageKind::Build);
                 let record = FailureRecord {
-                    key: key.clone(),
+                    key: task.key.clone(),
                     stage,
                     attempts: 1,
-                    error: message.clone(),
+                    error: message.to_string(),
                     failed_unix: unix_now(),
+                    fatal: matches!(result, TaskResult::Fatal(_)),
                 };
                 let _ = loaded.results.record_failure(&record);
             }
         }
-        let task = PendingTask { entry: entry.to_string(), sweep: sweep_name.to_string(), key: key.clone() };
-        record_outcome(
-            &mut self.connection,
-            &self.keys,
-            &task,
-            &self.name,
-            outcome.as_ref().map_err(String::as_str).copied(),
-        )
-        .await
+        record_outcome(&mut self.connection, &self.keys, task, &self.name, result).await
     }
 
     async fn finish_entry(&mut self, entry: &str) -> Result<(), QueueError> {

@@ -21,6 +21,13 @@
 //!   verifies is the durable record: even if Redis loses its last second of
 //!   writes, nothing that finished is run again.
 //! - Nothing read from Redis or the spec is ever run as a shell command.
+//!
+//! A sweep's identity is a digest of its spec, its plan and where its
+//! artifacts go, not just its name: every queue entry carries the identity
+//! it was queued under, workers reload the sweep when it changes, and an
+//! outcome is recorded only under the identity it was run for. So the same
+//! sweep rerun into another results directory, or with an edited spec,
+//! never reuses state, settings or results of the earlier one.
 
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
@@ -30,6 +37,7 @@ use crate::queue::QueueError;
 
 pub mod connection;
 pub mod consumer;
+pub mod lease;
 pub mod queue;
 
 /// The names of every key, under a prefix so several sweeps and users can
@@ -66,7 +74,13 @@ impl Keys {
         format!("{}:sweep:{sweep}:plan", self.prefix)
     }
 
-    /// Task key -> queued | done | failed.
+    /// The coordinator's lease on the sweep (`lease`).
+    pub fn coordinator(&self, sweep: &str) -> String {
+        format!("{}:sweep:{sweep}:coordinator", self.prefix)
+    }
+
+    /// Task key -> queued | done | failed | fatal (failed in a way that
+    /// repeats until the spec changes).
     pub fn state(&self, sweep: &str) -> String {
         format!("{}:sweep:{sweep}:state", self.prefix)
     }
@@ -93,44 +107,95 @@ impl Keys {
 pub struct PendingTask {
     pub entry: String,
     pub sweep: String,
+    /// The sweep's identity when the task was queued.
+    pub identity: String,
     pub key: TaskKey,
 }
 
-/// Records a task's outcome once, whoever runs it how many times: state is
-/// keyed by task, and the entry is acknowledged and removed in the same
-/// transaction, so a redelivered task still leaves one result.
+impl PendingTask {
+    /// Reads a queue entry's fields.
+    pub fn from_entry(entry: &redis::streams::StreamId) -> Self {
+        let field = |name: &str| entry.get::<String>(name).unwrap_or_default();
+        Self { entry: entry.id.clone(), sweep: field("sweep"), identity: field("identity"), key: TaskKey(field("key")) }
+    }
+
+    /// The fields of a queue entry for this task.
+    pub fn fields(&self) -> [(&str, &str); 3] {
+        [("sweep", self.sweep.as_str()), ("identity", self.identity.as_str()), ("key", self.key.0.as_str())]
+    }
+}
+
+/// How a task ended, as Redis records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskResult<'a> {
+    Done,
+    /// Used up its retries; a rerun of the coordinator tries again.
+    Failed(&'a str),
+    /// Will fail the same way until the spec changes; a rerun of the same
+    /// spec does not try again.
+    Fatal(&'a str),
+}
+
+impl TaskResult<'_> {
+    fn state(self) -> &'static str {
+        match self {
+            TaskResult::Done => "done",
+            TaskResult::Failed(_) => "failed",
+            TaskResult::Fatal(_) => "fatal",
+        }
+    }
+}
+
+/// Settles a task once, whoever runs it how many times: state is keyed by
+/// task, and the entry is acknowledged and removed in the same script. The
+/// outcome is recorded only if the sweep still has the identity the task
+/// was queued under; a task of a superseded sweep is just acknowledged.
+const RECORD_OUTCOME: &str = r#"
+if redis.call('HGET', KEYS[1], 'identity') == ARGV[1] then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('XADD', KEYS[3], '*', 'key', ARGV[2], 'state', ARGV[3], 'worker', ARGV[4], 'error', ARGV[5])
+end
+redis.call('XACK', KEYS[4], ARGV[6], ARGV[7])
+redis.call('XDEL', KEYS[4], ARGV[7])
+return 1
+"#;
+
 pub async fn record_outcome(
     connection: &mut ConnectionManager,
     keys: &Keys,
     task: &PendingTask,
     worker: &str,
-    outcome: Result<(), &str>,
+    result: TaskResult<'_>,
 ) -> Result<(), QueueError> {
-    let state = if outcome.is_ok() { "done" } else { "failed" };
-    let error = outcome.err().unwrap_or_default();
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .hset(keys.state(&task.sweep), &task.key.0, state)
-        .xadd(
-            keys.events(&task.sweep),
-            "*",
-            &[("key", task.key.0.as_str()), ("state", state), ("worker", worker), ("error", error)],
-        )
-        .xack(keys.queue(), GROUP, &[&task.entry])
-        .xdel(keys.queue(), &[&task.entry]);
-    let _: () = pipe.query_async(connection).await?;
+    let error = match result {
+        TaskResult::Done => "",
+        TaskResult::Failed(error) | TaskResult::Fatal(error) => error,
+    };
+    let _: i64 = redis::Script::new(RECORD_OUTCOME)
+        .key(keys.sweep(&task.sweep))
+        .key(keys.state(&task.sweep))
+        .key(keys.events(&task.sweep))
+        .key(keys.queue())
+        .arg(&task.identity)
+        .arg(&task.key.0)
+        .arg(result.state())
+        .arg(worker)
+        .arg(error)
+        .arg(GROUP)
+        .arg(&task.entry)
+        .invoke_async(connection)
+        .await?;
     Ok(())
 }
 
-/// Puts a task whose worker died back on the queue at once, instead of
-/// after its lease runs out.
+/// Puts a task back on the queue at once, instead of after its lease runs
+/// out: its worker died, or is shutting down and hands it back.
 pub async fn requeue(connection: &mut ConnectionManager, keys: &Keys, task: &PendingTask) -> Result<(), QueueError> {
     let mut pipe = redis::pipe();
-    pipe.atomic().xack(keys.queue(), GROUP, &[&task.entry]).xdel(keys.queue(), &[&task.entry]).xadd(
-        keys.queue(),
-        "*",
-        &[("sweep", task.sweep.as_str()), ("key", task.key.0.as_str())],
-    );
+    pipe.atomic()
+        .xack(keys.queue(), GROUP, &[&task.entry])
+        .xdel(keys.queue(), &[&task.entry])
+        .xadd(keys.queue(), "*", &task.fields());
     let _: () = pipe.query_async(connection).await?;
     Ok(())
 }
@@ -147,10 +212,7 @@ pub async fn pending_on_host(
     let mut tasks = Vec::new();
     for held in pending.ids.iter().filter(|p| p.consumer.strip_prefix(host).is_some_and(|rest| rest.starts_with('-'))) {
         let entries: redis::streams::StreamRangeReply = connection.xrange(keys.queue(), &held.id, &held.id).await?;
-        for entry in entries.ids {
-            let field = |name: &str| entry.get::<String>(name).unwrap_or_default();
-            tasks.push(PendingTask { entry: entry.id.clone(), sweep: field("sweep"), key: TaskKey(field("key")) });
-        }
+        tasks.extend(entries.ids.iter().map(PendingTask::from_entry));
     }
     Ok(tasks)
 }

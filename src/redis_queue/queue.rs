@@ -10,8 +10,11 @@ use redis::aio::ConnectionManager;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 
+use sha2::{Digest, Sha256};
+
 use super::consumer::ensure_group;
-use super::{now_ms, Keys};
+use super::lease::{self, Lease};
+use super::{now_ms, Keys, PendingTask};
 use crate::plan::{Plan, Task, TaskKey};
 use crate::progress::{RunCounts, TaskOutcome};
 use crate::queue::QueueError;
@@ -29,6 +32,11 @@ pub struct RedisQueue {
     connection: ConnectionManager,
     keys: Keys,
     sweep: String,
+    /// Digest of the spec, plan and artifact location this coordinator
+    /// published: what every entry it queues carries.
+    identity: String,
+    /// This coordinator's hold on the sweep; None once released.
+    lease: Option<Lease>,
     /// Tasks pushed and not yet finished, to re-queue any Redis lost.
     queued: HashSet<TaskKey>,
     last_event: String,
@@ -38,8 +46,14 @@ pub struct RedisQueue {
 }
 
 impl RedisQueue {
-    /// Publishes the sweep (its spec with absolute paths, its results
-    /// directory, its plan) for workers, and clears a previous cancel.
+    /// Takes the sweep's coordinator lease, then publishes the sweep (its
+    /// spec with absolute paths, its results directory, its plan, and the
+    /// identity they make) for workers, and clears a previous cancel.
+    ///
+    /// State recorded under another identity (another spec, plan or
+    /// results location) is dropped, so nothing of it is trusted. Under the
+    /// same identity a restarted coordinator keeps what is queued, and
+    /// failures are retried unless they were fatal.
     pub async fn publish(
         mut connection: ConnectionManager,
         keys: Keys,
@@ -49,18 +63,38 @@ impl RedisQueue {
         artifacts: Option<&str>,
     ) -> Result<Self, QueueError> {
         ensure_group(&mut connection, &keys).await?;
+        let lease = Lease::acquire(connection.clone(), &keys, &plan.sweep).await?;
         let spec =
             sweep.portable_spec().map_err(|e| QueueError::State(format!("cannot resolve the spec's paths: {e}")))?;
         let results_path = std::path::absolute(results.root()).map_err(|e| QueueError::State(e.to_string()))?;
+        let results_path = results_path.display().to_string();
         let plan_json = serde_json::to_string(plan).expect("a plan serializes");
-        let _: () = redis::pipe()
-            .atomic()
+        let artifacts = artifacts.unwrap_or_default();
+        let identity = identity(&[&spec, &plan_json, &results_path, artifacts]);
+
+        let name = &plan.sweep;
+        let previous: Option<String> = connection.hget(keys.sweep(name), "identity").await?;
+        let mut reset = redis::pipe();
+        reset.atomic();
+        if previous.as_deref() == Some(identity.as_str()) {
+            let recorded: HashMap<String, String> = connection.hgetall(keys.state(name)).await?;
+            for (key, _) in recorded.iter().filter(|(_, state)| *state == "failed") {
+                reset.hdel(keys.state(name), key).ignore();
+                reset.hdel(keys.lost_attempts(name), key).ignore();
+            }
+        } else {
+            for stale in [keys.state(name), keys.executions(name), keys.lost_attempts(name), keys.events(name)] {
+                reset.del(stale).ignore();
+            }
+        }
+        let _: () = reset
             .hset_multiple(
-                keys.sweep(&plan.sweep),
+                keys.sweep(name),
                 &[
                     ("spec", spec.as_str()),
-                    ("results", &results_path.display().to_string()),
-                    ("artifacts", artifacts.unwrap_or_default()),
+                    ("results", &results_path),
+                    ("artifacts", artifacts),
+                    ("identity", &identity),
                     ("cancelled", "0"),
                     // Until the coordinator first counts, say everything is
                     // left, so no worker of the sweep leaves early.
@@ -68,19 +102,30 @@ impl RedisQueue {
                     ("cluster", ""),
                 ],
             )
-            .set(keys.plan(&plan.sweep), plan_json)
+            .set(keys.plan(name), plan_json)
             .query_async(&mut connection)
             .await?;
+        // Events before now are settled in the state hash already; reading
+        // them again would replay old failures of tasks about to be retried.
+        let newest: Vec<(String, HashMap<String, String>)> =
+            redis::cmd("XREVRANGE").arg(keys.events(name)).arg("+").arg("-").arg("COUNT").arg(1).query_async(&mut connection).await?;
         Ok(Self {
             connection,
             keys,
             sweep: plan.sweep.clone(),
+            identity,
+            lease: Some(lease),
             queued: HashSet::new(),
-            last_event: "0-0".to_string(),
+            last_event: newest.first().map_or_else(|| "0-0".to_string(), |(id, _)| id.clone()),
             last_requeue_check: Instant::now(),
             workers_seen: None,
             left_said: None,
         })
+    }
+
+    /// A queue entry for `key` under this sweep's identity.
+    fn entry(&self, key: &TaskKey) -> PendingTask {
+        PendingTask { entry: String::new(), sweep: self.sweep.clone(), identity: self.identity.clone(), key: key.clone() }
     }
 
     /// Another handle on the same Redis connection.
@@ -103,18 +148,15 @@ impl RedisQueue {
             redis::cmd("XRANGE").arg(self.keys.queue()).arg("-").arg("+").query_async(&mut self.connection).await?;
         let present: HashSet<&str> = entries
             .iter()
-            .filter(|(_, f)| f.get("sweep") == Some(&self.sweep))
+            .filter(|(_, f)| f.get("sweep") == Some(&self.sweep) && f.get("identity") == Some(&self.identity))
             .filter_map(|(_, f)| f.get("key").map(String::as_str))
             .collect();
         let recorded: HashMap<String, String> = self.connection.hgetall(self.keys.state(&self.sweep)).await?;
-        let settled = |key: &TaskKey| matches!(recorded.get(&key.0).map(String::as_str), Some("done" | "failed"));
+        let settled = |key: &TaskKey| recorded.get(&key.0).is_some_and(|state| is_settled(state));
         let lost: Vec<TaskKey> =
             self.queued.iter().filter(|k| !present.contains(k.0.as_str()) && !settled(k)).cloned().collect();
         for key in lost {
-            let _: () = self
-                .connection
-                .xadd(self.keys.queue(), "*", &[("sweep", self.sweep.as_str()), ("key", key.0.as_str())])
-                .await?;
+            let _: () = self.connection.xadd(self.keys.queue(), "*", &self.entry(&key).fields()).await?;
         }
         Ok(())
     }
@@ -133,7 +175,8 @@ impl Queue for RedisQueue {
             // the coordinator checks itself; without one the task reruns.
             let state = match state.as_str() {
                 "queued" => Recorded::Queued,
-                "failed" => Recorded::Failed,
+                // Only fatal failures are left after `publish`.
+                "failed" | "fatal" => Recorded::Failed,
                 _ => continue,
             };
             if state == Recorded::Queued {
@@ -149,7 +192,7 @@ impl Queue for RedisQueue {
         pipe.atomic();
         for task in &tasks {
             pipe.hset(self.keys.state(&self.sweep), &task.key.0, "queued").ignore();
-            pipe.xadd(self.keys.queue(), "*", &[("sweep", self.sweep.as_str()), ("key", task.key.0.as_str())]).ignore();
+            pipe.xadd(self.keys.queue(), "*", &self.entry(&task.key).fields()).ignore();
         }
         let _: () = pipe.query_async(&mut self.connection).await?;
         self.queued.extend(tasks.iter().map(|t| t.key.clone()));
@@ -188,6 +231,9 @@ impl Queue for RedisQueue {
     }
 
     async fn cancelled(&mut self) -> Result<bool, QueueError> {
+        if let Some(lease) = &self.lease {
+            lease.check()?;
+        }
         let flag: Option<String> = self.connection.hget(self.keys.sweep(&self.sweep), "cancelled").await?;
         Ok(flag.as_deref() == Some("1"))
     }
@@ -206,6 +252,27 @@ impl Queue for RedisQueue {
     async fn shutdown(&mut self) -> Result<Vec<Event>, QueueError> {
         Ok(Vec::new())
     }
+
+    async fn close(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release().await;
+        }
+    }
+}
+
+/// Whether a recorded state is an outcome (not "queued").
+fn is_settled(state: &str) -> bool {
+    matches!(state, "done" | "failed" | "fatal")
+}
+
+/// The digest that names one publication of a sweep.
+fn identity(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hex::encode(&hasher.finalize()[..16])
 }
 
 /// A sweep's progress as `qsweep status` prints it.
@@ -225,7 +292,15 @@ pub async fn status(url: &str, keys: &Keys, sweep: &str) -> Result<String, Queue
     let executions: HashMap<String, u64> = connection.hgetall(keys.executions(sweep)).await?;
     let cancelled: Option<String> = connection.hget(keys.sweep(sweep), "cancelled").await?;
     let cluster: Option<String> = connection.hget(keys.sweep(sweep), "cluster").await?;
-    let recorded_as = |key: &TaskKey| recorded.get(&key.0).map(String::as_str).unwrap_or("waiting");
+    let coordinator = match lease::holder(&mut connection, keys, sweep).await? {
+        Some(holder) => format!("coordinator: {holder}"),
+        None => "coordinator: none (no `qsweep run` holds the sweep now)".to_string(),
+    };
+    let recorded_as = |key: &TaskKey| match recorded.get(&key.0).map(String::as_str) {
+        Some("fatal") => "failed",
+        Some(state) => state,
+        None => "waiting",
+    };
     let count = |wanted: &str| plan.tasks.iter().filter(|t| recorded_as(&t.key) == wanted).count();
     let runs = RunCounts::tally(&plan, |key| match recorded_as(key) {
         "done" => TaskOutcome::Done,
@@ -233,7 +308,7 @@ pub async fn status(url: &str, keys: &Keys, sweep: &str) -> Result<String, Queue
         _ => TaskOutcome::Pending,
     });
     Ok(format!(
-        "sweep {sweep}{}\nruns: {} done, {} failed, {} remaining\ntasks: {} done, {} failed, {} queued or running, {} waiting for inputs ({} executions)\nworkers alive: {}\n{}",
+        "sweep {sweep}{}\n{coordinator}\nruns: {} done, {} failed, {} remaining\ntasks: {} done, {} failed, {} queued or running, {} waiting for inputs ({} executions)\nworkers alive: {}\n{}",
         if cancelled.as_deref() == Some("1") { " (cancelled)" } else { "" },
         runs.done,
         runs.failed,
@@ -258,6 +333,34 @@ pub async fn cancel(url: &str, keys: &Keys, sweep: &str) -> Result<(), QueueErro
     }
     let _: () = connection.hset(keys.sweep(sweep), "cancelled", "1").await?;
     Ok(())
+}
+
+/// A worker process whose every heartbeat is older than this has gone:
+/// a busy worker beats at least every third of its lease, an idle one
+/// every few seconds.
+pub const GONE_AFTER: Duration = Duration::from_secs(120);
+
+/// The (host, PID) of worker processes whose heartbeats have all expired.
+/// Consumer names are `{host}-{pid}-{slot}`.
+pub async fn gone_workers(
+    connection: &mut ConnectionManager,
+    keys: &Keys,
+) -> Result<HashSet<(String, u32)>, QueueError> {
+    let beats: HashMap<String, u64> = connection.hgetall(keys.workers()).await?;
+    let now = now_ms();
+    let mut newest: HashMap<(String, u32), u64> = HashMap::new();
+    for (name, beat) in beats {
+        let mut parts = name.rsplitn(3, '-');
+        let (Some(_slot), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let Ok(pid) = pid.parse() else { continue };
+        let entry = newest.entry((host.to_string(), pid)).or_default();
+        *entry = (*entry).max(beat);
+    }
+    Ok(newest
+        .into_iter()
+        .filter(|(_, beat)| now.saturating_sub(*beat) > GONE_AFTER.as_millis() as u64)
+        .map(|(process, _)| process)
+        .collect())
 }
 
 async fn alive_workers(connection: &mut ConnectionManager, keys: &Keys) -> Result<usize, QueueError> {

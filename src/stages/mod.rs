@@ -100,16 +100,11 @@ pub fn params<T: DeserializeOwned>(task: &Task) -> Result<T, StageError> {
 
 /// Runs one attempt of a task and seals its artifact.
 pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, StageError> {
-    if task.stage == StageKind::Noop {
-        return Ok(Manifest {
-            key: task.key.clone(),
-            stage: task.stage,
-            files: Vec::new(),
-            metrics: serde_json::Value::Null,
-            elapsed_s: 0.0,
-            completed_unix: 0,
-        });
+    if !task.stage.writes_artifact() {
+        return Ok(Manifest::new(task.key.clone(), task.stage, Vec::new(), serde_json::Value::Null, 0.0));
     }
+    // What the inputs are now is what this artifact will say it was made from.
+    let inputs = context.results.input_digests(task).map_err(|e| StageError::Retryable(e.to_string()))?;
     let staging = context.results.begin(&task.key, task.stage)?;
     let started = Instant::now();
     let metrics = match task.stage {
@@ -121,5 +116,5 @@ pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, Stag
         StageKind::Train => train::run(task, context, staging.dir())?,
         StageKind::Noop => unreachable!("no-op tasks return above"),
     };
-    Ok(staging.commit(metrics, started.elapsed().as_secs_f64())?)
+    Ok(staging.commit(metrics, started.elapsed().as_secs_f64(), inputs)?)
 }
