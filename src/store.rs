@@ -304,7 +304,14 @@ impl ResultsDir {
             if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(error);
             }
-            let holder = fs::read(&path).ok().and_then(|bytes| serde_json::from_slice::<LockHolder>(&bytes).ok());
+            // The holder writes its name just after it locks: give it a moment.
+            let holder = (0..20).find_map(|_| {
+                let holder = fs::read(&path).ok().and_then(|bytes| serde_json::from_slice::<LockHolder>(&bytes).ok());
+                holder.or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    None
+                })
+            });
             let who = match holder {
                 Some(h) => format!("`{}` ({}) since {}", h.command, h.owner, h.since_unix),
                 None => "another qsweep process".to_string(),
@@ -539,5 +546,109 @@ mod tests {
         drop(staging);
         assert!(!staging_dir.exists());
         assert!(!results.artifact_dir(&k).exists());
+    }
+
+    fn task(key: &TaskKey, inputs: &[&TaskKey]) -> Task {
+        Task {
+            key: key.clone(),
+            stage: StageKind::Build,
+            params: Value::Null,
+            inputs: inputs.iter().map(|k| crate::plan::Input { role: "input".into(), key: (*k).clone() }).collect(),
+        }
+    }
+
+    fn make(results: &ResultsDir, key: &TaskKey, content: &[u8], metrics: Value, inputs: &[&TaskKey]) -> Manifest {
+        let digests = results.input_digests(&task(key, inputs)).unwrap();
+        let staging = results.begin(key, StageKind::Build).unwrap();
+        fs::write(staging.dir().join("model.onnx"), content).unwrap();
+        staging.commit(metrics, 0.0, digests).unwrap()
+    }
+
+    /// An edited metric makes the manifest, and so the artifact, untrusted.
+    #[test]
+    fn an_edited_metric_does_not_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let results = ResultsDir::create(dir.path()).unwrap();
+        let k = key("d");
+        make(&results, &k, b"bytes", serde_json::json!({"accuracy": 0.9159}), &[]);
+        let path = results.artifact_dir(&k).join(MANIFEST);
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("0.9159", "0.9959")).unwrap();
+        assert!(results.verified(&k).is_none());
+        assert!(results.manifest(&k).is_none(), "reports must not read an altered manifest either");
+    }
+
+    /// A stage re-executed over a damaged artifact replaces it under the
+    /// same key; over an intact one made from the same inputs, the first
+    /// is kept.
+    #[test]
+    fn a_damaged_artifact_is_replaced_and_an_intact_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let results = ResultsDir::create(dir.path()).unwrap();
+        let k = key("e");
+        let first = make(&results, &k, b"first", Value::Null, &[]);
+        let kept = make(&results, &k, b"second", Value::Null, &[]);
+        assert_eq!(kept, first, "an intact artifact from the same inputs is kept");
+        fs::write(results.artifact_dir(&k).join("model.onnx"), b"damage").unwrap();
+        let healed = make(&results, &k, b"third", Value::Null, &[]);
+        assert_eq!(results.verified(&k), Some(healed));
+        assert_eq!(fs::read(results.artifact_dir(&k).join("model.onnx")).unwrap(), b"third");
+        assert!(results.staging_dirs().unwrap().is_empty(), "the damaged copy is gone");
+    }
+
+    /// An artifact made from an input that has since been rebuilt is stale.
+    #[test]
+    fn an_artifact_of_a_rebuilt_input_is_not_current() {
+        let dir = tempfile::tempdir().unwrap();
+        let results = ResultsDir::create(dir.path()).unwrap();
+        let (input, output) = (key("f"), key("g"));
+        make(&results, &input, b"input", serde_json::json!({"v": 1}), &[]);
+        make(&results, &output, b"output", Value::Null, &[&input]);
+        assert!(results.current(&task(&output, &[&input])).is_some());
+        fs::write(results.artifact_dir(&input).join("model.onnx"), b"damage").unwrap();
+        make(&results, &input, b"input", serde_json::json!({"v": 2}), &[]);
+        assert!(results.verified(&output).is_some(), "its own files are intact");
+        assert!(results.current(&task(&output, &[&input])).is_none(), "but it was made from the old input");
+    }
+
+    /// Only staging of a provably gone owner is swept: a live process's,
+    /// here or elsewhere, is left alone.
+    #[test]
+    fn only_abandoned_staging_is_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let results = ResultsDir::create(dir.path()).unwrap();
+        let mine = results.begin(&key("h"), StageKind::Build).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = Owner { host: crate::owner::host(), pid: child.id(), started: 1 };
+        child.wait().unwrap();
+        let elsewhere = Owner { host: "another-host".into(), pid: 1, started: 1 };
+        for (n, owner) in [dead, elsewhere].iter().enumerate() {
+            fs::create_dir_all(dir.path().join(format!("artifacts/{STAGING_PREFIX}{}-{n}-{}", key("i").short(), owner.tag())))
+                .unwrap();
+        }
+        assert_eq!(results.remove_abandoned_staging(|_| false).unwrap(), 1);
+        let left = results.staging_dirs().unwrap();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(mine.dir().exists());
+        assert!(left.iter().any(|name| name.ends_with("@another-host")));
+        // Redis says the other host's worker has gone: now it goes too.
+        assert_eq!(results.remove_abandoned_staging(|owner| owner.host == "another-host").unwrap(), 1);
+        assert_eq!(results.remove_own_staging().unwrap(), 1);
+        assert!(results.staging_dirs().unwrap().is_empty());
+    }
+
+    /// A second holder of the results directory is refused, and told who
+    /// holds it; the lock goes with its holder.
+    #[test]
+    fn one_process_holds_the_results_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let results = ResultsDir::create(dir.path()).unwrap();
+        let held = results.lock("qsweep run a.json").unwrap();
+        // flock locks belong to open files: a second open is a second holder.
+        let refused = results.lock("qsweep run b.json").err().expect("the directory is held");
+        assert!(refused.to_string().contains("qsweep run a.json"), "{refused}");
+        assert!(refused.to_string().contains(&format!("pid {}", std::process::id())), "{refused}");
+        drop(held);
+        assert!(results.lock("qsweep run b.json").is_ok());
     }
 }

@@ -61,6 +61,10 @@ fn coordinator(url: &str, prefix: &str, spec: &Path, results: &Path) -> Child {
         .unwrap()
 }
 
+fn fs_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap()
+}
+
 fn sigkill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -121,6 +125,8 @@ fn worker_loss_loses_and_duplicates_nothing() {
         assert!(status.success(), "coordinator failed in round {round}");
         assert_all_runs_ok(&results);
         assert_recorded_once(&redis, &prefix, &sweep);
+        // Each kill left its stage's staging directory; none outlives the sweep.
+        assert_eq!(staging_dirs(&results), Vec::<String>::new(), "round {round}");
     }
     assert!(kills >= 20);
 }
@@ -133,7 +139,13 @@ fn coordinator_restart_reruns_nothing() {
     let redis = RedisServer::start(dir.path(), &[]);
     let (prefix, sweep) = ("coord", "coord");
     let results = dir.path().join("results");
-    let spec = spec(dir.path(), sweep);
+    // No retries: a stage that loses its staging directory to the new
+    // coordinator would fail its run. Evaluations long enough to be
+    // running when the coordinator dies.
+    let text = fs_text(&spec(dir.path(), sweep))
+        .replace(r#""iterations": 20"#, r#""iterations": 300"#)
+        .replace(r#""matrix""#, r#""retries": 0, "matrix""#);
+    let spec = write(dir.path(), "coord.json", &text);
     let mut workers = [worker(&redis.url(), prefix), worker(&redis.url(), prefix)];
     let mut first = coordinator(&redis.url(), prefix, &spec, &results);
     let state_key = format!("{prefix}:sweep:{sweep}:state");
@@ -147,6 +159,7 @@ fn coordinator_restart_reruns_nothing() {
     workers.iter_mut().for_each(sigkill);
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{log}");
+    assert!(!log.contains("failed"), "{log}");
     // The progress shows the workers' liveness beside the run counts.
     assert!(log.contains("2 worker(s) alive"), "{log}");
     assert_all_runs_ok(&results);

@@ -48,3 +48,14 @@ pub fn stderr(output: &Output) -> String {
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).to_string()
 }
+
+/// The staging directories (work in progress) in a results directory.
+pub fn staging_dirs(results: &Path) -> Vec<String> {
+    std::fs::read_dir(results.join("artifacts"))
+        .map(|dir| {
+            dir.map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(".staging-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
