@@ -328,7 +328,8 @@ fn plan(spec: &Path, json: bool, results: Option<PathBuf>) -> ExitCode {
         Err(code) => return code,
     };
     let results = ResultsDir::open(&results.unwrap_or_else(|| sweep.default_results_dir()));
-    let cached = |key| results.verified(key).is_some();
+    let cached_tasks = results.cached_tasks(&plan);
+    let cached = |key| cached_tasks.contains(key);
     let counts = plan.run_counts();
     if json {
         let tasks: Vec<serde_json::Value> = plan
@@ -411,9 +412,13 @@ fn run(
         Ok(lock) => lock,
         Err(e) => return fail(e),
     };
-    if let Err(e) = results.remove_abandoned_staging(|_| false).and_then(|_| results.save_plan(&plan)) {
+    if let Err(e) = results.remove_abandoned_staging(|_| false) {
         return fail(format!("cannot write to {}: {e}", dir.display()));
     }
+    // Written once this process is the sweep's coordinator, for `report`.
+    let save_plan = || {
+        results.save_plan(&plan).map_err(|e| QueueError::State(format!("cannot write to {}: {e}", dir.display())))
+    };
 
     let store = match redis.artifacts.as_deref().map(ObjectArtifacts::open).transpose() {
         Ok(store) => store,
@@ -435,6 +440,7 @@ fn run(
     let coordinated = tokio.block_on(async {
         match redis.url {
             None => {
+                save_plan()?;
                 let mut queue = MemoryQueue::new(Arc::new(sweep), results.clone(), jobs);
                 coordinator::run(&plan, artifacts, &mut queue, interrupt).await
             }
@@ -443,13 +449,14 @@ fn run(
                 let keys = redis_queue::Keys::new(&redis.prefix);
                 let queue =
                     RedisQueue::publish(connection, keys, &sweep, &plan, &results, redis.artifacts.as_deref()).await?;
+                save_plan()?;
                 let (mut connection, keys) = (queue.connection(), queue.keys().clone());
                 remove_staging_of_gone_workers(&mut connection, &keys, &results).await?;
                 let summary = match (cluster_options, &kubernetes) {
                     (Some(options), Some(args)) => {
                         let cluster = Cluster::connect(args.context.as_deref(), &args.namespace).await?;
                         cluster.check_access().await?;
-                        let pending = plan.tasks.iter().filter(|t| results.current(t).is_none()).count();
+                        let pending = plan.tasks.len() - results.cached_tasks(&plan).len();
                         let mut queue =
                             KubernetesQueue::start(queue, cluster, &sweep.spec.name, pending, options).await?;
                         coordinator::run(&plan, artifacts, &mut queue, interrupt).await
@@ -538,7 +545,7 @@ fn kubernetes_job(spec: &Path, results: Option<PathBuf>, prefix: &str, args: &Ku
         Err(code) => return code,
     };
     let results = ResultsDir::open(&results.unwrap_or_else(|| sweep.default_results_dir()));
-    let pending = plan.tasks.iter().filter(|t| results.verified(&t.key).is_none()).count();
+    let pending = plan.tasks.len() - results.cached_tasks(&plan).len();
     let options = job_options(prefix, args);
     match qsweep::k8s::worker_job(&sweep.spec.name, sweep.spec.resources.as_ref(), pending, &options, 1) {
         Ok(job) => {

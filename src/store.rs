@@ -156,6 +156,19 @@ impl ResultsDir {
         self.input_digests(task).is_ok_and(|inputs| manifest.inputs == inputs)
     }
 
+    /// The tasks of `plan` a run would skip: current artifacts whose inputs
+    /// are all skipped too (what `qsweep plan` shows as cached).
+    pub fn cached_tasks(&self, plan: &Plan) -> std::collections::HashSet<TaskKey> {
+        let mut cached = std::collections::HashSet::new();
+        // Tasks come after their inputs.
+        for task in &plan.tasks {
+            if task.inputs.iter().all(|i| cached.contains(&i.key)) && self.current(task).is_some() {
+                cached.insert(task.key.clone());
+            }
+        }
+        cached
+    }
+
     /// The manifest digest of each of `task`'s inputs, as they are now.
     pub fn input_digests(&self, task: &Task) -> std::io::Result<BTreeMap<TaskKey, String>> {
         task.inputs

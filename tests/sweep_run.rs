@@ -5,8 +5,7 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::*;
 
@@ -134,31 +133,6 @@ fn int8_predictions_agree_with_fp32(results: &Path, plan: &serde_json::Value) {
     assert!(agree >= 9_800, "int8 and fp32 agree on only {agree} of 10,000 test images");
 }
 
-/// An artifact whose file was damaged after completion is not trusted:
-/// the rerun executes that stage again and only that stage.
-#[test]
-fn damaged_artifact_is_rebuilt() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = write(dir.path(), "spec.json", &quick_spec_json(""));
-    let results = dir.path().join("results");
-    assert_eq!(run_into(&spec, &results).status.code(), Some(0));
-
-    let artifacts = results.join("artifacts");
-    let prepared = fs::read_dir(&artifacts)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.join("images.npy").exists())
-        .expect("the prepare-data artifact");
-    let mut bytes = fs::read(prepared.join("images.npy")).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    fs::write(prepared.join("images.npy"), bytes).unwrap();
-
-    let rerun = run_into(&spec, &results);
-    assert_eq!(rerun.status.code(), Some(0), "{}", stderr(&rerun));
-    assert!(stderr(&rerun).contains("1 task(s) executed, 2 reused"), "{}", stderr(&rerun));
-}
-
 /// A stage that overruns its timeout is retried as the spec says, then its
 /// run is marked failed with the error kept; reports are still written and
 /// the exit code says some runs failed.
@@ -180,47 +154,6 @@ fn a_stage_past_its_timeout_fails_its_run_after_retries() {
     assert!(error.contains("evaluate failed after 2 attempt(s): timed out after 1s"), "{error}");
     let summary = fs::read_to_string(results.join("summary.md")).unwrap();
     assert!(summary.contains("failed: evaluate failed after 2 attempt(s)"), "{summary}");
-}
-
-/// Ctrl-C stops the sweep promptly without recording the interrupted stage
-/// as done; running the same command again resumes after the finished ones.
-#[test]
-fn ctrl_c_stops_cleanly_and_the_rerun_resumes() {
-    let dir = tempfile::tempdir().unwrap();
-    let slow = quick_spec_json("").replace(r#""iterations": 20"#, r#""iterations": 100000000"#);
-    let spec = write(dir.path(), "spec.json", &slow);
-    let results = dir.path().join("results");
-    let log = dir.path().join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qsweep"))
-        .args(["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !fs::read_to_string(&log).unwrap_or_default().contains("start evaluate") {
-        assert!(Instant::now() < deadline, "evaluate never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let interrupted_at = Instant::now();
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{}", fs::read_to_string(&log).unwrap());
-    assert!(interrupted_at.elapsed() < Duration::from_secs(10), "Ctrl-C took too long to stop the sweep");
-    assert_eq!(&csv_rows(&results)[0][4], "pending");
-    let leftovers: Vec<_> = fs::read_dir(results.join("artifacts"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(leftovers.is_empty(), "staging directories left behind: {leftovers:?}");
-
-    let quick = write(dir.path(), "spec.json", &quick_spec_json(""));
-    let resumed = run_into(&quick, &results);
-    let err = stderr(&resumed);
-    assert_eq!(resumed.status.code(), Some(0), "{err}");
-    assert!(err.contains("1 task(s) executed, 2 reused"), "{err}");
 }
 
 /// experiments/schema.json is what `qsweep schema` prints.

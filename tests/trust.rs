@@ -117,6 +117,28 @@ fn damage_heals_and_reports_stay_true() {
     assert_eq!(staging_dirs(&results), Vec::<String>::new());
 }
 
+/// Starts a sweep whose evaluation runs until it is stopped, and waits
+/// until it does.
+fn start_endless_evaluation(dir: &Path, results: &Path, log: &Path) -> Child {
+    let slow = quick_spec_json("").replace(r#""iterations": 20"#, r#""iterations": 100000000"#);
+    let spec = write(dir, "slow.json", &slow);
+    let child = spawn_run(&spec, results, log);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(log).unwrap_or_default().contains("start evaluate") {
+        assert!(Instant::now() < deadline, "evaluate never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// The same sweep with a quick evaluation: what resumes an endless one.
+fn resume(dir: &Path, results: &Path) -> std::process::Output {
+    let resumed = run_into(&write(dir, "quick.json", &quick_spec_json("")), results);
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert!(executed(&resumed).contains("1 task(s) executed, 2 reused"), "{}", executed(&resumed));
+    resumed
+}
+
 fn spawn_run(spec: &Path, results: &Path, log: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_qsweep"))
         .args(["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()])
@@ -148,23 +170,18 @@ fn a_second_local_coordinator_is_refused() {
     assert!(texts[winner].contains("7 task(s) executed, 0 reused"), "{}", texts[winner]);
 }
 
-/// SIGTERM (and SIGHUP) stop a local sweep as Ctrl-C does: the reports
-/// are written for what finished, the exit code names the signal, and the
-/// rerun resumes.
+/// SIGINT (Ctrl-C), SIGTERM and SIGHUP stop a local sweep promptly: the
+/// interrupted stage is not recorded as done, the reports are written for
+/// what finished, the exit code names the signal, no staging is left, and
+/// the rerun resumes after the finished stages.
 #[test]
-fn sigterm_writes_reports_and_the_rerun_resumes() {
+fn a_stop_signal_writes_reports_and_the_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let slow = quick_spec_json("").replace(r#""iterations": 20"#, r#""iterations": 100000000"#);
-    let spec = write(dir.path(), "slow.json", &slow);
-    for (signal, code) in [("-TERM", 143), ("-HUP", 129)] {
+    for (signal, code) in [("-INT", 130), ("-TERM", 143), ("-HUP", 129)] {
         let results = dir.path().join(format!("results{signal}"));
         let log = dir.path().join(format!("log{signal}"));
-        let mut child = spawn_run(&spec, &results, &log);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !fs::read_to_string(&log).unwrap_or_default().contains("start evaluate") {
-            assert!(Instant::now() < deadline, "evaluate never started");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut child = start_endless_evaluation(dir.path(), &results, &log);
+        std::thread::sleep(Duration::from_millis(300));
         let signalled = Instant::now();
         Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
         let status = child.wait().unwrap();
@@ -174,10 +191,7 @@ fn sigterm_writes_reports_and_the_rerun_resumes() {
         assert!(text.contains("resumes where this stopped"), "{text}");
         assert_eq!(accuracies(&results)[0].1, "pending", "the report is written, and says what is missing");
         assert_eq!(staging_dirs(&results), Vec::<String>::new(), "staging left behind");
-        let quick = write(dir.path(), "quick.json", &quick_spec_json(""));
-        let resumed = run_into(&quick, &results);
-        assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
-        assert!(executed(&resumed).contains("1 task(s) executed, 2 reused"), "{}", executed(&resumed));
+        resume(dir.path(), &results);
     }
 }
 
@@ -187,25 +201,15 @@ fn sigterm_writes_reports_and_the_rerun_resumes() {
 #[test]
 fn staging_of_a_killed_coordinator_is_swept_on_the_next_run() {
     let dir = tempfile::tempdir().unwrap();
-    let slow = quick_spec_json("").replace(r#""iterations": 20"#, r#""iterations": 100000000"#);
-    let spec = write(dir.path(), "slow.json", &slow);
     let results = dir.path().join("results");
-    let log = dir.path().join("log");
-    let mut child = spawn_run(&spec, &results, &log);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !fs::read_to_string(&log).unwrap_or_default().contains("start evaluate") {
-        assert!(Instant::now() < deadline, "evaluate never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = start_endless_evaluation(dir.path(), &results, &dir.path().join("log"));
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(staging_dirs(&results).len(), 1, "SIGKILL leaves its staging");
     // A live process's staging (this test's own PID) must survive the sweep.
     let live = format!(".staging-000000000000-0-{}.0@{}", std::process::id(), hostname());
     fs::create_dir(results.join("artifacts").join(&live)).unwrap();
-    let quick = write(dir.path(), "quick.json", &quick_spec_json(""));
-    let resumed = run_into(&quick, &results);
-    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    resume(dir.path(), &results);
     assert_eq!(staging_dirs(&results), vec![live]);
 }
 

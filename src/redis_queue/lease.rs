@@ -74,15 +74,7 @@ impl Lease {
         let value = serde_json::to_string(&Holder { owner: Owner::current(), since_unix: unix_now() })
             .expect("a holder serializes");
         loop {
-            let taken: Option<String> = redis::cmd("SET")
-                .arg(&key)
-                .arg(&value)
-                .arg("NX")
-                .arg("PX")
-                .arg(LEASE.as_millis() as u64)
-                .query_async(&mut connection)
-                .await?;
-            if taken.is_some() {
+            if take(&mut connection, &key, &value).await? {
                 break;
             }
             let Some(held) = connection.get::<_, Option<String>>(&key).await? else { continue };
@@ -171,6 +163,19 @@ async fn renewed_within(connection: &mut ConnectionManager, key: &str, held: &st
     Ok(false)
 }
 
+/// Takes the lease if no one holds it.
+async fn take(connection: &mut ConnectionManager, key: &str, value: &str) -> Result<bool, redis::RedisError> {
+    let taken: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("NX")
+        .arg("PX")
+        .arg(LEASE.as_millis() as u64)
+        .query_async(connection)
+        .await?;
+    Ok(taken.is_some())
+}
+
 async fn renew(mut connection: ConnectionManager, key: String, value: String, lost: Arc<Mutex<Option<String>>>) {
     loop {
         tokio::time::sleep(RENEW_EVERY).await;
@@ -184,15 +189,7 @@ async fn renew(mut connection: ConnectionManager, key: String, value: String, lo
             Ok(1) => {}
             Ok(_) => {
                 // Gone (Redis restarted without it) or someone else's now.
-                let retaken: Result<Option<String>, _> = redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&value)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(LEASE.as_millis() as u64)
-                    .query_async(&mut connection)
-                    .await;
-                if let Ok(None) = retaken {
+                if let Ok(false) = take(&mut connection, &key, &value).await {
                     let held: Option<String> = connection.get(&key).await.unwrap_or(None);
                     let holder = held.and_then(|h| serde_json::from_str::<Holder>(&h).ok());
                     *lost.lock().expect("the lease flag is never poisoned") =

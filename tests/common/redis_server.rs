@@ -15,16 +15,24 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Tests run in parallel and each picks a free port, so another server
+    /// may take the port between the pick and redis-server's bind: then
+    /// redis-server exits, and a new port is tried.
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut server =
-            Self { port, dir: dir.to_path_buf(), child: None, extra: extra.iter().map(|s| s.to_string()).collect() };
-        server.launch();
-        server
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut server = Self { port, dir: dir.to_path_buf(), child: None, extra: extra.clone() };
+            if server.launch() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
     }
 
-    fn launch(&mut self) {
-        let child = Command::new("redis-server")
+    /// Starts redis-server on `self.port`; false if it could not bind it.
+    fn launch(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .arg("--dir")
             .arg(&self.dir)
@@ -32,8 +40,23 @@ impl RedisServer {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server (apt-get install redis-server; .ci/run installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            // Our server answers PING (asking for the password, if it has
+            // one); another process on the port would not.
+            let ping = Command::new("redis-cli").args(["-p", &self.port.to_string(), "ping"]).output().unwrap();
+            let answer = String::from_utf8_lossy(&ping.stdout).to_string() + &String::from_utf8_lossy(&ping.stderr);
+            if answer.trim() == "PONG" || answer.contains("NOAUTH") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.child = Some(child);
-        wait_for_port(self.port);
+        true
     }
 
     /// Stops the server the way an operator restart does (SIGTERM: Redis
@@ -42,7 +65,7 @@ impl RedisServer {
         let mut child = self.child.take().unwrap();
         Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
         child.wait().unwrap();
-        self.launch();
+        assert!(self.launch(), "redis-server could not bind port {} again", self.port);
     }
 
     pub fn url(&self) -> String {
