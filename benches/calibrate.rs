@@ -52,7 +52,7 @@ fn main() {
     {
         let raw = data::load_split(Dataset::FashionMnist, Path::new(Dataset::FashionMnist.default_dir()), Split::Train)
             .expect("the Fashion-MNIST training split (run scripts/setup)");
-        let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530] };
+        let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530], ..Default::default() };
         for samples in sizes {
             let indices = data::calibration_indices(raw.count, samples, 0);
             let tensors = raw.preprocess(&preprocess, Some(&indices));

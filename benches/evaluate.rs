@@ -37,7 +37,7 @@ fn main() {
 
     let raw = data::load_split(Dataset::FashionMnist, Path::new(Dataset::FashionMnist.default_dir()), Split::Test)
         .expect("the Fashion-MNIST test split (run scripts/setup)");
-    let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530] };
+    let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530], ..Default::default() };
     let tensors = raw.preprocess(&preprocess, None);
     let scratch = tempfile::tempdir().unwrap();
     let (images_path, labels_path) = (scratch.path().join("images.npy"), scratch.path().join("labels.npy"));

@@ -64,7 +64,7 @@ fn main() {
     let model = qsweep::onnx::Model::load(&root.join("experiments/models/fashion-resnet8.onnx")).unwrap();
     let raw =
         data::load_split(Dataset::FashionMnist, Path::new(Dataset::FashionMnist.default_dir()), Split::Train).unwrap();
-    let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530] };
+    let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530], ..Default::default() };
     let indices: Vec<usize> = (0..batch * steps).collect();
     let examples: Examples = raw.preprocess(&preprocess, Some(&indices)).into();
     let mut network = Network::from_model(&model.proto, BatchNorm::Batch, None).unwrap();

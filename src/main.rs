@@ -677,7 +677,7 @@ fn train(
         start,
         dataset,
         data_dir: data_dir.unwrap_or_else(|| PathBuf::from(dataset.default_dir())),
-        preprocess: spec::Preprocess { scale: 255.0, mean: vec![mean], std: vec![std] },
+        preprocess: spec::Preprocess { scale: 255.0, mean: vec![mean], std: vec![std], ..Default::default() },
         samples,
         recipe: recipe.clone(),
         checkpoint: checkpoint.clone(),

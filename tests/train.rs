@@ -17,7 +17,7 @@ use qsweep::train::TrainError;
 
 fn examples(split: Split, count: usize) -> Examples {
     let raw = data::load_split(Dataset::FashionMnist, Path::new(Dataset::FashionMnist.default_dir()), split).unwrap();
-    let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530] };
+    let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530], ..Default::default() };
     let indices: Vec<usize> = (0..count.min(raw.count)).collect();
     raw.preprocess(&preprocess, Some(&indices)).into()
 }

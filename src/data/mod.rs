@@ -2,6 +2,8 @@
 //! drawing the seeded calibration subset.
 
 pub mod idx;
+pub mod image;
+pub mod image_folder;
 pub mod tensor_file;
 
 use std::path::{Path, PathBuf};
@@ -168,7 +170,7 @@ mod tests {
     #[test]
     fn preprocessing_scales_then_normalises() {
         let raw = RawImages { count: 2, height: 1, width: 2, pixels: vec![0, 255, 51, 102], labels: vec![3, 4] };
-        let pre = Preprocess { scale: 255.0, mean: vec![0.2], std: vec![0.5] };
+        let pre = Preprocess { scale: 255.0, mean: vec![0.2], std: vec![0.5], ..Default::default() };
         let t = raw.preprocess(&pre, Some(&[1]));
         let values: Vec<f32> = t.images.iter().copied().collect();
         assert!((values[0] - (0.2 - 0.2) / 0.5).abs() < 1e-6);

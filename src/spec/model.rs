@@ -190,6 +190,41 @@ pub struct DataSpec {
     /// Pixel preprocessing, which must match what the model was trained with.
     #[serde(default)]
     pub preprocess: Preprocess,
+    /// Where the evaluation images come from [default: the IDX dataset's test split].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<SourceSpec>,
+    /// Where the calibration images come from (labels not needed); the
+    /// subset is `calibration.samples` and `calibration.seed` unless the
+    /// source says [default: the IDX dataset's training split].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<SourceSpec>,
+    /// Where QAT's and `train`'s images come from; the subset is
+    /// `qat.samples` and `qat.seed` unless the source says [default: the
+    /// IDX dataset's training split].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<SourceSpec>,
+}
+
+/// A folder of images in torchvision's ImageFolder layout: one subfolder
+/// per class, classes indexed in sorted name order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// The folder, relative to the spec file. JPEG, PNG, BMP and WebP
+    /// files are read; hidden files and folders are ignored.
+    pub images: String,
+    /// Every class name in index order, for a folder that holds only some
+    /// of the classes the model scores [default: the subfolders, sorted].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
+    /// Use a seeded subset of this many images [default: all, or the
+    /// section's `samples` for calibration and training].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub samples: Option<u32>,
+    /// Seed of that subset [default: the section's `seed`, or 0].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
@@ -234,12 +269,95 @@ pub struct Preprocess {
     #[serde(default = "default_std")]
     #[schemars(length(min = 1))]
     pub std: Vec<f32>,
+    /// Image sources only: `T.Resize`: an int resizes the shorter side to
+    /// it (the longer in proportion), `[h, w]` resizes to exactly that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<Size>,
+    /// Image sources only: the resize filter, as PIL applies it.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub interpolation: Interpolation,
+    /// Image sources only: widen the filter when shrinking, as PIL always
+    /// does; false follows torchvision's tensor path instead.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub antialias: bool,
+    /// Image sources only: `T.CenterCrop`: an int or `[h, w]`; a smaller
+    /// image is padded with zeros.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub center_crop: Option<Size>,
+    /// Image sources only: the colour mode images are converted to, as
+    /// PIL's `convert` does [default: rgb for a 3-channel model, grey for 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub color: Option<Color>,
+    /// Where the channel axis of the model's input is [default: nchw].
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub layout: Layout,
 }
 
 impl Default for Preprocess {
     fn default() -> Self {
-        Self { scale: default_scale(), mean: default_mean(), std: default_std() }
+        Self {
+            scale: default_scale(),
+            mean: default_mean(),
+            std: default_std(),
+            resize: None,
+            interpolation: Interpolation::default(),
+            antialias: true,
+            center_crop: None,
+            color: None,
+            layout: Layout::default(),
+        }
     }
+}
+
+/// A size in torchvision's terms: one number, or `[height, width]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Size {
+    Single(#[schemars(range(min = 1))] u32),
+    Pair(#[schemars(length(min = 2, max = 2))] [u32; 2]),
+}
+
+impl Size {
+    /// `[height, width]`, a single number standing for a square.
+    pub fn square_or_pair(self) -> [u32; 2] {
+        match self {
+            Size::Single(side) => [side, side],
+            Size::Pair(pair) => pair,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    #[default]
+    Bilinear,
+    Bicubic,
+    Nearest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Color {
+    Rgb,
+    Bgr,
+    Grey,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    #[default]
+    Nchw,
+    Nhwc,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
