@@ -47,7 +47,7 @@ fn main() {
 
     let never = AtomicBool::new(false);
     let mut session = InferenceSession::open(&model, threads, None).expect("ONNX Runtime (run scripts/setup)");
-    let rust_accuracy = engine::accuracy(&mut session, tensors.images.view(), &labels, BATCH, &never).unwrap();
+    let rust_accuracy = engine::accuracy(&mut session, tensors.images.view(), &labels, BATCH, &never).unwrap().top1;
     let mut rust_seconds: Vec<f64> = (0..repeats)
         .map(|_| {
             let started = Instant::now();

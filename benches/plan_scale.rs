@@ -27,7 +27,7 @@ fn main() {
                         "residual_fusion": [false, true], "qat_epochs": [{}]}}}}"#,
         epochs.join(", ")
     );
-    let sources = Sources { model_digest: "0".repeat(64), data_digest: "0".repeat(64) };
+    let sources = Sources::idx(&"0".repeat(64), &"0".repeat(64));
 
     let mut best = f64::MAX;
     let mut shape = (0, 0);

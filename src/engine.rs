@@ -38,6 +38,8 @@ pub enum EngineError {
          (with CUDA and TensorRT installed) and point ORT_DYLIB_PATH at its libonnxruntime.so, or use \"engine\": \"cpu\""
     )]
     ProviderMissing { provider: &'static str },
+    #[error("label {label} is out of range: the model scores {classes} classes\n  fix: check the data source's classes against the model's output")]
+    LabelOutOfRange { label: i64, classes: usize },
     #[error("interrupted")]
     Cancelled,
 }
@@ -381,31 +383,48 @@ pub struct Output<'a> {
     pub values: &'a [f32],
 }
 
-/// Top-1 accuracy over a whole split, in batches of `batch`.
+/// Top-1 and top-5 accuracy over a whole split.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Accuracy {
+    pub top1: f64,
+    /// None where the model scores fewer than 5 classes.
+    pub top5: Option<f64>,
+}
+
+/// Top-1 and top-5 accuracy over a whole split, in batches of `batch`.
 pub fn accuracy(
     session: &mut InferenceSession,
     images: ArrayView4<'_, f32>,
-    labels: &[u8],
+    labels: &[i64],
     batch: usize,
     cancel: &AtomicBool,
-) -> Result<f64, EngineError> {
-    let mut correct = 0usize;
+) -> Result<Accuracy, EngineError> {
+    let (mut top1, mut top5, mut classes) = (0usize, 0usize, 0usize);
     for (chunk, chunk_labels) in images.axis_chunks_iter(Axis(0), batch).zip(labels.chunks(batch)) {
         if cancel.load(Ordering::Relaxed) {
             return Err(EngineError::Cancelled);
         }
         let logits = session.run(chunk)?;
-        correct += logits
-            .outer_iter()
-            .zip(chunk_labels)
-            .filter(|(row, &label)| argmax(row.as_slice().unwrap_or(&row.to_vec())) == label as usize)
-            .count();
+        for (row, &label) in logits.outer_iter().zip(chunk_labels) {
+            let row = row.to_vec();
+            classes = row.len();
+            if label < 0 || label as usize >= classes {
+                return Err(EngineError::LabelOutOfRange { label, classes });
+            }
+            let rank = rank_of(&row, label as usize);
+            top1 += usize::from(rank == 0);
+            top5 += usize::from(rank < 5);
+        }
     }
-    Ok(correct as f64 / labels.len().max(1) as f64)
+    let share = |n: usize| n as f64 / labels.len().max(1) as f64;
+    Ok(Accuracy { top1: share(top1), top5: (classes >= 5).then(|| share(top5)) })
 }
 
-fn argmax(values: &[f32]) -> usize {
-    values.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0
+/// How many classes rank above `label`: those scoring higher, and those
+/// scoring the same at a lower index (argmax takes the first maximum).
+fn rank_of(scores: &[f32], label: usize) -> usize {
+    let score = scores[label];
+    scores.iter().enumerate().filter(|&(i, &v)| v > score || (v == score && i < label)).count()
 }
 
 /// Latency and throughput at one batch size.
@@ -497,7 +516,11 @@ mod tests {
     }
 
     #[test]
-    fn argmax_picks_first_maximum() {
-        assert_eq!(argmax(&[0.1, 3.0, -1.0, 3.0]), 1);
+    fn ranks_follow_argmax_on_ties() {
+        let scores = [0.1, 3.0, -1.0, 3.0, 2.0, 0.5, 0.0];
+        assert_eq!(rank_of(&scores, 1), 0, "the first maximum is top-1");
+        assert_eq!(rank_of(&scores, 3), 1);
+        assert_eq!(rank_of(&scores, 4), 2);
+        assert_eq!(rank_of(&scores, 2), 6);
     }
 }

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::data::source::{IdxSplit, Role, Source};
 use crate::matrix::{Recipe, Run, RunKind};
-use crate::spec::{Baseline, CalibrationMethod, ModelSource, SweepSpec};
+use crate::spec::{Baseline, CalibrationMethod, Color, ModelSource, SweepSpec};
 
 /// The kinds of work a run is made of, in the order data flows through them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -108,10 +109,53 @@ impl Task {
 
 /// Fingerprints of the files a sweep reads; part of every key that
 /// depends on them, so editing the model or the data invalidates results.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sources {
     pub model_digest: String,
-    pub data_digest: String,
+    pub evaluation: SourceRecord,
+    pub calibration: SourceRecord,
+    pub training: SourceRecord,
+    /// The colour mode images are converted to: the spec's, or what the
+    /// model's channel count implies.
+    pub color: Color,
+    /// The (height, width) image folders are prepared at: what the
+    /// preprocessing fixes, or else the model's input size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<[u32; 2]>,
+}
+
+/// A role's data source and its fingerprint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    pub source: Source,
+    pub digest: String,
+}
+
+impl Sources {
+    /// The sources of a sweep whose roles all read the default IDX
+    /// dataset, with given fingerprints (for benchmarks and tests).
+    pub fn idx(model_digest: &str, data_digest: &str) -> Self {
+        let record = |split| SourceRecord {
+            source: Source::Idx { dataset: Default::default(), dir: Default::default(), split },
+            digest: data_digest.to_string(),
+        };
+        Sources {
+            model_digest: model_digest.to_string(),
+            evaluation: record(IdxSplit::Test),
+            calibration: record(IdxSplit::Train),
+            training: record(IdxSplit::Train),
+            color: Color::Grey,
+            image_size: None,
+        }
+    }
+
+    pub fn of(&self, role: Role) -> &SourceRecord {
+        match role {
+            Role::Evaluation => &self.evaluation,
+            Role::Calibration => &self.calibration,
+            Role::Training => &self.training,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,16 +185,21 @@ impl Plan {
             runs: Vec::with_capacity(runs.len()),
             index: HashMap::new(),
         };
-        let data = json!({
+        let mut data = json!({
             "dataset": spec.data.dataset,
-            "data_digest": sources.data_digest,
             "preprocess": spec.data.preprocess,
+            "color": sources.color,
         });
-        let test_data = plan.add(StageKind::PrepareData, json!({"split": "test", "data": data}), vec![]);
+        if let Some(size) = sources.image_size {
+            data["image_size"] = json!(size);
+        }
+        let test_data = plan.add(StageKind::PrepareData, prepare_params("test", &data, sources, None), vec![]);
         // A model the sweep trains is an input of every task that reads it.
         let trained = match &spec.model {
             ModelSource::Trained(trained) => {
-                Some(plan.add(StageKind::Train, json!({"train": trained.train, "data": data}), vec![]))
+                let training = sources.of(Role::Training);
+                let params = json!({"train": trained.train, "data": data, "source_digest": training.digest});
+                Some(plan.add(StageKind::Train, params, vec![]))
             }
             ModelSource::File(_) => None,
         };
@@ -195,11 +244,9 @@ impl Plan {
         fp32_model: &[Input],
         chain: &mut Vec<TaskKey>,
     ) -> TaskKey {
-        let calibration_data = self.add(
-            StageKind::PrepareData,
-            json!({"split": "calibration", "data": data, "samples": spec.calibration.samples, "seed": spec.calibration.seed}),
-            vec![],
-        );
+        let subset = Some((spec.calibration.samples, spec.calibration.seed));
+        let calibration_data =
+            self.add(StageKind::PrepareData, prepare_params("calibration", data, sources, subset), vec![]);
         let calibrated = self.add(
             StageKind::Calibrate,
             json!({"model_digest": sources.model_digest}),
@@ -210,11 +257,9 @@ impl Plan {
         let mut build_inputs: Vec<Input> =
             [input("calibration", &calibrated)].into_iter().chain(fp32_model.iter().cloned()).collect();
         if recipe.qat_epochs > 0 {
-            let training_data = self.add(
-                StageKind::PrepareData,
-                json!({"split": "train", "data": data, "samples": spec.qat.samples, "seed": spec.qat.seed}),
-                vec![],
-            );
+            let subset = Some((spec.qat.samples, spec.qat.seed));
+            let training_data =
+                self.add(StageKind::PrepareData, prepare_params("train", data, sources, subset), vec![]);
             let mut qat_params = json!({
                 "model_digest": sources.model_digest,
                 "quantizer": quantizer,
@@ -287,6 +332,24 @@ impl Plan {
     }
 }
 
+/// A prepare-data task's parameters: which role (`split`), the shared
+/// preprocessing, the role's source with its fingerprint, and the subset
+/// (the source's own, else the section's `samples` and `seed`).
+fn prepare_params(split: &str, data: &Value, sources: &Sources, section: Option<(u32, u64)>) -> Value {
+    let role = match split {
+        "test" => Role::Evaluation,
+        "calibration" => Role::Calibration,
+        _ => Role::Training,
+    };
+    let record = sources.of(role);
+    let mut params = json!({"split": split, "data": data, "source": record.source, "source_digest": record.digest});
+    if let Some((samples, seed)) = record.source.subset(section) {
+        params["samples"] = json!(samples);
+        params["seed"] = json!(seed);
+    }
+    params
+}
+
 /// The input role of a model the sweep trained.
 pub const FP32_MODEL: &str = "fp32_model";
 
@@ -327,11 +390,14 @@ mod tests {
     use super::*;
     use crate::matrix;
 
+    fn sources(model_digest: &str) -> Sources {
+        Sources::idx(model_digest, "d")
+    }
+
     fn plan_of(json: &str) -> Plan {
         let spec: SweepSpec = serde_json::from_str(json).unwrap();
         let runs = matrix::expand(&spec).unwrap();
-        let sources = Sources { model_digest: "m".into(), data_digest: "d".into() };
-        Plan::build(&spec, &runs, &sources)
+        Plan::build(&spec, &runs, &sources("m"))
     }
 
     #[test]
@@ -363,7 +429,7 @@ mod tests {
 
         let spec: SweepSpec = serde_json::from_str(r#"{"name":"s","model":"m.onnx"}"#).unwrap();
         let runs = matrix::expand(&spec).unwrap();
-        let other = Plan::build(&spec, &runs, &Sources { model_digest: "m2".into(), data_digest: "d".into() });
+        let other = Plan::build(&spec, &runs, &sources("m2"));
         assert_ne!(build(&a), build(&other));
         assert_ne!(eval(&a), eval(&other), "a new model must invalidate its evaluation too");
     }

@@ -30,6 +30,8 @@ pub struct RunRow {
     pub accuracy: Option<f64>,
     /// Accuracy minus fp32's, in percentage points.
     pub accuracy_delta: Option<f64>,
+    /// Top-5, in percent, where the model scores at least 5 classes.
+    pub top5: Option<f64>,
     /// At the smallest configured batch size (batch 1 by default).
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
@@ -120,6 +122,7 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
             if let Some(metrics) = evaluation.as_ref().filter(|_| complete) {
                 row.status = "ok".into();
                 row.accuracy = metrics["accuracy"].as_f64().map(|a| a * 100.0);
+                row.top5 = metrics["top5"].as_f64().map(|a| a * 100.0);
                 let latency = metrics["latency"].as_array().cloned().unwrap_or_default();
                 let smallest = latency.iter().min_by_key(|l| l["batch"].as_u64());
                 let largest = latency.iter().max_by_key(|l| l["batch"].as_u64());
@@ -214,9 +217,10 @@ fn summary_markdown(sweep: &str, runs: &[RunResult]) -> String {
     md.push_str("| Model | Accuracy | Performance | Note |\n|---|---|---|---|\n");
     for run in runs {
         let r = &run.row;
+        let top5 = r.top5.map_or(String::new(), |t| format!("; top-5 {t:.2}%"));
         let accuracy = match (r.accuracy, r.accuracy_delta) {
-            (Some(a), Some(d)) if r.run != "fp32" => format!("{a:.2}% ({d:+.2})"),
-            (Some(a), _) => format!("{a:.2}%"),
+            (Some(a), Some(d)) if r.run != "fp32" => format!("{a:.2}% ({d:+.2}){top5}"),
+            (Some(a), _) => format!("{a:.2}%{top5}"),
             _ => "-".to_string(),
         };
         let performance = match (r.latency_p50_ms, r.throughput) {

@@ -6,19 +6,29 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::data::{self, Split};
+use crate::data::source::{Role, Source};
+use crate::data::{self, image, Split};
 use crate::matrix::{self, Run};
 use crate::onnx::graph::{weighted_ops, GraphIndex};
-use crate::onnx::{self, Dim, TensorSpec};
-use crate::plan::Sources;
+use crate::onnx::{self, Dim};
+use crate::plan::{SourceRecord, Sources};
 use crate::quant::qdq;
-use crate::spec::{self, Diagnostic, JsonPath, ModelSource, ParsedSpec, SpecErrors, SweepSpec};
+use crate::spec::{self, Color, Diagnostic, JsonPath, Layout, ModelSource, ParsedSpec, SpecErrors, SweepSpec};
 
 pub struct Sweep {
     pub spec_file: PathBuf,
     pub spec: SweepSpec,
     pub model_path: PathBuf,
+    /// Where the IDX dataset's files are (used by roles with no source).
     pub data_dir: PathBuf,
+    /// What relative paths in the spec are relative to.
+    pub base_dir: PathBuf,
+    /// The colour mode images are converted to: the spec's, or what the
+    /// model's channels imply.
+    pub color: Color,
+    /// The (height, width) image folders are prepared at, if any role
+    /// reads one: what the preprocessing fixes, or the model's input size.
+    pub image_size: Option<[u32; 2]>,
     pub runs: Vec<Run>,
 }
 
@@ -65,15 +75,58 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         .as_ref()
         .map_or_else(|| PathBuf::from(parsed.spec.data.dataset.default_dir()), |dir| base.join(dir));
 
+    let sources: Vec<(Role, Source)> =
+        Role::ALL.iter().map(|&role| (role, Source::of(role, &parsed.spec.data, &data_dir, &base))).collect();
     let mut dataset_shape = None;
-    match data::load_split(parsed.spec.data.dataset, &data_dir, Split::Test) {
-        Ok(test) => dataset_shape = Some((test.height, test.width)),
-        Err(e) => {
-            errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(parsed.spec.data.dataset)))
+    let dataset = parsed.spec.data.dataset;
+    let idx_splits: Vec<Split> = sources
+        .iter()
+        .filter_map(|(_, source)| match source {
+            Source::Idx { split, .. } => Some(Split::from(*split)),
+            Source::ImageFolder { .. } => None,
+        })
+        .collect();
+    if idx_splits.contains(&Split::Test) {
+        match data::load_split(dataset, &data_dir, Split::Test) {
+            Ok(test) => dataset_shape = Some((test.height, test.width)),
+            Err(e) => errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(dataset))),
         }
     }
-    if let Err(e) = data::split_files(parsed.spec.data.dataset, &data_dir, Split::Train) {
-        errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(parsed.spec.data.dataset)));
+    if idx_splits.contains(&Split::Train) {
+        if let Err(e) = data::split_files(dataset, &data_dir, Split::Train) {
+            errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(dataset)));
+        }
+    }
+    let mut folders = Vec::new();
+    for (role, source) in &sources {
+        if source.is_image_folder() {
+            match source.folder() {
+                Ok(folder) => folders.push((*role, folder)),
+                Err(e) => errors.push(parsed.diagnostic(
+                    JsonPath::parse("data").key(role.field()).key("images"),
+                    e.to_string(),
+                    "point it at a folder with one subfolder of images per class (paths are relative to the spec file)",
+                )),
+            }
+        }
+    }
+    if folders.is_empty() && !image_preprocessing(&parsed.spec.data.preprocess).is_empty() {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("data.preprocess"),
+            format!(
+                "{} apply to image folder sources only, and every role reads the {} dataset",
+                image_preprocessing(&parsed.spec.data.preprocess).join(", "),
+                dataset.name()
+            ),
+            "remove them, or name an image folder in data.evaluation, data.calibration or data.training",
+        ));
+    }
+    if folders.iter().any(|(role, _)| *role == Role::Training) && matches!(parsed.spec.model, ModelSource::Trained(_)) {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("data.training"),
+            "`model.train` trains on the IDX dataset only so far",
+            "remove data.training to train on the IDX dataset, or train the model elsewhere and name its ONNX file",
+        ));
     }
 
     if let ModelSource::Trained(trained) = &parsed.spec.model {
@@ -89,7 +142,7 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
             errors.push(parsed.diagnostic(JsonPath::parse("model.train.depth"), problem, "use a depth of 8, 20 or 32"));
         }
     }
-    match &parsed.spec.model {
+    let model_input = match &parsed.spec.model {
         ModelSource::Trained(_) => None,
         ModelSource::File(_) => match onnx::Model::load(&model_path) {
             Ok(model) => {
@@ -106,7 +159,7 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
                         ));
                     }
                 }
-                check_model(&parsed, &model, dataset_shape, &mut errors)
+                check_model(&parsed, &model, dataset_shape, &folders, &mut errors)
             }
             Err(e) => {
                 errors.push(parsed.diagnostic(
@@ -123,7 +176,34 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         errors.sort_by_key(|d| (d.line, d.column));
         return Err(parsed.errors(errors));
     }
-    Ok(Sweep { spec_file: parsed.file.clone(), spec: parsed.spec, model_path, data_dir, runs })
+    let (model_color, model_size) = model_input.unwrap_or((None, None));
+    let color = parsed.spec.data.preprocess.color.or(model_color).unwrap_or(Color::Grey);
+    let image_size = (!folders.is_empty()).then(|| image::fixed_size(&parsed.spec.data.preprocess).or(model_size)).flatten();
+    Ok(Sweep {
+        spec_file: parsed.file.clone(),
+        spec: parsed.spec,
+        model_path,
+        data_dir,
+        base_dir: base,
+        color,
+        image_size,
+        runs,
+    })
+}
+
+/// The preprocessing fields given that only image sources use.
+fn image_preprocessing(preprocess: &spec::Preprocess) -> Vec<&'static str> {
+    let defaults = spec::Preprocess::default();
+    [
+        ("resize", preprocess.resize.is_some()),
+        ("interpolation", preprocess.interpolation != defaults.interpolation),
+        ("antialias", preprocess.antialias != defaults.antialias),
+        ("center_crop", preprocess.center_crop.is_some()),
+        ("color", preprocess.color.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, given)| given.then_some(name))
+    .collect()
 }
 
 /// Checks that need only the typed spec.
@@ -139,22 +219,6 @@ fn semantic_errors(parsed: &ParsedSpec) -> Vec<Diagnostic> {
                 "use the dataset's positive standard deviation, e.g. 0.353 for Fashion-MNIST",
             ));
         }
-    }
-    if preprocess.mean.len() != 1 || preprocess.std.len() != 1 {
-        errors.push(
-            parsed
-                .diagnostic(
-                    JsonPath::parse("data.preprocess"),
-                    format!(
-                        "{} has 1 channel, but mean has {} value(s) and std {}",
-                        spec.data.dataset.name(),
-                        preprocess.mean.len(),
-                        preprocess.std.len()
-                    ),
-                    "give one mean and one std",
-                )
-                .expected("one value per channel"),
-        );
     }
     if spec.matrix.calibration.is_empty() {
         for axis in ["residual_fusion", "qat_epochs"] {
@@ -255,20 +319,24 @@ fn check_quantizable(parsed: &ParsedSpec, model: &onnx::Model, errors: &mut Vec<
     }
 }
 
-/// The model must take one float image batch the dataset can feed, and
-/// give one score per class.
+/// The model must take one float image batch that every data source can
+/// feed (channels and size after preprocessing), and score as many classes
+/// as the sources have. Returns the colour mode its channels imply and
+/// the image size it fixes.
 fn check_model(
     parsed: &ParsedSpec,
     model: &onnx::Model,
     dataset_shape: Option<(usize, usize)>,
+    folders: &[(Role, data::image_folder::ImageFolder)],
     errors: &mut Vec<Diagnostic>,
-) -> Option<TensorSpec> {
+) -> Option<(Option<Color>, Option<[u32; 2]>)> {
     let path = JsonPath::parse("model");
     let mut fail = |problem: String, fix: &str| errors.push(parsed.diagnostic(path.clone(), problem, fix));
     let inputs = model.inputs();
     let [input] = inputs.as_slice() else {
+        let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
         fail(
-            format!("the model has {} runtime inputs; qsweep feeds exactly one image tensor", inputs.len()),
+            format!("the model has {} runtime inputs ({}); qsweep feeds exactly one image tensor", inputs.len(), names.join(", ")),
             "export the model with a single image input",
         );
         return None;
@@ -279,24 +347,86 @@ fn check_model(
             "use the fp32 export of the model",
         );
     }
-    let (height, width) = dataset_shape.unwrap_or((28, 28));
-    let expected = format!("[batch, 1, {height}, {width}]");
-    let shape_ok = match input.shape.as_deref() {
-        Some([_, channels, h, w]) => {
-            *channels == Dim::Fixed(1) && *h == Dim::Fixed(height as i64) && *w == Dim::Fixed(width as i64)
-        }
-        _ => false,
-    };
-    if !shape_ok {
+    let preprocess = &parsed.spec.data.preprocess;
+    let Some([_, a, b, c]) = input.shape.as_deref() else {
         fail(
-            format!(
-                "input `{}` has shape {}, but {} images are {expected}",
-                input.name,
-                input.shape_text(),
-                parsed.spec.data.dataset.name()
-            ),
-            "use a model trained on this dataset, or pick the dataset the model was trained on in data.dataset",
+            format!("input `{}` has shape {}, not an image batch of 4 dimensions", input.name, input.shape_text()),
+            "export the model with an input of [batch, channels, height, width]",
         );
+        return None;
+    };
+    let (channels, height, width) = match preprocess.layout {
+        Layout::Nchw => (a, b, c),
+        Layout::Nhwc => (c, a, b),
+    };
+    let fixed = |dim: &Dim| match dim {
+        Dim::Fixed(n) => Some(*n as u32),
+        Dim::Dynamic(_) => None,
+    };
+    let model_color = match fixed(channels) {
+        Some(1) => Some(Color::Grey),
+        Some(3) | None => Some(Color::Rgb),
+        Some(other) => {
+            fail(
+                format!("input `{}` has {other} channels; qsweep feeds grey (1) or colour (3) images", input.name),
+                "export the model for 1- or 3-channel images, or set data.preprocess.layout if its channels come last",
+            );
+            None
+        }
+    };
+    let color = preprocess.color.or(model_color)?;
+    let feeds = image::channels(color) as u32;
+    let model_size = fixed(height).zip(fixed(width)).map(|(h, w)| [h, w]);
+    if let Some(model_channels) = fixed(channels).filter(|&c| c != feeds) {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("data.preprocess.color"),
+            format!("color {color:?} gives {feeds} channel(s), but input `{}` takes {model_channels}", input.name),
+            "set data.preprocess.color to match the model: grey for 1 channel, rgb or bgr for 3",
+        ));
+    }
+    for (field, values) in [("mean", &preprocess.mean), ("std", &preprocess.std)] {
+        if values.len() != 1 && values.len() as u32 != feeds {
+            errors.push(parsed.diagnostic(
+                JsonPath::parse("data.preprocess").key(field),
+                format!("{field} has {} values, but the images have {feeds} channel(s)", values.len()),
+                "give one value per channel, or a single value for all",
+            ));
+        }
+    }
+    // What each kind of source feeds: the IDX dataset its grey 28x28
+    // images, folders the size their preprocessing fixes.
+    let mut fed: Vec<(String, u32, Option<[u32; 2]>)> = Vec::new();
+    if let Some((h, w)) = dataset_shape {
+        fed.push((format!("{} images", parsed.spec.data.dataset.name()), 1, Some([h as u32, w as u32])));
+    }
+    if !folders.is_empty() {
+        // Without a crop or exact resize, each image must already be the
+        // model's size (prepare-data checks every one).
+        let size = image::fixed_size(preprocess).or(model_size);
+        if size.is_none() {
+            errors.push(parsed.diagnostic(
+                JsonPath::parse("data.preprocess"),
+                "the model takes images of any size, and nothing in data.preprocess makes the folder's images one size",
+                "add center_crop (e.g. 224, after \"resize\": 256, as torchvision's ImageNet preprocessing does) or an exact resize [h, w]",
+            ));
+        }
+        fed.push(("the preprocessed folder images".to_string(), feeds, size));
+    }
+    for (what, fed_channels, size) in fed {
+        let size_ok = |dim: &Dim, fed: u32| fixed(dim).is_none_or(|d| d == fed);
+        let fits = fixed(channels).is_none_or(|c| c == fed_channels)
+            && size.is_none_or(|[h, w]| size_ok(height, h) && size_ok(width, w));
+        if !fits {
+            let fed_shape = match size {
+                Some([h, w]) => format!("[batch, {fed_channels}, {h}, {w}]"),
+                None => format!("[batch, {fed_channels}, ?, ?]"),
+            };
+            errors.push(parsed.diagnostic(
+                JsonPath::parse("model"),
+                format!("input `{}` has shape {}, but {what} are {fed_shape}", input.name, input.shape_text()),
+                "use a model made for this data, or change data.preprocess (resize, center_crop, color) to what the model takes",
+            ));
+        }
     }
     if let Some(Some(Dim::Fixed(fixed))) = input.shape.as_ref().map(|s| s.first().cloned()) {
         let fixed = fixed as u32;
@@ -309,16 +439,44 @@ fn check_model(
         }
     }
     let outputs = model.outputs();
-    if let Some(Some(Dim::Fixed(classes))) = outputs.first().and_then(|o| o.shape.as_ref().map(|s| s.last().cloned())) {
-        if classes != 10 {
+    let scored = outputs.first().and_then(|o| o.shape.as_ref().map(|s| s.last().cloned()));
+    if let Some(Some(Dim::Fixed(classes))) = scored {
+        if dataset_shape.is_some() && classes != 10 {
             errors.push(parsed.diagnostic(
                 JsonPath::parse("model"),
                 format!("the model scores {classes} classes, but {} has 10", parsed.spec.data.dataset.name()),
-                "use a model with a 10-class head",
+                "use a model with a 10-class head, or name image folders for every role",
             ));
         }
+        for (role, folder) in folders {
+            if folder.classes.len() as i64 != classes {
+                errors.push(parsed.diagnostic(
+                    JsonPath::parse("data").key(role.field()),
+                    format!(
+                        "the model scores {classes} classes, but {} has {} class(es) ({})",
+                        folder.root.display(),
+                        folder.classes.len(),
+                        preview(&folder.classes)
+                    ),
+                    &format!(
+                        "give data.{}.classes: all {classes} class names in the model's index order, so each folder's label is its position",
+                        role.field()
+                    ),
+                ));
+            }
+        }
     }
-    Some(input.clone())
+    Some((Some(color), model_size))
+}
+
+/// The first few names of a list, for messages.
+fn preview(names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    if names.len() > shown.len() {
+        format!("{}, ...", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
 }
 
 impl Sweep {
@@ -330,6 +488,9 @@ impl Sweep {
             spec.model = ModelSource::File(std::path::absolute(&self.model_path)?.display().to_string());
         }
         spec.data.dir = Some(std::path::absolute(&self.data_dir)?.display().to_string());
+        for source in [&mut spec.data.evaluation, &mut spec.data.calibration, &mut spec.data.training].into_iter().flatten() {
+            source.images = std::path::absolute(self.base_dir.join(&source.images))?.display().to_string();
+        }
         Ok(serde_json::to_string(&spec).expect("a spec serializes"))
     }
 
@@ -348,16 +509,48 @@ impl Sweep {
                 hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()))
             }
         };
-        let mut data_digest = String::new();
-        for split in [Split::Train, Split::Test] {
-            let (images, labels) =
-                data::split_files(self.spec.data.dataset, &self.data_dir, split).map_err(std::io::Error::other)?;
-            for file in [images, labels] {
-                data_digest.push_str(&crate::store::hash_file(&file)?.1[..16]);
-            }
-        }
-        Ok(Sources { model_digest, data_digest })
+        let record = |role| -> std::io::Result<SourceRecord> {
+            let source = Source::of(role, &self.spec.data, &self.data_dir, &self.base_dir);
+            Ok(SourceRecord { digest: source_digest(&source)?, source: absolute(source)? })
+        };
+        Ok(Sources {
+            model_digest,
+            evaluation: record(Role::Evaluation)?,
+            calibration: record(Role::Calibration)?,
+            training: record(Role::Training)?,
+            color: self.color,
+            image_size: self.image_size,
+        })
     }
+}
+
+/// A fingerprint of what a source holds: the IDX split's file contents, or
+/// an image folder's listing with sizes and times.
+fn source_digest(source: &Source) -> std::io::Result<String> {
+    match source {
+        Source::Idx { dataset, dir, split } => {
+            let (images, labels) = data::split_files(*dataset, dir, (*split).into()).map_err(std::io::Error::other)?;
+            let mut digest = String::new();
+            for file in [images, labels] {
+                digest.push_str(&crate::store::hash_file(&file)?.1[..16]);
+            }
+            Ok(digest)
+        }
+        Source::ImageFolder { .. } => {
+            let folder = source.folder().map_err(std::io::Error::other)?;
+            folder.fingerprint().map_err(std::io::Error::other)
+        }
+    }
+}
+
+/// The source with its folder's path made absolute, as the plan records it.
+fn absolute(source: Source) -> std::io::Result<Source> {
+    Ok(match source {
+        Source::ImageFolder { root, classes, samples, seed } => {
+            Source::ImageFolder { root: std::path::absolute(root)?, classes, samples, seed }
+        }
+        idx => idx,
+    })
 }
 
 #[cfg(test)]

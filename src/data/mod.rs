@@ -4,6 +4,7 @@
 pub mod idx;
 pub mod image;
 pub mod image_folder;
+pub mod source;
 pub mod tensor_file;
 
 use std::path::{Path, PathBuf};
@@ -112,7 +113,7 @@ pub fn load_split(dataset: Dataset, dir: &Path, split: Split) -> Result<RawImage
 /// A batch of model inputs, NCHW f32, with their labels.
 pub struct Tensors {
     pub images: Array4<f32>,
-    pub labels: Array1<u8>,
+    pub labels: Array1<i64>,
 }
 
 impl RawImages {
@@ -137,7 +138,7 @@ impl RawImages {
                 *target = (pixel as f32 / preprocess.scale - mean) / std;
             }
         }
-        let labels = Array1::from_iter(indices.iter().map(|&i| self.labels[i]));
+        let labels = Array1::from_iter(indices.iter().map(|&i| i64::from(self.labels[i])));
         Tensors { images, labels }
     }
 }

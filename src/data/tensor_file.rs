@@ -190,6 +190,48 @@ pub fn write_npy<T: ndarray_npy::WritableElement>(path: &Path, array: &ArrayView
     ndarray_npy::write_npy(path, array).map_err(std::io::Error::other)
 }
 
+/// A `.npy` file of f32 written a block of rows at a time, so that a
+/// split is never held in memory whole: the file is laid out zeroed at its
+/// final shape (ndarray-npy's header), then filled in order.
+pub struct NpyRowWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    row_len: usize,
+    rows: usize,
+    written: usize,
+}
+
+impl NpyRowWriter {
+    /// `shape[0]` rows of `shape[1..]` each.
+    pub fn create(path: &Path, shape: &[usize]) -> std::io::Result<Self> {
+        use std::io::Seek;
+        let mut file = std::fs::File::create(path)?;
+        ndarray_npy::write_zeroed_npy::<f32, _>(&file, shape.to_vec()).map_err(std::io::Error::other)?;
+        let (rows, row_len) = (shape[0], shape[1..].iter().product::<usize>());
+        let data_start = file.metadata()?.len() - (rows * row_len * 4) as u64;
+        file.seek(std::io::SeekFrom::Start(data_start))?;
+        Ok(Self { file: std::io::BufWriter::new(file), row_len, rows, written: 0 })
+    }
+
+    /// Appends whole rows.
+    pub fn append(&mut self, values: &[f32]) -> std::io::Result<()> {
+        assert_eq!(values.len() % self.row_len, 0, "whole rows only");
+        self.written += values.len() / self.row_len;
+        assert!(self.written <= self.rows, "more rows than the file was made for");
+        for value in values {
+            self.file.write_all(&value.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and checks that every row was written.
+    pub fn finish(self) -> std::io::Result<()> {
+        if self.written != self.rows {
+            return Err(std::io::Error::other(format!("{} of {} rows written", self.written, self.rows)));
+        }
+        self.file.into_inner().map_err(|e| e.into_error())?.sync_all()
+    }
+}
+
 /// Reads a `.npy` file of any rank.
 pub fn read_npy<T: ndarray_npy::ReadableElement>(path: &Path) -> std::io::Result<ArrayD<T>> {
     ndarray_npy::read_npy(path).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
@@ -199,6 +241,19 @@ pub fn read_npy<T: ndarray_npy::ReadableElement>(path: &Path) -> std::io::Result
 mod tests {
     use super::*;
     use ndarray::{Array, IxDyn};
+
+    #[test]
+    fn rows_written_in_blocks_read_back_as_one_array() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.npy");
+        let mut writer = NpyRowWriter::create(&path, &[3, 1, 2]).unwrap();
+        writer.append(&[1.0, 2.0, 3.0, 4.0]).unwrap();
+        writer.append(&[5.0, 6.0]).unwrap();
+        writer.finish().unwrap();
+        let read = read_npy::<f32>(&path).unwrap();
+        assert_eq!(read.shape(), [3, 1, 2]);
+        assert_eq!(read.iter().copied().collect::<Vec<_>>(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    }
 
     /// The `.pt` file must load in a real PyTorch-format reader; candle's
     /// pickle reader is an independent implementation of `torch.load`.

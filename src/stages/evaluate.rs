@@ -14,7 +14,7 @@ use crate::engine::{self, InferenceSession, Provider};
 use crate::plan::Task;
 use crate::spec::Engine;
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 #[derive(Deserialize)]
 struct Params {
@@ -38,7 +38,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, _out: &Path) -> Result<Value
     let images: Array4<f32> = tensor_file::read_npy::<f32>(&data.join(prepare_data::IMAGES))?
         .into_dimensionality::<Ix4>()
         .map_err(|e| StageError::Fatal(format!("test images are not NCHW: {e}")))?;
-    let labels = tensor_file::read_npy::<u8>(&data.join(prepare_data::LABELS))?.into_raw_vec_and_offset().0;
+    let labels = tensor_file::read_npy::<i64>(&data.join(prepare_data::LABELS))?.into_raw_vec_and_offset().0;
 
     let threads = engine::resolve_threads(p.threads);
     let mut session = InferenceSession::open_with(&model, threads, None, &provider)?;
@@ -55,7 +55,8 @@ pub fn run(task: &Task, context: &StageContext<'_>, _out: &Path) -> Result<Value
     }
 
     Ok(json!({
-        "accuracy": accuracy,
+        "accuracy": accuracy.top1,
+        "top5": accuracy.top5,
         "test_images": labels.len(),
         "accuracy_batch": accuracy_batch,
         "accuracy_pass_s": accuracy_pass_s,

@@ -62,6 +62,7 @@ impl From<EngineError> for StageError {
                 StageError::Fatal(e.to_string())
             }
             EngineError::Ort { .. } => StageError::Retryable(e.to_string()),
+            EngineError::LabelOutOfRange { .. } => StageError::Fatal(e.to_string()),
         }
     }
 }

@@ -60,11 +60,11 @@ impl From<crate::data::Tensors> for Examples {
 }
 
 impl Examples {
-    /// NCHW f32 images and u8 labels from .npy files.
+    /// NCHW f32 images and i64 labels from .npy files.
     pub fn from_npy(images: &Path, labels: &Path) -> std::io::Result<Self> {
         let path = images;
         let images = crate::data::tensor_file::read_npy::<f32>(images)?;
-        let labels = crate::data::tensor_file::read_npy::<u8>(labels)?;
+        let labels = crate::data::tensor_file::read_npy::<i64>(labels)?;
         let &[_, c, h, w] = images.shape() else {
             return Err(std::io::Error::other(format!(
                 "{} holds images of shape {:?}, not NCHW",
