@@ -9,11 +9,11 @@
 //!
 //! - [`spec`]: the user's JSON, its schema, and errors that point into the file.
 //! - [`matrix`]: axes into runs, with include/exclude, and stable run ids.
+//! - [`data`]: data sources (IDX, image folders), PIL-exact preprocessing, tensor files.
 //! - [`plan`]: runs into a DAG of tasks named by content keys.
 //! - [`owner`]: which process owns shared state, and whether it is gone.
 //! - [`store`]: the results directory, with atomically completed artifacts.
 //! - [`onnx`]: ONNX protobuf models and questions about their graphs.
-//! - [`data`]: IDX datasets, preprocessing, calibration subsets, tensor files.
 //! - [`engine`]: ONNX Runtime sessions, accuracy and latency measurement.
 //! - [`quant`]: histograms, calibration methods, the Q/DQ rewrite, int8 coverage.
 //! - [`stages`]: what each stage does with its inputs.

@@ -220,6 +220,15 @@ fn semantic_errors(parsed: &ParsedSpec) -> Vec<Diagnostic> {
             ));
         }
     }
+    for (field, size) in [("resize", preprocess.resize), ("center_crop", preprocess.center_crop)] {
+        if size.is_some_and(|size| size.square_or_pair().contains(&0)) {
+            errors.push(parsed.diagnostic(
+                JsonPath::parse("data.preprocess").key(field),
+                format!("{field} has a side of 0 pixels"),
+                "give sizes of at least 1 pixel: an int, or [height, width]",
+            ));
+        }
+    }
     if spec.matrix.calibration.is_empty() {
         for axis in ["residual_fusion", "qat_epochs"] {
             let given = match axis {
