@@ -54,7 +54,8 @@ fn reference_sweep_measures_reports_and_resumes() {
     assert_eq!((&fp32[0], &fp32[1], &fp32[4]), ("fp32", "", "ok"));
     let accuracy: f64 = fp32[5].parse().unwrap();
     assert!(accuracy >= 91.0, "reference model top-1 {accuracy}% is below the 91% floor");
-    let (p50, p99): (f64, f64) = (fp32[7].parse().unwrap(), fp32[8].parse().unwrap());
+    let (p50, p99): (f64, f64) =
+        (fp32[column("latency_p50_ms")].parse().unwrap(), fp32[column("latency_p99_ms")].parse().unwrap());
     assert!(p50 > 0.0 && p99 >= p50, "p50 {p50} p99 {p99}");
 
     let best_ptq = rows[1..].iter().map(|r| r[5].parse::<f64>().unwrap()).fold(f64::MIN, f64::max);
@@ -79,7 +80,7 @@ fn reference_sweep_measures_reports_and_resumes() {
 
     let summary = fs::read_to_string(results.join("summary.md")).unwrap();
     assert!(summary.contains("| Model | Accuracy | Performance | Note |"));
-    assert!(summary.contains(&format!("| fp32 | {accuracy:.2}% |")));
+    assert!(summary.contains(&format!("| fp32 | {accuracy:.2}%; top-5 ")), "{summary}");
     assert!(summary.contains("| calibration | unfused | fused |"));
     let svg = fs::read_to_string(results.join("accuracy_latency.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("mse-fused-ptq"));
