@@ -14,11 +14,14 @@ use qsweep::onnx::Model;
 use qsweep::quant::qdq::{self, QdqError, Range};
 use qsweep::spec::Int8Format;
 
-const MODELS: [&str; 4] = [
+const MODELS: [&str; 5] = [
     "experiments/models/fashion-resnet8.onnx",
     "tests/fixtures/graphs/bn_kept_flatten.onnx",
     "tests/fixtures/graphs/bn_folded_flatten.onnx",
     "tests/fixtures/graphs/bn_folded_reshape.onnx",
+    // One zero bias shared by five convs (PyTorch's export of an untrained
+    // model), and two outputs.
+    "tests/fixtures/graphs/shared_biases_two_outputs.onnx",
 ];
 const FORMATS: [Int8Format; 2] = [Int8Format::Tensorrt, Int8Format::OnnxruntimeCpu];
 
@@ -84,6 +87,62 @@ fn quantized_models_load_and_run_in_onnx_runtime() {
             assert!(logits.iter().all(|v| v.is_finite()));
         }
     }
+}
+
+/// Exporters leave nodes unnamed and may already use a name the rewrite
+/// would derive (`input_scale`): every added name is fresh, the result is
+/// well formed and runs.
+#[test]
+fn unnamed_nodes_and_taken_names_do_not_collide() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in MODELS {
+        let mut model = load(file);
+        let graph = model.graph.as_mut().unwrap();
+        graph.node.iter_mut().for_each(|n| n.name.clear());
+        for taken in ["input_scale", "input_zero_point", "input_quantized", "input_dequantized"] {
+            graph.initializer.push(candle_onnx::onnx::TensorProto {
+                name: taken.into(),
+                data_type: 1,
+                float_data: vec![1.0],
+                ..Default::default()
+            });
+        }
+        for format in FORMATS {
+            let (quantized, _) = qdq::quantize(&model, &ranges(&model), format, true).unwrap();
+            let graph = quantized.graph.as_ref().unwrap();
+            let mut names = std::collections::HashSet::new();
+            for tensor in graph.initializer.iter().map(|t| &t.name).chain(graph.node.iter().flat_map(|n| &n.output)) {
+                assert!(names.insert(tensor.clone()), "{file} {format:?}: `{tensor}` is defined twice");
+            }
+            let path = dir.path().join("q.onnx");
+            std::fs::write(&path, quantized.encode_to_vec()).unwrap();
+            let mut session = InferenceSession::open(&path, 1, None).unwrap();
+            let logits = session.run(ndarray::Array4::<f32>::ones((2, 1, 28, 28)).view()).unwrap();
+            assert!(logits.iter().all(|v| v.is_finite()), "{file} {format:?}");
+        }
+    }
+}
+
+/// A BatchNorm that cannot be folded does not stop the ones after it.
+#[test]
+fn an_unfoldable_batch_norm_does_not_stop_folding() {
+    let mut model = load("tests/fixtures/graphs/bn_kept_flatten.onnx");
+    let graph = model.graph.as_mut().unwrap();
+    let total = graph.node.iter().filter(|n| n.op_type == "BatchNormalization").count();
+    // Its own scale, one value short (the exporter shares equal BatchNorm
+    // parameters between layers, so the shared one is left alone).
+    let first = graph.node.iter_mut().find(|n| n.op_type == "BatchNormalization").unwrap();
+    first.input[1] = "short_gamma".into();
+    graph.initializer.push(candle_onnx::onnx::TensorProto {
+        name: "short_gamma".into(),
+        data_type: 1,
+        dims: vec![7],
+        float_data: vec![1.0; 7],
+        ..Default::default()
+    });
+    let (folded, summary) = qdq::quantize(&model, &ranges(&model), Int8Format::OnnxruntimeCpu, true).unwrap();
+    let left = folded.graph.as_ref().unwrap().node.iter().filter(|n| n.op_type == "BatchNormalization").count();
+    assert_eq!((summary.folded_batch_norms, left), (total - 1, 1));
 }
 
 #[test]
@@ -162,7 +221,7 @@ fn missing_statistics_are_an_error_not_a_guess() {
 /// Pad and the Conv is caught by the lint.
 #[test]
 fn no_qdq_between_a_pad_and_its_conv() {
-    use candle_onnx::onnx::{GraphProto, NodeProto, OperatorSetIdProto, TensorProto};
+    use candle_onnx::onnx::{GraphProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto};
     let weight = TensorProto {
         name: "w".into(),
         dims: vec![4, 1, 3, 3],
@@ -190,6 +249,7 @@ fn no_qdq_between_a_pad_and_its_conv() {
         graph: Some(GraphProto {
             node: vec![node("Pad", &["x", "pads"], "padded"), node("Conv", &["padded", "w"], "y")],
             initializer: vec![weight, pads],
+            input: vec![ValueInfoProto { name: "x".into(), ..Default::default() }],
             ..Default::default()
         }),
         ..Default::default()

@@ -153,6 +153,8 @@ pub enum QdqError {
     BadTensor { node: String, tensor: String, problem: String },
     #[error("lint failed at node `{node}`: {problem}")]
     Lint { node: String, problem: String },
+    #[error("the rewritten graph is malformed at node `{node}`: {problem} (a qsweep bug: please report it with the model)")]
+    Malformed { node: String, problem: String },
 }
 
 /// How one format stores numbers.
@@ -188,6 +190,39 @@ pub fn weight_levels(format: Int8Format) -> f32 {
 
 /// Rewrites `model` into a Q/DQ model. `ranges` maps every tensor of
 /// `calibration_tensors` to its calibrated range.
+/// The names a graph already uses (nodes, tensors, initializers), handing
+/// out fresh ones for what the rewrite adds. Exporters name things freely:
+/// PyTorch shares one initializer between convs whose values are equal and
+/// leaves nodes unnamed, and a user's tensor may already be called
+/// `x_scale`, so a derived name is checked, never assumed free.
+struct Names {
+    used: HashSet<String>,
+}
+
+impl Names {
+    fn of(graph: &GraphProto) -> Self {
+        let mut used: HashSet<String> = HashSet::new();
+        for node in &graph.node {
+            used.insert(node.name.clone());
+            used.extend(node.input.iter().chain(&node.output).cloned());
+        }
+        used.extend(graph.initializer.iter().map(|t| t.name.clone()));
+        used.extend(graph.input.iter().chain(&graph.output).chain(&graph.value_info).map(|v| v.name.clone()));
+        Self { used }
+    }
+
+    /// `base`, or `base_1`, `base_2`, ... whichever is free first.
+    fn fresh(&mut self, base: &str) -> String {
+        if self.used.insert(base.to_string()) {
+            return base.to_string();
+        }
+        (1..)
+            .map(|n| format!("{base}_{n}"))
+            .find(|candidate| self.used.insert(candidate.clone()))
+            .expect("some suffix is free")
+    }
+}
+
 pub fn quantize(
     model: &ModelProto,
     ranges: &HashMap<String, Range>,
@@ -203,8 +238,9 @@ pub fn quantize(
     let graph = model.graph.as_mut().expect("a loaded model has a graph");
     let mut summary = QdqSummary { format: Some(format), ..Default::default() };
     inline_constant_identities(graph);
+    let mut names = Names::of(graph);
     if format == Int8Format::OnnxruntimeCpu {
-        summary.folded_batch_norms = fold_batch_norms(graph)?;
+        summary.folded_batch_norms = fold_batch_norms(graph, &mut names)?;
     }
     let ops = weighted_ops(&GraphIndex::new(graph));
     if ops.is_empty() {
@@ -226,27 +262,25 @@ pub fn quantize(
         graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
     let mut after_producer: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut leading = Vec::new();
+    let mut dequantized: HashMap<String, String> = HashMap::new();
     for (tensor, &(scale, zero_point)) in &scales {
-        let zero = if encoding.unsigned_activations {
-            uint8_tensor(&format!("{tensor}_zero_point"), &[], &[zero_point])
-        } else {
-            int8_tensor(&format!("{tensor}_zero_point"), &[], &[0])
-        };
-        let (nodes, scale_tensor) = activation_pair(tensor, scale);
-        graph.initializer.extend([scale_tensor, zero]);
+        let zero_point = encoding.unsigned_activations.then_some(zero_point);
+        let (nodes, initializers, output) = activation_pair(tensor, scale, zero_point, &mut names);
+        graph.initializer.extend(initializers);
         match producers.get(tensor) {
             Some(&producer) => after_producer.entry(producer).or_default().extend(nodes),
             None => leading.extend(nodes),
         }
+        dequantized.insert(tensor.clone(), output);
         summary.qdq_pairs += 1;
     }
     for edge in &edges {
-        graph.node[edge.node].input[edge.slot] = dequantized_name(&edge.tensor);
+        graph.node[edge.node].input[edge.slot] = dequantized[&edge.tensor].clone();
     }
 
     // Weights as int8 with one DequantizeLinear each; on the CPU format,
     // biases as int32 at the product of input and weight scales.
-    let mut replaced = HashSet::new();
+    let mut weights: HashMap<String, String> = HashMap::new();
     for op in &ops {
         let Some(weight) = &op.weight else { continue };
         let Some(original) = graph.initializer.iter().find(|t| t.name == weight.tensor).cloned() else { continue };
@@ -255,13 +289,15 @@ pub fn quantize(
         let (int8, weight_scales, dead) =
             quantize_weight(&original, weight.channel_axis, encoding.weight_levels).map_err(bad)?;
         summary.dead.extend(dead.into_iter().map(|c| format!("{}[{c}]", weight.tensor)));
-        if replaced.insert(weight.tensor.clone()) {
-            let (node, initializers) = weight_dequantize(&original, int8, &weight_scales, weight.channel_axis);
+        if !weights.contains_key(&weight.tensor) {
+            let (node, initializers, output) =
+                weight_dequantize(&original, int8, &weight_scales, weight.channel_axis, &mut names);
             graph.initializer.extend(initializers);
             leading.push(node);
+            weights.insert(weight.tensor.clone(), output);
             summary.qdq_pairs += 1;
         }
-        graph.node[op.node].input[weight.slot] = dequantized_name(&weight.tensor);
+        graph.node[op.node].input[weight.slot] = weights[&weight.tensor].clone();
 
         let bias = graph.node[op.node].input.get(2).filter(|b| !b.is_empty()).cloned();
         let input_scale = op.activations.first().and_then(|(_, t)| {
@@ -283,15 +319,15 @@ pub fn quantize(
                 problem,
             })?;
             let int32: Vec<i32> = values.iter().zip(&bias_scales).map(|(b, s)| (b / s).round() as i32).collect();
-            let (node, initializers) = bias_dequantize(&original, &int32, &bias_scales);
+            // One per op: a bias shared by several convs (PyTorch shares
+            // equal initializers) has a different int32 scale in each.
+            let (node, initializers, output) = bias_dequantize(&original, &int32, &bias_scales, &mut names);
             graph.initializer.extend(initializers);
             leading.push(node);
             summary.qdq_pairs += 1;
-            graph.node[op.node].input[2] = dequantized_name(&bias);
-            replaced.insert(bias);
+            graph.node[op.node].input[2] = output;
         }
     }
-    graph.initializer.retain(|t| !replaced.contains(&t.name));
 
     // Keep the nodes topologically sorted: constant DQs and graph-input
     // pairs first, each activation pair right after its producer.
@@ -301,6 +337,7 @@ pub fn quantize(
         nodes.extend(after_producer.remove(&i).into_iter().flatten());
     }
     graph.node = nodes;
+    remove_unused_initializers(graph);
 
     let index = GraphIndex::new(graph);
     summary.float_adds = residual_adds(&index)
@@ -308,12 +345,45 @@ pub fn quantize(
         .filter(|add| index.producer(&add.skip).is_none_or(|p| p.op_type != "DequantizeLinear"))
         .map(|add| add.name)
         .collect();
+    check_well_formed(model.graph.as_ref().expect("a loaded model has a graph"))?;
     lint(&model, residual_fusion)?;
     Ok((model, summary))
 }
 
-fn dequantized_name(tensor: &str) -> String {
-    format!("{tensor}_dequantized")
+/// What every rewrite must leave: nodes in topological order, each tensor
+/// assigned once, node names unique.
+fn check_well_formed(graph: &GraphProto) -> Result<(), QdqError> {
+    let mut defined: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    defined.extend(graph.input.iter().map(|i| i.name.as_str()));
+    defined.insert("");
+    let mut node_names = HashSet::new();
+    for (i, node) in graph.node.iter().enumerate() {
+        let malformed = |problem: String| QdqError::Malformed { node: node_name(node, i), problem };
+        if !node.name.is_empty() && !node_names.insert(node.name.as_str()) {
+            return Err(malformed("its name is used by an earlier node".into()));
+        }
+        if let Some(missing) = node.input.iter().find(|input| !defined.contains(input.as_str())) {
+            return Err(malformed(format!("it reads `{missing}` before anything writes it")));
+        }
+        for output in &node.output {
+            if !defined.insert(output.as_str()) {
+                return Err(malformed(format!("it writes `{output}`, which something else writes too")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Drops initializers no node reads any more (the float weights and
+/// biases that int8 ones replaced), and their graph-input entries, which
+/// older exporters list: left there, they would become required inputs.
+fn remove_unused_initializers(graph: &mut GraphProto) {
+    let read: HashSet<String> =
+        graph.node.iter().flat_map(|n| n.input.iter().cloned()).chain(graph.output.iter().map(|o| o.name.clone())).collect();
+    let removed: HashSet<String> =
+        graph.initializer.iter().filter(|t| !read.contains(&t.name)).map(|t| t.name.clone()).collect();
+    graph.initializer.retain(|t| !removed.contains(&t.name));
+    graph.input.retain(|i| !removed.contains(&i.name));
 }
 
 fn scale_of(amax: f32, levels: f32) -> f32 {
@@ -352,12 +422,15 @@ fn inline_constant_identities(graph: &mut GraphProto) {
 
 /// Folds each BatchNormalization that is the only consumer of a Conv into
 /// that Conv's weights and bias. Returns how many were folded.
-fn fold_batch_norms(graph: &mut GraphProto) -> Result<usize, QdqError> {
+fn fold_batch_norms(graph: &mut GraphProto, names: &mut Names) -> Result<usize, QdqError> {
     let mut folded = 0;
+    // BatchNorms that cannot be folded (by output), so that the search
+    // moves on to the next one instead of stopping there.
+    let mut unfoldable: HashSet<String> = HashSet::new();
     loop {
         let index = GraphIndex::new(graph);
         let candidate = graph.node.iter().enumerate().find_map(|(bn, node)| {
-            if node.op_type != "BatchNormalization" || node.output.len() != 1 {
+            if node.op_type != "BatchNormalization" || node.output.len() != 1 || unfoldable.contains(&node.output[0]) {
                 return None;
             }
             let conv = index.producer_index(&node.input[0]).filter(|&c| graph.node[c].op_type == "Conv")?;
@@ -386,7 +459,8 @@ fn fold_batch_norms(graph: &mut GraphProto) -> Result<usize, QdqError> {
         let mut w = float_values(&weight).map_err(|p| bad(&weight.name, p))?;
         let channels = weight.dims[0] as usize;
         if [gamma.len(), beta.len(), mean.len(), var.len()].iter().any(|&n| n != channels) {
-            break;
+            unfoldable.insert(bn_node.output[0].clone());
+            continue;
         }
         let mut b = match conv_node.input.get(2).filter(|b| !b.is_empty()) {
             Some(name) => read(name)?,
@@ -398,8 +472,10 @@ fn fold_batch_norms(graph: &mut GraphProto) -> Result<usize, QdqError> {
             w[c * per_channel..(c + 1) * per_channel].iter_mut().for_each(|v| *v *= factor);
             b[c] = (b[c] - mean[c]) * factor + beta[c];
         }
-        let (w_name, b_name) =
-            (format!("{}_bn_folded", conv_node.input[1]), format!("{}_bn_folded_bias", conv_node.name));
+        let (w_name, b_name) = (
+            names.fresh(&format!("{}_bn_folded", conv_node.input[1])),
+            names.fresh(&format!("{}_bn_folded_bias", conv_node.input[1])),
+        );
         graph.initializer.push(float_tensor(&w_name, &weight.dims, &w));
         graph.initializer.push(float_tensor(&b_name, &[channels as i64], &b));
         let conv_node = &mut graph.node[conv];
@@ -409,32 +485,44 @@ fn fold_batch_norms(graph: &mut GraphProto) -> Result<usize, QdqError> {
         graph.node.remove(bn);
         folded += 1;
     }
-    let used: HashSet<String> = graph.node.iter().flat_map(|n| n.input.iter().cloned()).collect();
-    graph.initializer.retain(|t| used.contains(&t.name));
+    remove_unused_initializers(graph);
     Ok(folded)
 }
 
-fn activation_pair(tensor: &str, scale: f32) -> (Vec<NodeProto>, TensorProto) {
-    let scale_name = format!("{tensor}_scale");
-    let zero_name = format!("{tensor}_zero_point");
-    let quantized = format!("{tensor}_quantized");
+/// A Quantize/Dequantize pair on `tensor`, its scale and zero point (uint8
+/// when `zero_point` is given, int8 zero otherwise), and the name of the
+/// dequantized output.
+fn activation_pair(
+    tensor: &str,
+    scale: f32,
+    zero_point: Option<u8>,
+    names: &mut Names,
+) -> (Vec<NodeProto>, Vec<TensorProto>, String) {
+    let scale_name = names.fresh(&format!("{tensor}_scale"));
+    let zero_name = names.fresh(&format!("{tensor}_zero_point"));
+    let quantized = names.fresh(&format!("{tensor}_quantized"));
+    let output = names.fresh(&format!("{tensor}_dequantized"));
     let nodes = vec![
         node(
             "QuantizeLinear",
-            &format!("{tensor}_QuantizeLinear"),
+            &names.fresh(&format!("{tensor}_QuantizeLinear")),
             &[tensor, &scale_name, &zero_name],
             &quantized,
             None,
         ),
         node(
             "DequantizeLinear",
-            &format!("{tensor}_DequantizeLinear"),
+            &names.fresh(&format!("{tensor}_DequantizeLinear")),
             &[&quantized, &scale_name, &zero_name],
-            &dequantized_name(tensor),
+            &output,
             None,
         ),
     ];
-    (nodes, float_tensor(&scale_name, &[], &[scale]))
+    let zero = match zero_point {
+        Some(zero_point) => uint8_tensor(&zero_name, &[], &[zero_point]),
+        None => int8_tensor(&zero_name, &[], &[0]),
+    };
+    (nodes, vec![float_tensor(&scale_name, &[], &[scale]), zero], output)
 }
 
 fn weight_dequantize(
@@ -442,16 +530,21 @@ fn weight_dequantize(
     int8: Vec<i8>,
     scales: &[f32],
     axis: usize,
-) -> (NodeProto, Vec<TensorProto>) {
+    names: &mut Names,
+) -> (NodeProto, Vec<TensorProto>, String) {
     let name = &original.name;
-    let (int8_name, scale_name, zero_name) =
-        (format!("{name}_int8"), format!("{name}_scale"), format!("{name}_zero_point"));
+    let (int8_name, scale_name, zero_name) = (
+        names.fresh(&format!("{name}_int8")),
+        names.fresh(&format!("{name}_scale")),
+        names.fresh(&format!("{name}_zero_point")),
+    );
+    let output = names.fresh(&format!("{name}_dequantized"));
     let channels = scales.len() as i64;
     let node = node(
         "DequantizeLinear",
-        &format!("{name}_DequantizeLinear"),
+        &names.fresh(&format!("{name}_DequantizeLinear")),
         &[&int8_name, &scale_name, &zero_name],
-        &dequantized_name(name),
+        &output,
         Some(axis as i64),
     );
     let initializers = vec![
@@ -459,18 +552,27 @@ fn weight_dequantize(
         float_tensor(&scale_name, &[channels], scales),
         int8_tensor(&zero_name, &[channels], &vec![0; scales.len()]),
     ];
-    (node, initializers)
+    (node, initializers, output)
 }
 
-fn bias_dequantize(original: &TensorProto, int32: &[i32], scales: &[f32]) -> (NodeProto, Vec<TensorProto>) {
+fn bias_dequantize(
+    original: &TensorProto,
+    int32: &[i32],
+    scales: &[f32],
+    names: &mut Names,
+) -> (NodeProto, Vec<TensorProto>, String) {
     let name = &original.name;
-    let (int32_name, scale_name, zero_name) =
-        (format!("{name}_int32"), format!("{name}_scale"), format!("{name}_zero_point"));
+    let (int32_name, scale_name, zero_name) = (
+        names.fresh(&format!("{name}_int32")),
+        names.fresh(&format!("{name}_scale")),
+        names.fresh(&format!("{name}_zero_point")),
+    );
+    let output = names.fresh(&format!("{name}_dequantized"));
     let node = node(
         "DequantizeLinear",
-        &format!("{name}_DequantizeLinear"),
+        &names.fresh(&format!("{name}_DequantizeLinear")),
         &[&int32_name, &scale_name, &zero_name],
-        &dequantized_name(name),
+        &output,
         Some(0),
     );
     let n = scales.len() as i64;
@@ -482,7 +584,7 @@ fn bias_dequantize(original: &TensorProto, int32: &[i32], scales: &[f32]) -> (No
         float_tensor(&scale_name, &[n], scales),
         int32_tensor(&zero_name, &vec![0; scales.len()]),
     ];
-    (node, initializers)
+    (node, initializers, output)
 }
 
 /// A weight as int8 values, one scale per channel, and its all-zero channels.
