@@ -50,8 +50,7 @@ fn a_sweep_runs_on_image_folders() {
     let results = dir.path().join("results");
     let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    let rows: Vec<csv::StringRecord> =
-        csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect();
+    let rows = csv_rows(&results);
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| &r[4] == "ok"), "{rows:?}");
     let fp32: f64 = rows[0][5].parse().unwrap();
@@ -134,8 +133,7 @@ fn a_corrupt_image_fails_the_stage_naming_it() {
     let results = dir.path().join("results");
     let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    let rows: Vec<csv::StringRecord> =
-        csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect();
+    let rows = csv_rows(&results);
     let error = &rows[0][rows[0].len() - 1];
     assert!(error.contains(&victim.display().to_string()), "{error}");
     assert_eq!(staging_dirs(&results), Vec::<String>::new());

@@ -88,7 +88,7 @@ impl Cluster {
     }
 
     fn runs_csv(&self) -> Vec<csv::StringRecord> {
-        csv::Reader::from_path(self.results().join("runs.csv")).unwrap().records().map(Result::unwrap).collect()
+        csv_rows(&self.results())
     }
 
     fn assert_all_runs_ok(&self) {
@@ -290,7 +290,6 @@ fn a_sweep_runs_on_a_real_cluster() {
     }
     let output = qsweep(&args);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    let rows: Vec<csv::StringRecord> =
-        csv::Reader::from_path(Path::new(&results).join("runs.csv")).unwrap().records().map(Result::unwrap).collect();
+    let rows = csv_rows(Path::new(&results));
     assert!(!rows.is_empty() && rows.iter().all(|r| &r[4] == "ok"), "{rows:?}");
 }

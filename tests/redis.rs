@@ -72,8 +72,7 @@ fn sigkill(child: &mut Child) {
 
 /// Every run finished exactly once: one ok row per run in runs.csv.
 fn assert_all_runs_ok(results: &Path) {
-    let rows: Vec<csv::StringRecord> =
-        csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect();
+    let rows = csv_rows(&results);
     let ids: Vec<&str> = rows.iter().map(|r| &r[0]).collect();
     assert_eq!(ids, ["fp32", "max-unfused-ptq", "max-fused-ptq"]);
     assert!(rows.iter().all(|r| &r[4] == "ok"), "{rows:?}");

@@ -13,10 +13,6 @@ fn run_into(spec: &Path, results: &Path) -> std::process::Output {
     qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()])
 }
 
-fn csv_rows(results: &Path) -> Vec<csv::StringRecord> {
-    csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect()
-}
-
 /// The reference sweep's PTQ half: the committed spec without its QAT
 /// runs, which take minutes (tests/train.rs and the committed reference
 /// results cover QAT).

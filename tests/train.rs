@@ -238,8 +238,7 @@ fn a_sweep_trains_its_own_model_once() {
             assert!(inputs.iter().any(|i| i["role"] == "fp32_model" && i["key"] == train["key"]), "{task}");
         }
     }
-    let rows: Vec<csv::StringRecord> =
-        csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect();
+    let rows = csv_rows(&results);
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| &r[4] == "ok"), "{rows:?}");
     let second = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);

@@ -48,16 +48,9 @@ fn flip_last_byte(path: &Path) {
     fs::write(path, bytes).unwrap();
 }
 
-/// `run` column -> `accuracy` column of runs.csv.
+/// (run, status, accuracy) of each row of runs.csv.
 fn accuracies(results: &Path) -> Vec<(String, String, String)> {
-    csv::Reader::from_path(results.join("runs.csv"))
-        .unwrap()
-        .records()
-        .map(|r| {
-            let r = r.unwrap();
-            (r[0].to_string(), r[4].to_string(), r[5].to_string())
-        })
-        .collect()
+    csv_rows(results).iter().map(|r| (r[0].to_string(), r[4].to_string(), r[5].to_string())).collect()
 }
 
 fn executed(output: &std::process::Output) -> String {

@@ -59,3 +59,8 @@ pub fn staging_dirs(results: &Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// The rows of a results directory's runs.csv.
+pub fn csv_rows(results: &Path) -> Vec<csv::StringRecord> {
+    csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect()
+}
