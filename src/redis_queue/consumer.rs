@@ -266,8 +266,10 @@ impl Slot {
         }
         let loaded = match loaded {
             Ok(loaded) => loaded,
+            // This worker cannot use the sweep (it does not see the model
+            // or data, say); another worker, or a rerun, may: not fatal.
             Err(message) => {
-                self.record(&task, None, TaskResult::Fatal(&message)).await?;
+                self.record(&task, None, TaskResult::Failed(&message)).await?;
                 return Ok(Handled::Skipped);
             }
         };
