@@ -416,9 +416,8 @@ fn run(
         return fail(format!("cannot write to {}: {e}", dir.display()));
     }
     // Written once this process is the sweep's coordinator, for `report`.
-    let save_plan = || {
-        results.save_plan(&plan).map_err(|e| QueueError::State(format!("cannot write to {}: {e}", dir.display())))
-    };
+    let save_plan =
+        || results.save_plan(&plan).map_err(|e| QueueError::State(format!("cannot write to {}: {e}", dir.display())));
 
     let store = match redis.artifacts.as_deref().map(ObjectArtifacts::open).transpose() {
         Ok(store) => store,
@@ -571,7 +570,11 @@ fn work(options: redis_queue::consumer::WorkerOptions) -> ExitCode {
         let (abandon, abandon_seen) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             let signal = signals.recv().await;
-            tracing::warn!("{}: taking no more tasks; running stages have {}s to finish", signal.name(), drain.as_secs());
+            tracing::warn!(
+                "{}: taking no more tasks; running stages have {}s to finish",
+                signal.name(),
+                drain.as_secs()
+            );
             let _ = stop.send(true);
             tokio::select! {
                 _ = tokio::time::sleep(drain) => {}

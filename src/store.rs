@@ -63,8 +63,17 @@ pub struct Manifest {
 impl Manifest {
     /// A manifest for what a stage just made, with its digest.
     pub fn new(key: TaskKey, stage: StageKind, files: Vec<FileEntry>, metrics: Value, elapsed_s: f64) -> Self {
-        Self { key, stage, files, metrics, elapsed_s, completed_unix: unix_now(), inputs: BTreeMap::new(), digest: String::new() }
-            .sealed()
+        Self {
+            key,
+            stage,
+            files,
+            metrics,
+            elapsed_s,
+            completed_unix: unix_now(),
+            inputs: BTreeMap::new(),
+            digest: String::new(),
+        }
+        .sealed()
     }
 
     /// The same manifest, recording the inputs it was made from.
@@ -636,8 +645,12 @@ mod tests {
         child.wait().unwrap();
         let elsewhere = Owner { host: "another-host".into(), pid: 1, started: 1 };
         for (n, owner) in [dead, elsewhere].iter().enumerate() {
-            fs::create_dir_all(dir.path().join(format!("artifacts/{STAGING_PREFIX}{}-{n}-{}", key("i").short(), owner.tag())))
-                .unwrap();
+            fs::create_dir_all(dir.path().join(format!(
+                "artifacts/{STAGING_PREFIX}{}-{n}-{}",
+                key("i").short(),
+                owner.tag()
+            )))
+            .unwrap();
         }
         assert_eq!(results.remove_abandoned_staging(|_| false).unwrap(), 1);
         let left = results.staging_dirs().unwrap();

@@ -178,7 +178,8 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
     }
     let (model_color, model_size) = model_input.unwrap_or((None, None));
     let color = parsed.spec.data.preprocess.color.or(model_color).unwrap_or(Color::Grey);
-    let image_size = (!folders.is_empty()).then(|| image::fixed_size(&parsed.spec.data.preprocess).or(model_size)).flatten();
+    let image_size =
+        (!folders.is_empty()).then(|| image::fixed_size(&parsed.spec.data.preprocess).or(model_size)).flatten();
     Ok(Sweep {
         spec_file: parsed.file.clone(),
         spec: parsed.spec,
@@ -345,7 +346,11 @@ fn check_model(
     let [input] = inputs.as_slice() else {
         let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
         fail(
-            format!("the model has {} runtime inputs ({}); qsweep feeds exactly one image tensor", inputs.len(), names.join(", ")),
+            format!(
+                "the model has {} runtime inputs ({}); qsweep feeds exactly one image tensor",
+                inputs.len(),
+                names.join(", ")
+            ),
             "export the model with a single image input",
         );
         return None;
@@ -497,7 +502,9 @@ impl Sweep {
             spec.model = ModelSource::File(std::path::absolute(&self.model_path)?.display().to_string());
         }
         spec.data.dir = Some(std::path::absolute(&self.data_dir)?.display().to_string());
-        for source in [&mut spec.data.evaluation, &mut spec.data.calibration, &mut spec.data.training].into_iter().flatten() {
+        for source in
+            [&mut spec.data.evaluation, &mut spec.data.calibration, &mut spec.data.training].into_iter().flatten()
+        {
             source.images = std::path::absolute(self.base_dir.join(&source.images))?.display().to_string();
         }
         Ok(serde_json::to_string(&spec).expect("a spec serializes"))

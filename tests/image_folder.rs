@@ -12,7 +12,8 @@ use common::*;
 use qsweep::data::{self, Split};
 use qsweep::spec::Preprocess;
 
-const CLASSES: &str = r#"["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]"#;
+const CLASSES: &str =
+    r#"["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]"#;
 
 /// val/ (PNG) and train/ (JPEG), 20 images of each class.
 fn write_folders(dir: &Path) -> PathBuf {
@@ -64,7 +65,8 @@ fn a_sweep_runs_on_image_folders() {
     let labels = data::tensor_file::read_npy::<i64>(&prepared.join("labels.npy")).unwrap();
     assert_eq!(ours.shape(), [200, 1, 28, 28]);
 
-    let idx = data::load_split(Default::default(), Path::new("/usr/share/datasets/fashion-mnist"), Split::Test).unwrap();
+    let idx =
+        data::load_split(Default::default(), Path::new("/usr/share/datasets/fashion-mnist"), Split::Test).unwrap();
     let preprocess = Preprocess { mean: vec![0.2860], std: vec![0.3530], ..Default::default() };
     // ImageFolder order: classes sorted by folder name, files by name.
     let mut files: Vec<PathBuf> = fs::read_dir(images.join("val"))
@@ -72,8 +74,7 @@ fn a_sweep_runs_on_image_folders() {
         .flat_map(|class| fs::read_dir(class.unwrap().path()).unwrap().map(|f| f.unwrap().path()))
         .collect();
     files.sort();
-    let indices: Vec<usize> =
-        files.iter().map(|f| f.file_stem().unwrap().to_str().unwrap().parse().unwrap()).collect();
+    let indices: Vec<usize> = files.iter().map(|f| f.file_stem().unwrap().to_str().unwrap().parse().unwrap()).collect();
     let theirs = idx.preprocess(&preprocess, Some(&indices));
     assert_eq!(labels.iter().copied().collect::<Vec<i64>>(), theirs.labels.to_vec(), "labels follow the classes list");
     let largest = ours.iter().zip(theirs.images.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
@@ -111,7 +112,8 @@ fn folder_mistakes_are_named() {
     fs::remove_dir(images.join("val/bag")).unwrap();
 
     // Colour images for a grey model.
-    let text = fs::read_to_string(&spec).unwrap().replace(r#""std": [0.3530] }"#, r#""std": [0.3530], "color": "rgb" }"#);
+    let text =
+        fs::read_to_string(&spec).unwrap().replace(r#""std": [0.3530] }"#, r#""std": [0.3530], "color": "rgb" }"#);
     let err = validate(&write(dir.path(), "rgb.json", &text));
     assert!(err.contains("gives 3 channel(s), but input") && err.contains("takes 1"), "{err}");
 

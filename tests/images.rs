@@ -36,7 +36,11 @@ fn pixels_match_pil_within_one() {
         let label = format!("{file} {}", case["preprocess"]);
         assert_eq!(
             (ours.width, ours.height, ours.channels),
-            (case["width"].as_u64().unwrap() as u32, case["height"].as_u64().unwrap() as u32, case["channels"].as_u64().unwrap() as usize),
+            (
+                case["width"].as_u64().unwrap() as u32,
+                case["height"].as_u64().unwrap() as u32,
+                case["channels"].as_u64().unwrap() as usize
+            ),
             "{label}"
         );
         let differences: Vec<i32> = ours.data.iter().zip(&theirs).map(|(&a, &b)| (a as i32 - b as i32).abs()).collect();

@@ -129,8 +129,10 @@ fn a_second_redis_coordinator_is_refused() {
         holder = stdout(&output);
         holder.contains("coordinator: pid")
     });
-    let mut workers =
-        [worker(&redis.url(), "twice", &[], &dir.path().join("w1")), worker(&redis.url(), "twice", &[], &dir.path().join("w2"))];
+    let mut workers = [
+        worker(&redis.url(), "twice", &[], &dir.path().join("w1")),
+        worker(&redis.url(), "twice", &[], &dir.path().join("w2")),
+    ];
     let codes: Vec<Option<i32>> = coordinators.iter_mut().map(|c| c.wait().unwrap().code()).collect();
     workers.iter_mut().for_each(sigkill);
     let texts: Vec<String> = logs.iter().map(|l| fs::read_to_string(l).unwrap()).collect();
@@ -143,7 +145,10 @@ fn a_second_redis_coordinator_is_refused() {
     let named = format!("pid {} on host {host}", pids[winner]);
     assert!(texts[loser].contains(&named), "{named:?} not in:\n{}", texts[loser]);
     assert!(holder.contains(&named), "status: {holder}");
-    assert!(!results[loser].join("runs.csv").exists() && !results[loser].join("plan.json").exists(), "the refused coordinator wrote results");
+    assert!(
+        !results[loser].join("runs.csv").exists() && !results[loser].join("plan.json").exists(),
+        "the refused coordinator wrote results"
+    );
     let executions = redis.hash("twice:sweep:twice:executions");
     assert_eq!(executions.len(), 9, "{executions:?}");
     assert!(executions.values().all(|n| n == "1"), "some task ran twice: {executions:?}");
@@ -243,9 +248,7 @@ fn a_worker_as_pid_1_stops_on_sigterm() {
     let status = fs::read_to_string(format!("/proc/{worker_pid}/status")).unwrap();
     let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap().to_string();
     assert!(nspid.trim_end().ends_with("\t1"), "not PID 1 in its namespace: {nspid}");
-    wait_until("the worker to join the queue", Duration::from_secs(10), || {
-        !redis.hash("qsweep:workers").is_empty()
-    });
+    wait_until("the worker to join the queue", Duration::from_secs(10), || !redis.hash("qsweep:workers").is_empty());
     let signalled = Instant::now();
     Command::new("kill").args(["-TERM", &worker_pid]).status().unwrap();
     let exited = namespace.wait().unwrap();

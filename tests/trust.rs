@@ -12,11 +12,7 @@ use common::*;
 
 /// fp32 and max-fused-ptq: 7 tasks, one of each stage PTQ has.
 fn two_run_spec(dir: &Path) -> PathBuf {
-    write(
-        dir,
-        "spec.json",
-        &quick_spec_json(r#""matrix": { "calibration": ["max"], "residual_fusion": [true] }"#),
-    )
+    write(dir, "spec.json", &quick_spec_json(r#""matrix": { "calibration": ["max"], "residual_fusion": [true] }"#))
 }
 
 fn run_into(spec: &Path, results: &Path) -> std::process::Output {

@@ -298,7 +298,8 @@ mod tests {
     #[test]
     fn normalization_follows_the_layout() {
         let pixels = Pixels { width: 2, height: 1, channels: 3, data: vec![0, 51, 255, 255, 102, 0] };
-        let preprocess = Preprocess { scale: 255.0, mean: vec![0.0, 0.2, 0.5], std: vec![1.0, 0.5, 0.5], ..Default::default() };
+        let preprocess =
+            Preprocess { scale: 255.0, mean: vec![0.0, 0.2, 0.5], std: vec![1.0, 0.5, 0.5], ..Default::default() };
         let mut nchw = vec![0.0; 6];
         normalize(&pixels, &preprocess, Layout::Nchw, &mut nchw);
         let expected = [0.0, 1.0, 0.0, 0.4, 1.0, -1.0];

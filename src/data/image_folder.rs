@@ -23,7 +23,9 @@ pub enum FolderError {
     Unreadable { path: PathBuf, message: String },
     #[error("{root} has no class subfolders\n  fix: put each class's images in a subfolder named for the class (torchvision's ImageFolder layout)")]
     NoClasses { root: PathBuf },
-    #[error("class folder {path} holds no images (JPEG, PNG, BMP or WebP)\n  fix: add its images, or remove the folder")]
+    #[error(
+        "class folder {path} holds no images (JPEG, PNG, BMP or WebP)\n  fix: add its images, or remove the folder"
+    )]
     EmptyClass { path: PathBuf },
     #[error("{root} has class folder `{class}`, which the `classes` list does not name\n  fix: add `{class}` to the list at its index, or move the folder out")]
     Unlisted { root: PathBuf, class: String },
@@ -167,7 +169,8 @@ mod tests {
             .iter()
             .map(|s| (s.path.strip_prefix(root).unwrap().display().to_string(), s.label))
             .collect();
-        let expected = ["cat/z.bmp", "dog/a.JPG", "dog/b.png", "dog/sub/c.jpeg", "dog/sub-x/e.webp", "dog/sub/deeper/d.png"];
+        let expected =
+            ["cat/z.bmp", "dog/a.JPG", "dog/b.png", "dog/sub/c.jpeg", "dog/sub-x/e.webp", "dog/sub/deeper/d.png"];
         let labels = [0, 1, 1, 1, 1, 1];
         let expected: Vec<(String, u32)> = expected.iter().map(|p| p.to_string()).zip(labels).collect();
         assert_eq!(listed, expected);

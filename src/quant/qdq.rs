@@ -153,7 +153,9 @@ pub enum QdqError {
     BadTensor { node: String, tensor: String, problem: String },
     #[error("lint failed at node `{node}`: {problem}")]
     Lint { node: String, problem: String },
-    #[error("the rewritten graph is malformed at node `{node}`: {problem} (a qsweep bug: please report it with the model)")]
+    #[error(
+        "the rewritten graph is malformed at node `{node}`: {problem} (a qsweep bug: please report it with the model)"
+    )]
     Malformed { node: String, problem: String },
 }
 
@@ -378,8 +380,12 @@ fn check_well_formed(graph: &GraphProto) -> Result<(), QdqError> {
 /// biases that int8 ones replaced), and their graph-input entries, which
 /// older exporters list: left there, they would become required inputs.
 fn remove_unused_initializers(graph: &mut GraphProto) {
-    let read: HashSet<String> =
-        graph.node.iter().flat_map(|n| n.input.iter().cloned()).chain(graph.output.iter().map(|o| o.name.clone())).collect();
+    let read: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(graph.output.iter().map(|o| o.name.clone()))
+        .collect();
     let removed: HashSet<String> =
         graph.initializer.iter().filter(|t| !read.contains(&t.name)).map(|t| t.name.clone()).collect();
     graph.initializer.retain(|t| !removed.contains(&t.name));

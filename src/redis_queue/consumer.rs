@@ -20,9 +20,9 @@ use tokio::sync::watch;
 use super::connection::connect;
 use super::{now_ms, record_outcome, requeue, Keys, PendingTask, TaskResult, GROUP};
 use crate::artifacts::ObjectArtifacts;
+use crate::owner;
 use crate::plan::{Plan, TaskKey};
 use crate::queue::QueueError;
-use crate::owner;
 use crate::store::{unix_now, FailureRecord, ResultsDir};
 use crate::sweep::{self, Sweep};
 use crate::worker::{self, Attempts, Outcome};
@@ -353,11 +353,7 @@ impl Slot {
 
     /// The sweep as published under `identity`, loading it again when it
     /// was loaded under another.
-    async fn load(
-        &mut self,
-        sweep_name: &str,
-        identity: &str,
-    ) -> Result<Result<Arc<LoadedSweep>, String>, QueueError> {
+    async fn load(&mut self, sweep_name: &str, identity: &str) -> Result<Result<Arc<LoadedSweep>, String>, QueueError> {
         if let Some((loaded_as, loaded)) = self.sweeps.get(sweep_name) {
             if loaded_as == identity {
                 return Ok(loaded.clone());

@@ -132,7 +132,11 @@ impl Drop for Lease {
 }
 
 /// Who holds the sweep's lease now, for `qsweep status`.
-pub async fn holder(connection: &mut ConnectionManager, keys: &Keys, sweep: &str) -> Result<Option<Holder>, QueueError> {
+pub async fn holder(
+    connection: &mut ConnectionManager,
+    keys: &Keys,
+    sweep: &str,
+) -> Result<Option<Holder>, QueueError> {
     let held: Option<String> = connection.get(keys.coordinator(sweep)).await?;
     Ok(held.and_then(|h| serde_json::from_str(&h).ok()))
 }

@@ -192,10 +192,11 @@ pub async fn record_outcome(
 /// out: its worker died, or is shutting down and hands it back.
 pub async fn requeue(connection: &mut ConnectionManager, keys: &Keys, task: &PendingTask) -> Result<(), QueueError> {
     let mut pipe = redis::pipe();
-    pipe.atomic()
-        .xack(keys.queue(), GROUP, &[&task.entry])
-        .xdel(keys.queue(), &[&task.entry])
-        .xadd(keys.queue(), "*", &task.fields());
+    pipe.atomic().xack(keys.queue(), GROUP, &[&task.entry]).xdel(keys.queue(), &[&task.entry]).xadd(
+        keys.queue(),
+        "*",
+        &task.fields(),
+    );
     let _: () = pipe.query_async(connection).await?;
     Ok(())
 }

@@ -107,8 +107,14 @@ impl RedisQueue {
             .await?;
         // Events before now are settled in the state hash already; reading
         // them again would replay old failures of tasks about to be retried.
-        let newest: Vec<(String, HashMap<String, String>)> =
-            redis::cmd("XREVRANGE").arg(keys.events(name)).arg("+").arg("-").arg("COUNT").arg(1).query_async(&mut connection).await?;
+        let newest: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
+            .arg(keys.events(name))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut connection)
+            .await?;
         Ok(Self {
             connection,
             keys,
@@ -125,7 +131,12 @@ impl RedisQueue {
 
     /// A queue entry for `key` under this sweep's identity.
     fn entry(&self, key: &TaskKey) -> PendingTask {
-        PendingTask { entry: String::new(), sweep: self.sweep.clone(), identity: self.identity.clone(), key: key.clone() }
+        PendingTask {
+            entry: String::new(),
+            sweep: self.sweep.clone(),
+            identity: self.identity.clone(),
+            key: key.clone(),
+        }
     }
 
     /// Another handle on the same Redis connection.
