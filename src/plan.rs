@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::data::source::{IdxSplit, Role, Source};
+use crate::data::source::{Role, Source};
+use crate::data::Split;
 use crate::matrix::{Recipe, Run, RunKind};
 use crate::spec::{Baseline, CalibrationMethod, Color, ModelSource, SweepSpec};
 
@@ -141,9 +142,9 @@ impl Sources {
         };
         Sources {
             model_digest: model_digest.to_string(),
-            evaluation: record(IdxSplit::Test),
-            calibration: record(IdxSplit::Train),
-            training: record(IdxSplit::Train),
+            evaluation: record(Split::Test),
+            calibration: record(Split::Train),
+            training: record(Split::Train),
             color: Color::Grey,
             image_size: None,
         }

@@ -82,7 +82,7 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
     let idx_splits: Vec<Split> = sources
         .iter()
         .filter_map(|(_, source)| match source {
-            Source::Idx { split, .. } => Some(Split::from(*split)),
+            Source::Idx { split, .. } => Some(*split),
             Source::ImageFolder { .. } => None,
         })
         .collect();
@@ -545,7 +545,7 @@ impl Sweep {
 fn source_digest(source: &Source) -> std::io::Result<String> {
     match source {
         Source::Idx { dataset, dir, split } => {
-            let (images, labels) = data::split_files(*dataset, dir, (*split).into()).map_err(std::io::Error::other)?;
+            let (images, labels) = data::split_files(*dataset, dir, *split).map_err(std::io::Error::other)?;
             let mut digest = String::new();
             for file in [images, labels] {
                 digest.push_str(&crate::store::hash_file(&file)?.1[..16]);

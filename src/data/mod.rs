@@ -40,7 +40,9 @@ impl DataError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An IDX split, as plan parameters name it (`train`, `test`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Split {
     Train,
     Test,

@@ -48,7 +48,7 @@ pub enum Source {
         dataset: Dataset,
         #[serde(skip)]
         dir: PathBuf,
-        split: IdxSplit,
+        split: Split,
     },
     ImageFolder {
         root: PathBuf,
@@ -60,32 +60,6 @@ pub enum Source {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         seed: Option<u64>,
     },
-}
-
-/// An IDX split, as plan parameters name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum IdxSplit {
-    Train,
-    Test,
-}
-
-impl From<Split> for IdxSplit {
-    fn from(split: Split) -> Self {
-        match split {
-            Split::Train => IdxSplit::Train,
-            Split::Test => IdxSplit::Test,
-        }
-    }
-}
-
-impl From<IdxSplit> for Split {
-    fn from(split: IdxSplit) -> Self {
-        match split {
-            IdxSplit::Train => Split::Train,
-            IdxSplit::Test => Split::Test,
-        }
-    }
 }
 
 impl Source {
@@ -104,7 +78,7 @@ impl Source {
                 samples: *samples,
                 seed: *seed,
             },
-            None => Source::Idx { dataset: data.dataset, dir: idx_dir.to_path_buf(), split: role.idx_split().into() },
+            None => Source::Idx { dataset: data.dataset, dir: idx_dir.to_path_buf(), split: role.idx_split() },
         }
     }
 

@@ -60,7 +60,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let subset = params.samples.map(|samples| (samples, params.seed.unwrap_or(0)));
     let count = match &params.source {
         Source::Idx { split, .. } => {
-            prepare_idx(context, &params.data, (*split).into(), subset, params.split == "calibration", out)?
+            prepare_idx(context, &params.data, *split, subset, params.split == "calibration", out)?
         }
         Source::ImageFolder { .. } => prepare_folder(context, &params, subset, out)?,
     };
