@@ -4,8 +4,10 @@
 pub mod idx;
 pub mod image;
 pub mod image_folder;
+pub mod pt_file;
 pub mod source;
 pub mod tensor_file;
+pub mod tensor_source;
 
 use std::path::{Path, PathBuf};
 
