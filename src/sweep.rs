@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::data::image_folder::ImageFolder;
 use crate::data::source::{Role, Source};
+use crate::data::tensor_source::TensorSet;
 use crate::data::{self, image, Split};
 use crate::matrix::{self, Run};
 use crate::onnx::graph::{weighted_ops, GraphIndex};
@@ -29,6 +31,10 @@ pub struct Sweep {
     /// The (height, width) image folders are prepared at, if any role
     /// reads one: what the preprocessing fixes, or the model's input size.
     pub image_size: Option<[u32; 2]>,
+    /// The model's input name, which tensor files may key inputs by.
+    pub model_input: String,
+    /// The axes of one input sample (the input's, less the batch axis).
+    pub sample_rank: usize,
     pub runs: Vec<Run>,
 }
 
@@ -75,59 +81,35 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         .as_ref()
         .map_or_else(|| PathBuf::from(parsed.spec.data.dataset.default_dir()), |dir| base.join(dir));
 
-    let sources: Vec<(Role, Source)> =
-        Role::ALL.iter().map(|&role| (role, Source::of(role, &parsed.spec.data, &data_dir, &base))).collect();
-    let mut dataset_shape = None;
-    let dataset = parsed.spec.data.dataset;
-    let idx_splits: Vec<Split> = sources
+    // The model first: tensor files may key their inputs by its input name.
+    let model = match &parsed.spec.model {
+        ModelSource::Trained(_) => None,
+        ModelSource::File(_) => match onnx::Model::load(&model_path) {
+            Ok(model) => Some(model),
+            Err(e) => {
+                errors.push(parsed.diagnostic(
+                    JsonPath::parse("model"),
+                    e.to_string(),
+                    "point `model` at an fp32 ONNX file (paths are relative to the spec file), or re-export the model",
+                ));
+                None
+            }
+        },
+    };
+    let model_input = match &model {
+        Some(model) => {
+            model.inputs().first().map(|input| (input.name.clone(), input.shape.as_ref().map_or(4, Vec::len)))
+        }
+        None => Some((crate::train::resnet::INPUT.to_string(), 4)),
+    };
+    let (input_name, input_rank) = model_input.unwrap_or_else(|| (String::new(), 4));
+    let sources: Vec<(Role, Source)> = Role::ALL
         .iter()
-        .filter_map(|(_, source)| match source {
-            Source::Idx { split, .. } => Some(*split),
-            Source::ImageFolder { .. } => None,
+        .map(|&role| {
+            (role, Source::of(role, &parsed.spec.data, &data_dir, &base, (&input_name, input_rank.saturating_sub(1))))
         })
         .collect();
-    if idx_splits.contains(&Split::Test) {
-        match data::load_split(dataset, &data_dir, Split::Test) {
-            Ok(test) => dataset_shape = Some((test.height, test.width)),
-            Err(e) => errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(dataset))),
-        }
-    }
-    if idx_splits.contains(&Split::Train) {
-        if let Err(e) = data::split_files(dataset, &data_dir, Split::Train) {
-            errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(dataset)));
-        }
-    }
-    let mut folders = Vec::new();
-    for (role, source) in &sources {
-        if source.is_image_folder() {
-            match source.folder() {
-                Ok(folder) => folders.push((*role, folder)),
-                Err(e) => errors.push(parsed.diagnostic(
-                    JsonPath::parse("data").key(role.field()).key("images"),
-                    e.to_string(),
-                    "point it at a folder with one subfolder of images per class (paths are relative to the spec file)",
-                )),
-            }
-        }
-    }
-    if folders.is_empty() && !image_preprocessing(&parsed.spec.data.preprocess).is_empty() {
-        errors.push(parsed.diagnostic(
-            JsonPath::parse("data.preprocess"),
-            format!(
-                "{} apply to image folder sources only, and every role reads the {} dataset",
-                image_preprocessing(&parsed.spec.data.preprocess).join(", "),
-                dataset.name()
-            ),
-            "remove them, or name an image folder in data.evaluation, data.calibration or data.training",
-        ));
-    }
-    if folders.iter().any(|(role, _)| *role == Role::Training) && matches!(parsed.spec.model, ModelSource::Trained(_)) {
-        errors.push(parsed.diagnostic(
-            JsonPath::parse("data.training"),
-            "`model.train` trains on the IDX dataset only so far",
-            "remove data.training to train on the IDX dataset, or train the model elsewhere and name its ONNX file",
-        ));
-    }
+    let opened = open_sources(&parsed, &sources, &data_dir, &mut errors);
 
     if let ModelSource::Trained(trained) = &parsed.spec.model {
         let architecture = crate::train::resnet::Architecture {
@@ -142,35 +124,22 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
             errors.push(parsed.diagnostic(JsonPath::parse("model.train.depth"), problem, "use a depth of 8, 20 or 32"));
         }
     }
-    let model_input = match &parsed.spec.model {
-        ModelSource::Trained(_) => None,
-        ModelSource::File(_) => match onnx::Model::load(&model_path) {
-            Ok(model) => {
-                if runs.iter().any(|r| r.recipe().is_some()) {
-                    check_quantizable(&parsed, &model, &mut errors);
-                }
-                // Before any training starts, not at the QAT stage of each run.
-                if runs.iter().any(|r| r.recipe().is_some_and(|recipe| recipe.qat_epochs > 0)) {
-                    if let Err(e) = crate::train::network::check_operators(&model.proto) {
-                        errors.push(parsed.diagnostic(
-                            JsonPath::parse("model"),
-                            format!("QAT cannot fine-tune this model: {e}"),
-                            "use qat_epochs 0 (PTQ) for it, or export it with the supported operators",
-                        ));
-                    }
-                }
-                check_model(&parsed, &model, dataset_shape, &folders, &mut errors)
-            }
-            Err(e) => {
+    let model_input = model.as_ref().and_then(|model| {
+        if runs.iter().any(|r| r.recipe().is_some()) {
+            check_quantizable(&parsed, model, &mut errors);
+        }
+        // Before any training starts, not at the QAT stage of each run.
+        if runs.iter().any(|r| r.recipe().is_some_and(|recipe| recipe.qat_epochs > 0)) {
+            if let Err(e) = crate::train::network::check_operators(&model.proto) {
                 errors.push(parsed.diagnostic(
                     JsonPath::parse("model"),
-                    e.to_string(),
-                    "point `model` at an fp32 ONNX file (paths are relative to the spec file), or re-export the model",
+                    format!("QAT cannot fine-tune this model: {e}"),
+                    "use qat_epochs 0 (PTQ) for it, or export it with the supported operators",
                 ));
-                None
             }
-        },
-    };
+        }
+        check_model(&parsed, model, &opened, &mut errors)
+    });
 
     if !errors.is_empty() {
         errors.sort_by_key(|d| (d.line, d.column));
@@ -179,7 +148,7 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
     let (model_color, model_size) = model_input.unwrap_or((None, None));
     let color = parsed.spec.data.preprocess.color.or(model_color).unwrap_or(Color::Grey);
     let image_size =
-        (!folders.is_empty()).then(|| image::fixed_size(&parsed.spec.data.preprocess).or(model_size)).flatten();
+        (!opened.folders.is_empty()).then(|| image::fixed_size(&parsed.spec.data.preprocess).or(model_size)).flatten();
     Ok(Sweep {
         spec_file: parsed.file.clone(),
         spec: parsed.spec,
@@ -188,8 +157,100 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         base_dir: base,
         color,
         image_size,
+        model_input: input_name,
+        sample_rank: input_rank.saturating_sub(1),
         runs,
     })
+}
+
+/// What the roles' sources hold, opened once for every check.
+struct OpenedSources {
+    /// (height, width) of the IDX dataset's images, if a role reads it.
+    dataset_shape: Option<(usize, usize)>,
+    folders: Vec<(Role, ImageFolder)>,
+    tensors: Vec<(Role, TensorSet)>,
+}
+
+/// Opens every role's source, reporting what cannot be read and labels a
+/// role needs but its source lacks.
+fn open_sources(
+    parsed: &ParsedSpec,
+    sources: &[(Role, Source)],
+    data_dir: &Path,
+    errors: &mut Vec<Diagnostic>,
+) -> OpenedSources {
+    let dataset = parsed.spec.data.dataset;
+    let mut opened = OpenedSources { dataset_shape: None, folders: Vec::new(), tensors: Vec::new() };
+    let idx_splits: Vec<Split> = sources
+        .iter()
+        .filter_map(|(_, source)| match source {
+            Source::Idx { split, .. } => Some(*split),
+            _ => None,
+        })
+        .collect();
+    if idx_splits.contains(&Split::Test) {
+        match data::load_split(dataset, data_dir, Split::Test) {
+            Ok(test) => opened.dataset_shape = Some((test.height, test.width)),
+            Err(e) => errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(dataset))),
+        }
+    }
+    if idx_splits.contains(&Split::Train) {
+        if let Err(e) = data::split_files(dataset, data_dir, Split::Train) {
+            errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(dataset)));
+        }
+    }
+    for (role, source) in sources {
+        let at = JsonPath::parse("data").key(role.field());
+        match source {
+            Source::Idx { .. } => {}
+            Source::ImageFolder { labels_file, .. } => match source.folder() {
+                Ok(folder) => opened.folders.push((*role, folder)),
+                Err(e) => errors.push(parsed.diagnostic(
+                    at.key(if labels_file.is_some() { "labels_file" } else { "images" }),
+                    e.to_string(),
+                    "point it at a folder with one subfolder of images per class, or give a labels_file (paths are relative to the spec file)",
+                )),
+            },
+            Source::Tensors { .. } => match source.tensors() {
+                Ok(set) => {
+                    if set.labels.is_none() && *role != Role::Calibration {
+                        errors.push(parsed.diagnostic(
+                            at.key("tensors"),
+                            format!("{} holds no labels, which {} needs", set.path.display(), role.field()),
+                            "save labels with the inputs (a `labels` entry, or (input, label) pairs), or set label_key",
+                        ));
+                    }
+                    opened.tensors.push((*role, set));
+                }
+                Err(e) => errors.push(parsed.diagnostic(
+                    at.key("tensors"),
+                    e.to_string(),
+                    "name a .npy, .npz or torch.save .pt file, or a folder of .pt files (paths are relative to the spec file)",
+                )),
+            },
+        }
+    }
+    if opened.folders.is_empty() && !image_preprocessing(&parsed.spec.data.preprocess).is_empty() {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("data.preprocess"),
+            format!(
+                "{} apply to image folder sources only, and no role reads an image folder",
+                image_preprocessing(&parsed.spec.data.preprocess).join(", "),
+            ),
+            "remove them, or name an image folder in data.evaluation, data.calibration or data.training",
+        ));
+    }
+    let trains_itself = matches!(parsed.spec.model, ModelSource::Trained(_));
+    if trains_itself
+        && sources.iter().any(|(role, source)| *role == Role::Training && !matches!(source, Source::Idx { .. }))
+    {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("data.training"),
+            "`model.train` trains on the IDX dataset only so far",
+            "remove data.training to train on the IDX dataset, or train the model elsewhere and name its ONNX file",
+        ));
+    }
+    opened
 }
 
 /// The preprocessing fields given that only image sources use.
@@ -228,6 +289,51 @@ fn semantic_errors(parsed: &ParsedSpec) -> Vec<Diagnostic> {
                 format!("{field} has a side of 0 pixels"),
                 "give sizes of at least 1 pixel: an int, or [height, width]",
             ));
+        }
+    }
+    for role in Role::ALL {
+        let Some(source) = spec.data.source(role) else { continue };
+        let at = JsonPath::parse("data").key(role.field());
+        let mut refuse = |field: &str, problem: String, fix: &str| {
+            errors.push(parsed.diagnostic(if field.is_empty() { at.clone() } else { at.key(field) }, problem, fix))
+        };
+        match (&source.images, &source.tensors) {
+            (None, None) => refuse(
+                "",
+                format!("data.{} names neither `images` nor `tensors`", role.field()),
+                "add \"images\": a folder of images, or \"tensors\": a .npy, .npz or .pt file",
+            ),
+            (Some(_), Some(_)) => refuse(
+                "tensors",
+                format!("data.{} names both `images` and `tensors`", role.field()),
+                "keep one: a source is an image folder or a tensor file",
+            ),
+            (Some(_), None) => {
+                for (field, given) in
+                    [("input_key", source.input_key.is_some()), ("label_key", source.label_key.is_some())]
+                {
+                    if given {
+                        refuse(
+                            field,
+                            format!("`{field}` applies to tensor files only"),
+                            "remove it, or name the tensor file in `tensors`",
+                        );
+                    }
+                }
+            }
+            (None, Some(_)) => {
+                for (field, given) in
+                    [("labels_file", source.labels_file.is_some()), ("classes", source.classes.is_some())]
+                {
+                    if given {
+                        refuse(
+                            field,
+                            format!("`{field}` applies to image folders only"),
+                            "remove it, or name the folder in `images`",
+                        );
+                    }
+                }
+            }
         }
     }
     if spec.matrix.calibration.is_empty() {
@@ -336,10 +442,11 @@ fn check_quantizable(parsed: &ParsedSpec, model: &onnx::Model, errors: &mut Vec<
 fn check_model(
     parsed: &ParsedSpec,
     model: &onnx::Model,
-    dataset_shape: Option<(usize, usize)>,
-    folders: &[(Role, data::image_folder::ImageFolder)],
+    opened: &OpenedSources,
     errors: &mut Vec<Diagnostic>,
 ) -> Option<(Option<Color>, Option<[u32; 2]>)> {
+    let OpenedSources { dataset_shape, folders, tensors } = opened;
+    let dataset_shape = *dataset_shape;
     let path = JsonPath::parse("model");
     let mut fail = |problem: String, fix: &str| errors.push(parsed.diagnostic(path.clone(), problem, fix));
     let inputs = model.inputs();
@@ -442,6 +549,43 @@ fn check_model(
             ));
         }
     }
+    // Tensor files hold inputs as the model takes them, in its layout.
+    for (role, set) in tensors {
+        let fits = input.shape.as_deref().is_some_and(|shape| {
+            shape.len() == set.sample_shape.len() + 1
+                && shape[1..].iter().zip(&set.sample_shape).all(|(dim, &n)| fixed(dim).is_none_or(|d| d as usize == n))
+        });
+        if !fits {
+            errors.push(parsed.diagnostic(
+                JsonPath::parse("data").key(role.field()).key("tensors"),
+                format!(
+                    "{} holds samples of shape {:?}, but input `{}` takes {}",
+                    set.path.display(),
+                    set.sample_shape,
+                    input.name,
+                    input.shape_text()
+                ),
+                "save the inputs preprocessed to the model's input shape (batch first), or use a model made for them",
+            ));
+        }
+        if set.dtypes.contains(&crate::data::tensor_source::Dtype::U8) {
+            let channels = set.sample_shape.get(channel_axis(preprocess.layout, set.sample_shape.len())).copied();
+            for (field, values) in [("mean", &preprocess.mean), ("std", &preprocess.std)] {
+                if values.len() != 1 && Some(values.len()) != channels {
+                    errors.push(parsed.diagnostic(
+                        JsonPath::parse("data.preprocess").key(field),
+                        format!(
+                            "{field} has {} values, but the uint8 inputs of {} have {} channel(s)",
+                            values.len(),
+                            set.path.display(),
+                            channels.unwrap_or(0)
+                        ),
+                        "give one value per channel, or a single value for all",
+                    ));
+                }
+            }
+        }
+    }
     if let Some(Some(Dim::Fixed(fixed))) = input.shape.as_ref().map(|s| s.first().cloned()) {
         let fixed = fixed as u32;
         if parsed.spec.evaluate.batch_sizes.iter().any(|&b| b != fixed) {
@@ -462,7 +606,34 @@ fn check_model(
                 "use a model with a 10-class head, or name image folders for every role",
             ));
         }
-        for (role, folder) in folders {
+        let labelled = folders
+            .iter()
+            .map(|(role, folder)| {
+                (role, folder.samples.iter().map(|s| i64::from(s.label)).max(), folder_source(folder))
+            })
+            .chain(tensors.iter().map(|(role, set)| {
+                (role, set.labels.as_ref().and_then(|l| l.iter().copied().max()), set.path.display().to_string())
+            }));
+        for (role, highest, source) in labelled {
+            if let Some(label) = highest.filter(|&label| label >= classes) {
+                errors.push(parsed.diagnostic(
+                    JsonPath::parse("data").key(role.field()),
+                    format!(
+                        "{source} has label {label}, but the model scores only {classes} classes (0 to {})",
+                        classes - 1
+                    ),
+                    "fix the labels, or use the model the labels were made for",
+                ));
+            }
+        }
+        if let Some((_, set)) = tensors.iter().find(|(_, set)| set.labels.iter().flatten().any(|&l| l < 0)) {
+            errors.push(parsed.diagnostic(
+                JsonPath::parse("data").key(Role::Evaluation.field()),
+                format!("{} has a negative label", set.path.display()),
+                "labels are class indices from 0",
+            ));
+        }
+        for (role, folder) in folders.iter().filter(|(_, folder)| !folder.classes.is_empty()) {
             if folder.classes.len() as i64 != classes {
                 errors.push(parsed.diagnostic(
                     JsonPath::parse("data").key(role.field()),
@@ -472,7 +643,7 @@ fn check_model(
                         folder.classes.len(),
                         preview(&folder.classes)
                     ),
-                    &format!(
+                    format!(
                         "give data.{}.classes: all {classes} class names in the model's index order, so each folder's label is its position",
                         role.field()
                     ),
@@ -481,6 +652,22 @@ fn check_model(
         }
     }
     Some((Some(color), model_size))
+}
+
+/// How a folder source is named in messages.
+fn folder_source(folder: &ImageFolder) -> String {
+    match &folder.labels_file {
+        Some(file) => file.display().to_string(),
+        None => folder.root.display().to_string(),
+    }
+}
+
+/// The channel axis of a sample (no batch axis) of `rank` axes.
+pub fn channel_axis(layout: Layout, rank: usize) -> usize {
+    match layout {
+        Layout::Nchw => 0,
+        Layout::Nhwc => rank.saturating_sub(1),
+    }
 }
 
 /// The first few names of a list, for messages.
@@ -505,7 +692,9 @@ impl Sweep {
         for source in
             [&mut spec.data.evaluation, &mut spec.data.calibration, &mut spec.data.training].into_iter().flatten()
         {
-            source.images = std::path::absolute(self.base_dir.join(&source.images))?.display().to_string();
+            for path in [&mut source.images, &mut source.labels_file, &mut source.tensors].into_iter().flatten() {
+                *path = std::path::absolute(self.base_dir.join(&*path))?.display().to_string();
+            }
         }
         Ok(serde_json::to_string(&spec).expect("a spec serializes"))
     }
@@ -526,8 +715,14 @@ impl Sweep {
             }
         };
         let record = |role| -> std::io::Result<SourceRecord> {
-            let source = Source::of(role, &self.spec.data, &self.data_dir, &self.base_dir);
-            Ok(SourceRecord { digest: source_digest(&source)?, source: absolute(source)? })
+            let source = Source::of(
+                role,
+                &self.spec.data,
+                &self.data_dir,
+                &self.base_dir,
+                (&self.model_input, self.sample_rank),
+            );
+            Ok(SourceRecord { digest: source_digest(&source)?, source: source.absolute()? })
         };
         Ok(Sources {
             model_digest,
@@ -541,7 +736,7 @@ impl Sweep {
 }
 
 /// A fingerprint of what a source holds: the IDX split's file contents, or
-/// an image folder's listing with sizes and times.
+/// an image folder's or tensor source's files with sizes and times.
 fn source_digest(source: &Source) -> std::io::Result<String> {
     match source {
         Source::Idx { dataset, dir, split } => {
@@ -556,17 +751,11 @@ fn source_digest(source: &Source) -> std::io::Result<String> {
             let folder = source.folder().map_err(std::io::Error::other)?;
             folder.fingerprint().map_err(std::io::Error::other)
         }
-    }
-}
-
-/// The source with its folder's path made absolute, as the plan records it.
-fn absolute(source: Source) -> std::io::Result<Source> {
-    Ok(match source {
-        Source::ImageFolder { root, classes, samples, seed } => {
-            Source::ImageFolder { root: std::path::absolute(root)?, classes, samples, seed }
+        Source::Tensors { .. } => {
+            let set = source.tensors().map_err(std::io::Error::other)?;
+            set.fingerprint().map_err(std::io::Error::other)
         }
-        idx => idx,
-    })
+    }
 }
 
 #[cfg(test)]

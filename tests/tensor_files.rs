@@ -4,6 +4,8 @@
 //! value, and every file that must be refused is refused with a message
 //! that names the file and what to do.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use qsweep::data::tensor_file::read_npy;
@@ -28,7 +30,7 @@ fn rows(set: &TensorSet, indices: &[usize], preprocess: &Preprocess) -> Vec<f32>
     let scaling = Scaling { preprocess, channel_axis: 0 };
     set.read_rows(indices, &scaling, |row| {
         all.extend_from_slice(row);
-        Ok(())
+        Ok::<(), TensorError>(())
     })
     .unwrap();
     all
@@ -86,7 +88,8 @@ fn half_precision_and_int32_labels_convert_exactly() {
 #[test]
 fn bytes_are_scaled_and_normalized_per_channel() {
     let raw = read_npy::<u8>(&fixture("reference_u8.npy")).unwrap().into_raw_vec_and_offset().0;
-    let preprocess = Preprocess { scale: 255.0, mean: vec![0.5, 0.25, 0.0], std: vec![0.5, 0.25, 2.0], ..Default::default() };
+    let preprocess =
+        Preprocess { scale: 255.0, mean: vec![0.5, 0.25, 0.0], std: vec![0.5, 0.25, 2.0], ..Default::default() };
     let expected: Vec<f32> = raw
         .iter()
         .enumerate()
@@ -163,11 +166,11 @@ fn samples_of_the_wrong_rank_are_refused() {
 fn non_finite_inputs_name_the_sample() {
     let set = open("nan.pt").unwrap();
     let scaling = Scaling { preprocess: &Preprocess::default(), channel_axis: 0 };
-    let error = set.read_rows(&[0, 1, 2, 3, 4, 5], &scaling, |_| Ok(())).unwrap_err().to_string();
+    let error = set.read_rows(&[0, 1, 2, 3, 4, 5], &scaling, |_| Ok::<(), TensorError>(())).unwrap_err().to_string();
     // [4, 1, 2, 3] is element 1*16 + 2*4 + 3 = 27 of sample 4.
     assert!(error.contains("sample 4 holds NaN at element 27"), "{error}");
     // Samples before it are fine on their own.
-    set.read_rows(&[0, 1, 2, 3], &scaling, |_| Ok(())).unwrap();
+    set.read_rows(&[0, 1, 2, 3], &scaling, |_| Ok::<(), TensorError>(())).unwrap();
 }
 
 #[test]
@@ -176,4 +179,149 @@ fn a_folder_without_tensor_files_is_refused() {
     std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
     let message = TensorSet::open(dir.path(), &keys(None, None), 3).unwrap_err().to_string();
     assert!(message.contains("no .pt or .pth files"), "{message}");
+}
+
+mod sweeps {
+    //! Tensor sources through `qsweep run` and `qsweep validate`.
+
+    use std::path::Path;
+
+    use super::fixture;
+    use crate::common::*;
+    use qsweep::data::{self, Split};
+    use qsweep::spec::Preprocess;
+
+    fn spec_with_data(dir: &Path, name: &str, data: &str) -> std::path::PathBuf {
+        let text = quick_spec_json(r#""matrix": { "calibration": ["max"] }"#).replace(
+            r#""data": { "preprocess": { "mean": [0.2860], "std": [0.3530] } }"#,
+            &format!(r#""data": {{ "preprocess": {{ "mean": [0.2860], "std": [0.3530] }}, {data} }}"#),
+        );
+        write(dir, name, &text)
+    }
+
+    /// Calibration from the uint8 .pt that torch.save wrote: the prepared
+    /// inputs are the IDX images it holds, scaled and normalized as the
+    /// spec says, and the sweep runs.
+    #[test]
+    fn a_sweep_calibrates_from_a_torch_save_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pt = fixture("fashion-calibration.pt");
+        let spec =
+            spec_with_data(dir.path(), "pt.json", &format!(r#""calibration": {{ "tensors": "{}" }}"#, pt.display()));
+        let results = dir.path().join("results");
+        let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let rows = csv_rows(&results);
+        assert!(rows.iter().all(|r| &r[4] == "ok"), "{rows:?}");
+        let fp32: f64 = rows[0][5].parse().unwrap();
+        let int8: f64 = rows[1][5].parse().unwrap();
+        assert!((fp32 - int8).abs() < 2.0, "fp32 {fp32}, int8 calibrated on the .pt {int8}");
+
+        let plan = qsweep(&["plan", spec.to_str().unwrap(), "--json", "--results", results.to_str().unwrap()]);
+        let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+        let task = plan["tasks"].as_array().unwrap().iter().find(|t| t["params"]["split"] == "calibration").unwrap();
+        // The section's default subset (500) is more than the file holds: all 64.
+        let prepared = results.join("artifacts").join(task["key"].as_str().unwrap());
+        let ours = data::tensor_file::read_npy::<f32>(&prepared.join("images.npy")).unwrap();
+        assert_eq!(ours.shape(), [64, 1, 28, 28]);
+        let idx =
+            data::load_split(Default::default(), Path::new("/usr/share/datasets/fashion-mnist"), Split::Train).unwrap();
+        let preprocess = Preprocess { mean: vec![0.2860], std: vec![0.3530], ..Default::default() };
+        let theirs = idx.preprocess(&preprocess, Some(&(0..64).collect::<Vec<_>>()));
+        let largest = ours.iter().zip(theirs.images.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(largest < 1e-6, "the .pt's images differ from the IDX ones by {largest}");
+        let labels = data::tensor_file::read_npy::<i64>(&prepared.join("labels.npy")).unwrap();
+        assert_eq!(labels.iter().copied().collect::<Vec<_>>(), theirs.labels.to_vec());
+    }
+
+    fn validate(spec: &Path) -> String {
+        let output = qsweep(&["validate", spec.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        stderr(&output)
+    }
+
+    #[test]
+    fn tensor_source_mistakes_exit_2_naming_file_and_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = |role: &str, fields: &str| format!(r#""{role}": {{ {fields} }}"#);
+        let cases: Vec<(String, Vec<&str>)> = vec![
+            (
+                source("calibration", &format!(r#""tensors": "{}""#, fixture("dict.pt").display())),
+                vec!["dict.pt holds samples of shape [3, 4, 4], but input `input` takes [batch, 1, 28, 28]"],
+            ),
+            (
+                source(
+                    "calibration",
+                    &format!(r#""tensors": "{}", "input_key": "pixels""#, fixture("input.npz").display()),
+                ),
+                vec!["no array named `pixels` (it holds: input, labels)"],
+            ),
+            (
+                source("calibration", &format!(r#""tensors": "{}""#, fixture("forbidden.pt").display())),
+                vec!["fractions.Fraction"],
+            ),
+            (
+                source("evaluation", &format!(r#""tensors": "{}""#, fixture("u8.pt").display())),
+                vec!["holds no labels, which evaluation needs"],
+            ),
+            (
+                source("calibration", &format!(r#""tensors": "{}", "images": "x""#, fixture("u8.pt").display())),
+                vec!["names both `images` and `tensors`"],
+            ),
+            (source("calibration", r#""samples": 5"#), vec!["names neither `images` nor `tensors`"]),
+            (
+                source("calibration", &format!(r#""tensors": "{}", "classes": ["a"]"#, fixture("u8.pt").display())),
+                vec!["`classes` applies to image folders only"],
+            ),
+        ];
+        for (index, (data, expected)) in cases.iter().enumerate() {
+            let spec = spec_with_data(dir.path(), &format!("case{index}.json"), data);
+            let err = validate(&spec);
+            for part in expected {
+                assert!(err.contains(part), "case {index}: `{part}` not in {err}");
+            }
+            assert!(err.contains("fix:") || err.contains("help:") || err.contains("= "), "case {index}: {err}");
+        }
+    }
+
+    /// A flat folder with a val.txt: labels out of the model's range are
+    /// refused before anything runs; in range, the sweep evaluates on it.
+    #[test]
+    fn a_labels_file_feeds_a_flat_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fashion_images.py");
+        let status = std::process::Command::new("/usr/bin/python3").arg(script).arg(&images).arg("3").status().unwrap();
+        assert!(status.success());
+        // Flatten val/<class>/<n>.png into flat/<n>.png with a labels file.
+        let flat = dir.path().join("flat");
+        std::fs::create_dir(&flat).unwrap();
+        let mut lines = String::new();
+        // The model's class order, which fashion_images.py names folders by.
+        let classes =
+            ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"];
+        for (label, class) in classes.iter().enumerate() {
+            for file in std::fs::read_dir(images.join("val").join(class)).unwrap() {
+                let file = file.unwrap().path();
+                let name = file.file_name().unwrap().to_string_lossy().to_string();
+                std::fs::copy(&file, flat.join(&name)).unwrap();
+                lines.push_str(&format!("{name} {label}\n"));
+            }
+        }
+        let labels = dir.path().join("val.txt");
+        std::fs::write(&labels, lines.replacen(" 0\n", " 12\n", 1)).unwrap();
+        let data =
+            format!(r#""evaluation": {{ "images": "{}", "labels_file": "{}" }}"#, flat.display(), labels.display());
+        let spec = spec_with_data(dir.path(), "flat.json", &data);
+        let err = validate(&spec);
+        assert!(err.contains("val.txt has label 12, but the model scores only 10 classes"), "{err}");
+
+        std::fs::write(&labels, &lines).unwrap();
+        let results = dir.path().join("results");
+        let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let rows = csv_rows(&results);
+        let fp32: f64 = rows[0][5].parse().unwrap();
+        assert!(fp32 > 70.0, "fp32 top-1 on 30 labelled PNGs: {fp32}");
+    }
 }

@@ -7,6 +7,10 @@
 //! `.ipynb_checkpoints`) are ignored, where torchvision would take a
 //! hidden folder for a class; and a `classes` list may fix the order when
 //! the folder holds only some of the classes a model scores.
+//!
+//! A flat folder can instead come with a labels file of `relative/path
+//! label` lines, the `val.txt` convention of ImageNet tools; the images
+//! are then taken in the file's order.
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +33,10 @@ pub enum FolderError {
     EmptyClass { path: PathBuf },
     #[error("{root} has class folder `{class}`, which the `classes` list does not name\n  fix: add `{class}` to the list at its index, or move the folder out")]
     Unlisted { root: PathBuf, class: String },
+    #[error("{file}, line {line}: {problem}\n  fix: {fix}")]
+    LabelsLine { file: PathBuf, line: usize, problem: String, fix: String },
+    #[error("{file} lists no images\n  fix: write one `relative/path label` line per image")]
+    NoLabels { file: PathBuf },
 }
 
 /// One image and its class index.
@@ -45,6 +53,9 @@ pub struct ImageFolder {
     /// Class names in index order (the `classes` list, or the subfolders).
     pub classes: Vec<String>,
     pub samples: Vec<Sample>,
+    /// The labels file the samples were listed from, if any. Without a
+    /// `classes` list, its classes are unknown (`classes` is empty).
+    pub labels_file: Option<PathBuf>,
 }
 
 impl ImageFolder {
@@ -73,7 +84,59 @@ impl ImageFolder {
                 return Err(FolderError::EmptyClass { path: folder.clone() });
             }
         }
-        Ok(Self { root: root.to_path_buf(), classes, samples })
+        Ok(Self { root: root.to_path_buf(), classes, samples, labels_file: None })
+    }
+
+    /// Lists the images a labels file names, in its order. A label is a
+    /// class index, or a name from `classes`; blank lines and lines
+    /// starting with `#` are skipped. Paths may hold spaces: the label is
+    /// the last word.
+    pub fn from_labels_file(root: &Path, file: &Path, classes: Option<&[String]>) -> Result<Self, FolderError> {
+        let text = std::fs::read_to_string(file).map_err(|e| unreadable(file, e))?;
+        let classes = classes.map(<[String]>::to_vec).unwrap_or_default();
+        let mut samples = Vec::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fail = |problem: String, fix: &str| FolderError::LabelsLine {
+                file: file.to_path_buf(),
+                line: number + 1,
+                problem,
+                fix: fix.to_string(),
+            };
+            let Some((relative, label)) = line.rsplit_once(char::is_whitespace) else {
+                return Err(fail(format!("`{line}` has no label"), "write `relative/path label`"));
+            };
+            let label = match label.parse::<u32>() {
+                Ok(index) => index,
+                Err(_) => classes.iter().position(|c| c == label).map(|i| i as u32).ok_or_else(|| {
+                    fail(
+                        format!("label `{label}` is neither a class index nor a name in `classes`"),
+                        "use the class's index, or list the class names in the source's `classes`",
+                    )
+                })?,
+            };
+            if !classes.is_empty() && label as usize >= classes.len() {
+                return Err(fail(
+                    format!("label {label} is out of range for the {} classes listed", classes.len()),
+                    "fix the label, or list every class in `classes`",
+                ));
+            }
+            let path = root.join(relative.trim_end());
+            if !path.is_file() {
+                return Err(fail(
+                    format!("{} does not exist", path.display()),
+                    "paths are relative to the source's `images` folder",
+                ));
+            }
+            samples.push(Sample { path, label });
+        }
+        if samples.is_empty() {
+            return Err(FolderError::NoLabels { file: file.to_path_buf() });
+        }
+        Ok(Self { root: root.to_path_buf(), classes, samples, labels_file: Some(file.to_path_buf()) })
     }
 
     /// A fingerprint of what the folder holds: every image's path, size
@@ -186,6 +249,31 @@ mod tests {
         touch(&dir.path().join("emu/a.png"));
         let error = ImageFolder::open(dir.path(), Some(&classes)).unwrap_err();
         assert!(error.to_string().contains("`emu`"), "{error}");
+    }
+
+    #[test]
+    fn a_labels_file_lists_a_flat_folder_in_its_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["b.png", "a b.jpg", "c.png"] {
+            touch(&dir.path().join(file));
+        }
+        let labels = dir.path().join("val.txt");
+        std::fs::write(&labels, "# path label\nb.png 3\n\na b.jpg  dog\nc.png 0\n").unwrap();
+        let classes: Vec<String> = ["cat", "ant", "dog", "emu"].map(String::from).to_vec();
+        let folder = ImageFolder::from_labels_file(dir.path(), &labels, Some(&classes)).unwrap();
+        let listed: Vec<(String, u32)> =
+            folder.samples.iter().map(|s| (s.path.file_name().unwrap().to_string_lossy().into(), s.label)).collect();
+        assert_eq!(listed, [("b.png".into(), 3), ("a b.jpg".into(), 2), ("c.png".into(), 0)]);
+
+        std::fs::write(&labels, "b.png 3\nmissing.png 1\n").unwrap();
+        let error = ImageFolder::from_labels_file(dir.path(), &labels, None).unwrap_err().to_string();
+        assert!(error.contains("val.txt, line 2") && error.contains("missing.png does not exist"), "{error}");
+        std::fs::write(&labels, "b.png\n").unwrap();
+        let error = ImageFolder::from_labels_file(dir.path(), &labels, None).unwrap_err().to_string();
+        assert!(error.contains("line 1: `b.png` has no label"), "{error}");
+        std::fs::write(&labels, "b.png 4\n").unwrap();
+        let error = ImageFolder::from_labels_file(dir.path(), &labels, Some(&classes)).unwrap_err().to_string();
+        assert!(error.contains("label 4 is out of range for the 4 classes"), "{error}");
     }
 
     #[test]

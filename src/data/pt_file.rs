@@ -153,7 +153,9 @@ impl Walk<'_> {
             Object::Class { module_name, class_name } => return Err(self.forbidden(&module_name, &class_name)),
             // An object with state: name the class that would be built.
             Object::Build { callable, .. } => match *callable {
-                Object::Reduce { callable, .. } | Object::Build { callable, .. } => return Err(self.class_of(*callable)),
+                Object::Reduce { callable, .. } | Object::Build { callable, .. } => {
+                    return Err(self.class_of(*callable))
+                }
                 other => return Err(self.class_of(other)),
             },
             Object::PersistentLoad(_) | Object::Mark => {

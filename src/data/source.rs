@@ -1,13 +1,14 @@
-//! Where each role's images come from: the IDX dataset's splits (the
-//! default), or an image folder the spec names. Evaluation, calibration
-//! and training each have their own source, so a train folder can feed
-//! calibration while a val folder feeds evaluation.
+//! Where each role's samples come from: the IDX dataset's splits (the
+//! default), an image folder, or a tensor file the spec names. Evaluation,
+//! calibration and training each have their own source, so a train folder
+//! can feed calibration while a val folder feeds evaluation.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::image_folder::{FolderError, ImageFolder};
+use super::tensor_source::{Keys, TensorError, TensorSet};
 use super::{calibration_indices, DataError, Split};
 use crate::spec::{DataSpec, Dataset, SourceSpec};
 
@@ -17,6 +18,17 @@ pub enum Role {
     Evaluation,
     Calibration,
     Training,
+}
+
+impl DataSpec {
+    /// The source the spec names for `role`, if any.
+    pub fn source(&self, role: Role) -> Option<&SourceSpec> {
+        match role {
+            Role::Evaluation => self.evaluation.as_ref(),
+            Role::Calibration => self.calibration.as_ref(),
+            Role::Training => self.training.as_ref(),
+        }
+    }
 }
 
 impl Role {
@@ -54,43 +66,71 @@ pub enum Source {
         root: PathBuf,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         classes: Option<Vec<String>>,
-        /// The source's own subset, overriding the section's.
+        /// `relative/path label` lines, in place of class subfolders.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        samples: Option<u32>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        seed: Option<u64>,
+        labels_file: Option<PathBuf>,
+        #[serde(flatten)]
+        subset: OwnSubset,
     },
+    Tensors {
+        path: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input_key: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        label_key: Option<String>,
+        /// The model's input name, the default `input_key`.
+        model_input: String,
+        /// The axes of one sample, which tells a lone sample from a batch.
+        sample_rank: usize,
+        #[serde(flatten)]
+        subset: OwnSubset,
+    },
+}
+
+/// A source's own subset, overriding its section's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OwnSubset {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 impl Source {
     /// The source of `role`: the spec's, with paths resolved against
-    /// `base`, or the IDX dataset's split.
-    pub fn of(role: Role, data: &DataSpec, idx_dir: &Path, base: &Path) -> Self {
-        let named = match role {
-            Role::Evaluation => &data.evaluation,
-            Role::Calibration => &data.calibration,
-            Role::Training => &data.training,
+    /// `base`, or the IDX dataset's split. `model_input` is the model's
+    /// input name, which tensor files may key their inputs by, and the
+    /// axes of one of its samples.
+    pub fn of(role: Role, data: &DataSpec, idx_dir: &Path, base: &Path, model_input: (&str, usize)) -> Self {
+        let Some(spec) = data.source(role) else {
+            return Source::Idx { dataset: data.dataset, dir: idx_dir.to_path_buf(), split: role.idx_split() };
         };
-        match named {
-            Some(SourceSpec { images, classes, samples, seed }) => Source::ImageFolder {
-                root: base.join(images),
-                classes: classes.clone(),
-                samples: *samples,
-                seed: *seed,
+        let subset = OwnSubset { samples: spec.samples, seed: spec.seed };
+        match (&spec.images, &spec.tensors) {
+            (_, Some(tensors)) => Source::Tensors {
+                path: base.join(tensors),
+                input_key: spec.input_key.clone(),
+                label_key: spec.label_key.clone(),
+                model_input: model_input.0.to_string(),
+                sample_rank: model_input.1,
+                subset,
             },
-            None => Source::Idx { dataset: data.dataset, dir: idx_dir.to_path_buf(), split: role.idx_split() },
+            (images, None) => Source::ImageFolder {
+                // Validation refuses a source with neither.
+                root: base.join(images.as_deref().unwrap_or_default()),
+                classes: spec.classes.clone(),
+                labels_file: spec.labels_file.as_ref().map(|file| base.join(file)),
+                subset,
+            },
         }
     }
 
-    pub fn is_image_folder(&self) -> bool {
-        matches!(self, Source::ImageFolder { .. })
-    }
-
     /// The subset a role takes: the source's own, else the section's
-    /// (`None`: every image).
+    /// (`None`: every sample).
     pub fn subset(&self, section: Option<(u32, u64)>) -> Option<(u32, u64)> {
         match self {
-            Source::ImageFolder { samples: Some(samples), seed, .. } => {
+            Source::ImageFolder { subset: OwnSubset { samples: Some(samples), seed }, .. }
+            | Source::Tensors { subset: OwnSubset { samples: Some(samples), seed }, .. } => {
                 Some((*samples, seed.or(section.map(|(_, s)| s)).unwrap_or(0)))
             }
             _ => section,
@@ -100,9 +140,46 @@ impl Source {
     /// Lists an image folder source.
     pub fn folder(&self) -> Result<ImageFolder, SourceError> {
         match self {
-            Source::ImageFolder { root, classes, .. } => Ok(ImageFolder::open(root, classes.as_deref())?),
-            Source::Idx { .. } => unreachable!("only image folder sources are listed"),
+            Source::ImageFolder { root, classes, labels_file: None, .. } => {
+                Ok(ImageFolder::open(root, classes.as_deref())?)
+            }
+            Source::ImageFolder { root, classes, labels_file: Some(file), .. } => {
+                Ok(ImageFolder::from_labels_file(root, file, classes.as_deref())?)
+            }
+            _ => unreachable!("only image folder sources are listed"),
         }
+    }
+
+    /// Opens a tensor source.
+    pub fn tensors(&self) -> Result<TensorSet, SourceError> {
+        match self {
+            Source::Tensors { path, input_key, label_key, model_input, sample_rank, .. } => {
+                let keys = Keys { input: input_key.as_deref(), labels: label_key.as_deref(), model_input };
+                Ok(TensorSet::open(path, &keys, *sample_rank)?)
+            }
+            _ => unreachable!("only tensor sources are opened"),
+        }
+    }
+
+    /// The source with its paths made absolute, as the plan records it.
+    pub fn absolute(self) -> std::io::Result<Self> {
+        Ok(match self {
+            Source::ImageFolder { root, classes, labels_file, subset } => Source::ImageFolder {
+                root: std::path::absolute(root)?,
+                classes,
+                labels_file: labels_file.map(std::path::absolute).transpose()?,
+                subset,
+            },
+            Source::Tensors { path, input_key, label_key, model_input, sample_rank, subset } => Source::Tensors {
+                path: std::path::absolute(path)?,
+                input_key,
+                label_key,
+                model_input,
+                sample_rank,
+                subset,
+            },
+            idx => idx,
+        })
     }
 }
 
@@ -112,6 +189,8 @@ pub enum SourceError {
     Folder(#[from] FolderError),
     #[error(transparent)]
     Data(#[from] DataError),
+    #[error(transparent)]
+    Tensors(#[from] TensorError),
 }
 
 /// The indices of the images a role uses out of `population`, in order.

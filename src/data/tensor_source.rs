@@ -243,7 +243,7 @@ impl TensorSet {
                 }
             }
         }
-        if set.blocks.is_empty() || set.len() == 0 {
+        if set.blocks.is_empty() || set.is_empty() {
             return Err(bad(path, "holds no samples", "save at least one input"));
         }
         if let Some(labels) = &set.labels {
@@ -285,12 +285,12 @@ impl TensorSet {
 
     /// Streams the samples at `indices` (ascending) to `each`, in order,
     /// as f32 model inputs. Fails on NaN or Inf, naming the sample.
-    pub fn read_rows(
+    pub fn read_rows<E: From<TensorError>>(
         &self,
         indices: &[usize],
         scaling: &Scaling<'_>,
-        mut each: impl FnMut(&[f32]) -> Result<(), TensorError>,
-    ) -> Result<(), TensorError> {
+        mut each: impl FnMut(&[f32]) -> Result<(), E>,
+    ) -> Result<(), E> {
         let row_len: usize = self.sample_shape.iter().product();
         let mut wanted = indices.iter().copied().peekable();
         let mut start = 0;
@@ -301,7 +301,7 @@ impl TensorSet {
                 let row_bytes = (row_len * block.dtype.size()) as u64;
                 let mut bytes = vec![0u8; row_bytes as usize];
                 let io = |e: std::io::Error| io_error(&block.file, e);
-                block.with_reader(&mut |reader| {
+                block.with_reader(&mut |reader| -> Result<(), E> {
                     let mut position = start;
                     while let Some(index) = wanted.next_if(|&i| i < end) {
                         std::io::copy(&mut reader.take((index - position) as u64 * row_bytes), &mut std::io::sink())
@@ -316,7 +316,8 @@ impl TensorSet {
                                 &block.file,
                                 format!("sample {index} holds {} at element {at}", values[at]),
                                 "remove or repair the sample: inputs must be finite",
-                            ));
+                            )
+                            .into());
                         }
                         if block.dtype == Dtype::U8 {
                             scaling.apply(&self.sample_shape, &mut values);
@@ -346,10 +347,7 @@ impl Scaling<'_> {
 
 impl Block {
     /// Runs `read` on a reader positioned at the block's first byte.
-    fn with_reader(
-        &self,
-        read: &mut dyn FnMut(&mut dyn Read) -> Result<(), TensorError>,
-    ) -> Result<(), TensorError> {
+    fn with_reader<E: From<TensorError>>(&self, read: &mut dyn FnMut(&mut dyn Read) -> Result<(), E>) -> Result<(), E> {
         let io = |e: std::io::Error| io_error(&self.file, e);
         let file = std::fs::File::open(&self.file).map_err(io)?;
         match &self.place {
@@ -359,8 +357,9 @@ impl Block {
                 read(&mut reader)
             }
             Place::Zip { entry, npy, skip } => {
-                let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| io_error(&self.file, e))?;
-                let mut reader = std::io::BufReader::new(archive.by_name(entry).map_err(|e| io_error(&self.file, e))?);
+                let zip_error = |e: zip::result::ZipError| io_error(&self.file, e);
+                let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(zip_error)?;
+                let mut reader = std::io::BufReader::new(archive.by_name(entry).map_err(zip_error)?);
                 if *npy {
                     ndarray_npy::npy::header::Header::from_reader(&mut reader).map_err(|e| io_error(&self.file, e))?;
                 }
@@ -373,7 +372,7 @@ impl Block {
     /// Reads the whole block as integer labels.
     fn labels(&self) -> Result<Vec<i64>, TensorError> {
         let mut labels = Vec::with_capacity(self.rows);
-        self.with_reader(&mut |reader| {
+        self.with_reader(&mut |reader| -> Result<(), TensorError> {
             let mut bytes = vec![0u8; self.rows * self.dtype.size()];
             reader.read_exact(&mut bytes).map_err(|e| io_error(&self.file, e))?;
             labels.extend(self.dtype.decode(&bytes).map(|v| v as i64));
@@ -404,8 +403,11 @@ impl Part {
     fn of_npz(path: &Path, keys: &Keys<'_>) -> Result<Self, TensorError> {
         let file = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
         let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| io_error(path, e))?;
-        let names: Vec<String> =
-            archive.file_names().filter_map(Result::ok).filter_map(|n| n.strip_suffix(".npy").map(str::to_string)).collect();
+        let names: Vec<String> = archive
+            .file_names()
+            .filter_map(Result::ok)
+            .filter_map(|n| n.strip_suffix(".npy").map(str::to_string))
+            .collect();
         let mut header = |name: &str| -> Result<(Dtype, Vec<usize>), TensorError> {
             let entry = archive.by_name(&format!("{name}.npy")).map_err(|e| io_error(path, e))?;
             npy_header(path, &mut std::io::BufReader::new(entry))
@@ -449,7 +451,8 @@ impl Part {
             };
             input_block(path, pt_place(tensor), tensor.dtype, &shape, what)
         };
-        let is_labels = |value: &PtValue| matches!(value, PtValue::Tensor(t) if t.dtype.is_label() && t.shape.len() <= 1);
+        let is_labels =
+            |value: &PtValue| matches!(value, PtValue::Tensor(t) if t.dtype.is_label() && t.shape.len() <= 1);
         match value {
             PtValue::Tensor(tensor) => part.inputs.push(tensor_input(&tensor, "the tensor")?),
             PtValue::Dict(entries) => {
@@ -494,7 +497,9 @@ impl Part {
                 }
             }
             PtValue::Sequence(items) => match items.as_slice() {
-                [PtValue::Tensor(inputs), labels @ PtValue::Tensor(_)] if is_labels(labels) && inputs.shape.len() > 1 => {
+                [PtValue::Tensor(inputs), labels @ PtValue::Tensor(_)]
+                    if is_labels(labels) && inputs.shape.len() > 1 =>
+                {
                     let PtValue::Tensor(labels) = labels else { unreachable!() };
                     part.inputs.push(tensor_input(inputs, "item 0")?);
                     part.labels = Some(pt_labels(path, labels, "item 1")?);

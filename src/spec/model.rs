@@ -205,19 +205,44 @@ pub struct DataSpec {
     pub training: Option<SourceSpec>,
 }
 
-/// A folder of images in torchvision's ImageFolder layout: one subfolder
-/// per class, classes indexed in sorted name order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Where one role's samples come from: a folder of images (`images`), or
+/// a tensor file of already preprocessed inputs (`tensors`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSpec {
-    /// The folder, relative to the spec file. JPEG, PNG, BMP and WebP
-    /// files are read; hidden files and folders are ignored.
-    pub images: String,
-    /// Every class name in index order, for a folder that holds only some
-    /// of the classes the model scores [default: the subfolders, sorted].
+    /// A folder of images, relative to the spec file: one subfolder per
+    /// class (torchvision's ImageFolder layout), or any layout with a
+    /// `labels_file`. JPEG, PNG, BMP and WebP files are read; hidden files
+    /// and folders are ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<String>,
+    /// With `images`: a text file of `relative/path label` lines, one per
+    /// image, as ImageNet's val.txt; labels are class indices, or names
+    /// from `classes`. Relative to the spec file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels_file: Option<String>,
+    /// A tensor file of preprocessed inputs, relative to the spec file:
+    /// `.npy`; `.npz`; `.pt` from torch.save holding a tensor, a dict, a
+    /// list or tuple of tensors, an (inputs, labels) pair or a list of
+    /// (input, label) pairs; or a folder of such `.pt` files. Float inputs
+    /// are used as they are; uint8 inputs get `data.preprocess`'s scale,
+    /// mean and std.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensors: Option<String>,
+    /// The dict or `.npz` entry that holds the inputs [default: the
+    /// model's input name, else `images`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_key: Option<String>,
+    /// The dict or `.npz` entry that holds the labels [default: `labels`,
+    /// if there is one].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_key: Option<String>,
+    /// With `images`: every class name in index order, for a folder that
+    /// holds only some of the classes the model scores [default: the
+    /// subfolders, sorted].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<Vec<String>>,
-    /// Use a seeded subset of this many images [default: all, or the
+    /// Use a seeded subset of this many samples [default: all, or the
     /// section's `samples` for calibration and training].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]

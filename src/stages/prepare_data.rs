@@ -10,7 +10,9 @@
 //! user can calibrate on exactly the same images.
 //!
 //! Folder images are decoded and preprocessed a block at a time, in
-//! parallel, and written as they come: a split is never in memory whole.
+//! parallel, and written as they come; tensor files are streamed a row at
+//! a time. A split is never in memory whole. A tensor source without
+//! labels (calibration needs none) writes no `labels.npy`.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -24,9 +26,11 @@ use super::{params, StageContext, StageError};
 use crate::data::image;
 use crate::data::source::{subset_indices, Source};
 use crate::data::tensor_file::{self, NpyRowWriter, PtTensor};
+use crate::data::tensor_source::{Scaling, TensorError};
 use crate::data::{self, Split};
 use crate::plan::Task;
 use crate::spec::{Color, Dataset, Layout, Preprocess};
+use crate::sweep::channel_axis;
 
 pub const VERSION: u32 = 2;
 
@@ -63,6 +67,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
             prepare_idx(context, &params.data, *split, subset, params.split == "calibration", out)?
         }
         Source::ImageFolder { .. } => prepare_folder(context, &params, subset, out)?,
+        Source::Tensors { .. } => prepare_tensors(context, &params, subset, out)?,
     };
     let mut metrics = json!({"split": params.split, "count": count});
     if let Some((_, seed)) = subset {
@@ -152,4 +157,41 @@ fn prepare_folder(
     images.finish()?;
     tensor_file::write_npy(&out.join(LABELS), &Array1::from(labels).view().into_dyn())?;
     Ok(indices.len())
+}
+
+fn prepare_tensors(
+    context: &StageContext<'_>,
+    params: &Params,
+    subset: Option<(u32, u64)>,
+    out: &Path,
+) -> Result<usize, StageError> {
+    let set = params.source.tensors().map_err(|e| StageError::Fatal(e.to_string()))?;
+    let indices = subset_indices(set.len(), subset);
+    let shape = [&[indices.len()][..], &set.sample_shape[..]].concat();
+    let mut images = NpyRowWriter::create(&out.join(IMAGES), &shape)?;
+    let preprocess = &params.data.preprocess;
+    let scaling = Scaling { preprocess, channel_axis: channel_axis(preprocess.layout, set.sample_shape.len()) };
+    let mut written = 0;
+    set.read_rows(&indices, &scaling, |row| {
+        if written % BLOCK == 0 {
+            if context.cancel.load(Ordering::Relaxed) {
+                return Err(StageError::Cancelled);
+            }
+            (context.report)(&format!("{written} of {} samples", indices.len()));
+        }
+        written += 1;
+        Ok(images.append(row)?)
+    })?;
+    images.finish()?;
+    if let Some(labels) = &set.labels {
+        let chosen: Vec<i64> = indices.iter().map(|&i| labels[i]).collect();
+        tensor_file::write_npy(&out.join(LABELS), &Array1::from(chosen).view().into_dyn())?;
+    }
+    Ok(indices.len())
+}
+
+impl From<TensorError> for StageError {
+    fn from(error: TensorError) -> Self {
+        StageError::Fatal(error.to_string())
+    }
 }

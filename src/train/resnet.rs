@@ -141,13 +141,16 @@ fn value_info(name: &str, dims: &[Option<usize>]) -> ValueInfoProto {
     }
 }
 
+/// The name of the network's input.
+pub const INPUT: &str = "input";
+
 /// The untrained network, with seeded He-normal initialization.
 pub fn resnet(architecture: Architecture, seed: u64) -> Result<ModelProto, String> {
     architecture.check()?;
     let Architecture { depth, width, channels, classes, .. } = architecture;
     let mut b =
         Builder { nodes: Vec::new(), initializers: Vec::new(), rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed) };
-    let mut x = b.conv_bn("stem", "input", channels, width, 3, 1, true);
+    let mut x = b.conv_bn("stem", INPUT, channels, width, 3, 1, true);
     let mut cin = width;
     for stage in 0..3 {
         let cout = width << stage;
@@ -180,10 +183,7 @@ pub fn resnet(architecture: Architecture, seed: u64) -> Result<ModelProto, Strin
         name: format!("resnet{depth}"),
         node: b.nodes,
         initializer: b.initializers,
-        input: vec![value_info(
-            "input",
-            &[None, Some(channels), Some(architecture.height), Some(architecture.width_px)],
-        )],
+        input: vec![value_info(INPUT, &[None, Some(channels), Some(architecture.height), Some(architecture.width_px)])],
         output: vec![value_info("logits", &[None, Some(classes)])],
         ..Default::default()
     };
