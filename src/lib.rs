@@ -9,7 +9,7 @@
 //!
 //! - [`spec`]: the user's JSON, its schema, and errors that point into the file.
 //! - [`matrix`]: axes into runs, with include/exclude, and stable run ids.
-//! - [`data`]: data sources (IDX, image folders), PIL-exact preprocessing, tensor files.
+//! - [`data`]: data sources (IDX, image folders, tensor files), PIL-exact preprocessing.
 //! - [`plan`]: runs into a DAG of tasks named by content keys.
 //! - [`owner`]: which process owns shared state, and whether it is gone.
 //! - [`store`]: the results directory, with atomically completed artifacts.
@@ -18,6 +18,7 @@
 //! - [`quant`]: histograms, calibration methods, the Q/DQ rewrite, int8 coverage.
 //! - [`stages`]: what each stage does with its inputs.
 //! - [`sweep`]: a spec validated against its files and the available stages.
+//! - [`init`]: a starter spec read from a user's model and data.
 //! - [`worker`]: one task's attempts, timeouts and retries.
 //! - [`queue`]: the `Queue` trait and the embedded in-memory queue.
 //! - [`redis_queue`]: the Redis queue, `qsweep worker`, status and cancel.
@@ -30,6 +31,7 @@ pub mod artifacts;
 pub mod coordinator;
 pub mod data;
 pub mod engine;
+pub mod init;
 pub mod k8s;
 pub mod matrix;
 pub mod onnx;

@@ -28,6 +28,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Writes a starter spec for a model and its data, validated, and says
+    /// what was guessed.
+    Init {
+        /// The fp32 ONNX model.
+        #[arg(long)]
+        model: PathBuf,
+        /// Evaluation data: an image folder (one subfolder per class) or a
+        /// tensor file (.npy, .npz, .pt, or a folder of .pt).
+        #[arg(long)]
+        data: PathBuf,
+        /// Calibration data, as --data [default: the evaluation data].
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+        /// Where to write the spec.
+        #[arg(long, default_value = "qsweep.json")]
+        out: PathBuf,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Checks a spec; prints every error and exits 2 if there is any.
     Validate { spec: PathBuf },
     /// Shows the runs, their stages, shared stages, and what is cached.
@@ -228,6 +248,9 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Init { model, data, calibration, out, force } => {
+            init(&qsweep::init::Request { model: &model, data: &data, calibration: calibration.as_deref(), out: &out }, force)
+        }
         Command::Validate { spec } => validate(&spec),
         Command::Plan { spec, json, results } => plan(&spec, json, results),
         Command::Run { spec, jobs, results, redis, kubernetes } => match kubernetes.backend {
@@ -301,6 +324,38 @@ fn load(spec: &Path) -> Result<sweep::Sweep, ExitCode> {
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(USAGE)
+}
+
+fn init(request: &qsweep::init::Request<'_>, force: bool) -> ExitCode {
+    if request.out.exists() && !force {
+        return fail(format!(
+            "{} exists\n  fix: pass --force to replace it, or choose another --out",
+            request.out.display()
+        ));
+    }
+    let starter = match qsweep::init::starter(request) {
+        Ok(starter) => starter,
+        Err(message) => return fail(message),
+    };
+    // Validated as `qsweep run` would read it, before anything is written.
+    if let Err(errors) = sweep::load_text(request.out, starter.spec.clone()) {
+        eprint!("{errors}");
+        eprintln!("error: the starter spec does not validate against this model and data, so nothing was written");
+        return ExitCode::from(USAGE);
+    }
+    if let Err(e) = std::fs::write(request.out, &starter.spec) {
+        return fail(format!("cannot write {}: {e}", request.out.display()));
+    }
+    println!("wrote {}", request.out.display());
+    for line in &starter.found {
+        println!("  read  {line}");
+    }
+    println!("check these guesses before trusting the numbers:");
+    for line in &starter.check {
+        println!("  - {line}");
+    }
+    println!("then: qsweep plan {0}   and   qsweep run {0}", request.out.display());
+    ExitCode::SUCCESS
 }
 
 fn validate(spec: &Path) -> ExitCode {

@@ -671,7 +671,7 @@ pub fn channel_axis(layout: Layout, rank: usize) -> usize {
 }
 
 /// The first few names of a list, for messages.
-fn preview(names: &[String]) -> String {
+pub(crate) fn preview(names: &[String]) -> String {
     let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
     if names.len() > shown.len() {
         format!("{}, ...", shown.join(", "))
