@@ -399,13 +399,11 @@ pub fn accuracy(
     batch: usize,
     cancel: &AtomicBool,
 ) -> Result<Accuracy, EngineError> {
-    let (mut top1, mut top5, mut classes) = (0usize, 0usize, 0usize);
-    for (chunk, chunk_labels) in images.axis_chunks_iter(Axis(0), batch).zip(labels.chunks(batch)) {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(EngineError::Cancelled);
-        }
-        let logits = session.run(chunk)?;
-        for (row, &label) in logits.outer_iter().zip(chunk_labels) {
+    let (mut top1, mut top5, mut classes, mut seen) = (0usize, 0usize, 0usize, 0usize);
+    for_each_scores(session, images, batch, cancel, |scores| {
+        for row in scores.outer_iter() {
+            let label = labels[seen];
+            seen += 1;
             let row = row.to_vec();
             classes = row.len();
             if label < 0 || label as usize >= classes {
@@ -415,9 +413,67 @@ pub fn accuracy(
             top1 += usize::from(rank == 0);
             top5 += usize::from(rank < 5);
         }
-    }
+        Ok(())
+    })?;
     let share = |n: usize| n as f64 / labels.len().max(1) as f64;
     Ok(Accuracy { top1: share(top1), top5: (classes >= 5).then(|| share(top5)) })
+}
+
+/// Runs `images` a batch at a time, handing each batch's scores to `each`.
+pub fn for_each_scores<E: From<EngineError>>(
+    session: &mut InferenceSession,
+    images: ArrayView4<'_, f32>,
+    batch: usize,
+    cancel: &AtomicBool,
+    mut each: impl FnMut(ndarray::ArrayView2<'_, f32>) -> Result<(), E>,
+) -> Result<(), E> {
+    for chunk in images.axis_chunks_iter(Axis(0), batch) {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(EngineError::Cancelled.into());
+        }
+        each(session.run(chunk)?.view())?;
+    }
+    Ok(())
+}
+
+/// How closely a run's outputs follow fp32's on the same unlabelled
+/// samples: the share whose top-1 class is fp32's, and the mean
+/// signal-to-quantization-noise ratio of the scores, per sample.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Agreement {
+    samples: usize,
+    same_top1: usize,
+    sqnr_db_sum: f64,
+}
+
+/// Where a sample's scores equal fp32's exactly, its SQNR counts as this
+/// (an infinite one would swamp the mean).
+pub const SQNR_CAP_DB: f64 = 120.0;
+
+impl Agreement {
+    /// Adds one sample's scores and fp32's.
+    pub fn add(&mut self, scores: ndarray::ArrayView1<'_, f32>, reference: ndarray::ArrayView1<'_, f32>) {
+        self.samples += 1;
+        self.same_top1 += usize::from(argmax(scores) == argmax(reference));
+        let signal: f64 = reference.iter().map(|&r| (r as f64).powi(2)).sum();
+        let noise: f64 = scores.iter().zip(reference).map(|(&q, &r)| (q as f64 - r as f64).powi(2)).sum();
+        let sqnr = if noise == 0.0 { SQNR_CAP_DB } else { (10.0 * (signal / noise).log10()).min(SQNR_CAP_DB) };
+        self.sqnr_db_sum += sqnr;
+    }
+
+    /// The share of samples whose top-1 is fp32's.
+    pub fn top1(&self) -> f64 {
+        self.same_top1 as f64 / self.samples.max(1) as f64
+    }
+
+    pub fn mean_sqnr_db(&self) -> f64 {
+        self.sqnr_db_sum / self.samples.max(1) as f64
+    }
+}
+
+/// The first highest score's index, as argmax takes it.
+fn argmax(scores: ndarray::ArrayView1<'_, f32>) -> usize {
+    scores.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0
 }
 
 /// How many classes rank above `label`: those scoring higher, and those

@@ -123,6 +123,14 @@ pub struct Sources {
     /// preprocessing fixes, or else the model's input size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size: Option<[u32; 2]>,
+    /// Whether the evaluation samples have labels. Without them, quantized
+    /// runs are measured against fp32's logits instead of labels.
+    #[serde(default = "labelled")]
+    pub evaluation_labelled: bool,
+}
+
+fn labelled() -> bool {
+    true
 }
 
 /// A role's data source and its fingerprint.
@@ -147,6 +155,7 @@ impl Sources {
             training: record(Split::Train),
             color: Color::Grey,
             image_size: None,
+            evaluation_labelled: true,
         }
     }
 
@@ -213,22 +222,36 @@ impl Plan {
             "engine": spec.evaluate.engine,
         });
 
+        let fp32_build_params =
+            json!({"precision": "fp32", "model_digest": sources.model_digest, "engine": spec.evaluate.engine});
+        let mut fp32_evaluate_params = evaluate_params.clone();
+        // Unlabelled samples: fp32 keeps its logits, which every other
+        // run's evaluation reads as its reference (validation requires
+        // the fp32 baseline then).
+        let reference = (!sources.evaluation_labelled).then(|| {
+            fp32_evaluate_params["keep_logits"] = json!(true);
+            let built = plan.add(StageKind::Build, fp32_build_params.clone(), fp32_model.clone());
+            let inputs = vec![input("model", &built), input("data", &test_data)];
+            plan.add(StageKind::Evaluate, fp32_evaluate_params.clone(), inputs)
+        });
+
         for run in runs {
             let mut chain: Vec<TaskKey> = trained.iter().cloned().chain([test_data.clone()]).collect();
-            let built = match &run.kind {
-                RunKind::Baseline(Baseline::Fp32) => plan.add(
-                    StageKind::Build,
-                    json!({"precision": "fp32", "model_digest": sources.model_digest, "engine": spec.evaluate.engine}),
-                    fp32_model.clone(),
+            let (built, params) = match &run.kind {
+                RunKind::Baseline(Baseline::Fp32) => (
+                    plan.add(StageKind::Build, fp32_build_params.clone(), fp32_model.clone()),
+                    fp32_evaluate_params.clone(),
                 ),
-                RunKind::Quantized(recipe) => plan.add_quantized(spec, sources, &data, recipe, &fp32_model, &mut chain),
+                RunKind::Quantized(recipe) => {
+                    (plan.add_quantized(spec, sources, &data, recipe, &fp32_model, &mut chain), evaluate_params.clone())
+                }
             };
             chain.push(built.clone());
-            let evaluated = plan.add(
-                StageKind::Evaluate,
-                evaluate_params.clone(),
-                vec![input("model", &built), input("data", &test_data)],
-            );
+            let mut inputs = vec![input("model", &built), input("data", &test_data)];
+            if let Some(reference) = reference.as_ref().filter(|_| !matches!(run.kind, RunKind::Baseline(_))) {
+                inputs.push(input(REFERENCE, reference));
+            }
+            let evaluated = plan.add(StageKind::Evaluate, params, inputs);
             chain.push(evaluated);
             plan.runs.push(PlannedRun { run: run.clone(), tasks: chain });
         }
@@ -350,6 +373,10 @@ fn prepare_params(split: &str, data: &Value, sources: &Sources, section: Option<
     }
     params
 }
+
+/// The input role of fp32's evaluation, whose logits an evaluation on
+/// unlabelled samples is measured against.
+pub const REFERENCE: &str = "reference";
 
 /// The input role of a model the sweep trained.
 pub const FP32_MODEL: &str = "fp32_model";

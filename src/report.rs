@@ -32,6 +32,12 @@ pub struct RunRow {
     pub accuracy_delta: Option<f64>,
     /// Top-5, in percent, where the model scores at least 5 classes.
     pub top5: Option<f64>,
+    /// Evaluation samples without labels: the share, in percent, whose
+    /// top-1 class is fp32's (in place of accuracy).
+    pub agreement: Option<f64>,
+    /// Evaluation samples without labels: the mean SQNR of the scores
+    /// against fp32's, in dB.
+    pub logit_sqnr_db: Option<f64>,
     /// At the smallest configured batch size (batch 1 by default).
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
@@ -123,6 +129,8 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
                 row.status = "ok".into();
                 row.accuracy = metrics["accuracy"].as_f64().map(|a| a * 100.0);
                 row.top5 = metrics["top5"].as_f64().map(|a| a * 100.0);
+                row.agreement = metrics["agreement"].as_f64().map(|a| a * 100.0);
+                row.logit_sqnr_db = metrics["logit_sqnr_db"].as_f64();
                 let latency = metrics["latency"].as_array().cloned().unwrap_or_default();
                 let smallest = latency.iter().min_by_key(|l| l["batch"].as_u64());
                 let largest = latency.iter().max_by_key(|l| l["batch"].as_u64());
@@ -140,6 +148,14 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
         result.row.accuracy_delta = result.row.accuracy.zip(fp32).map(|(a, base)| ((a - base) * 100.0).round() / 100.0);
     }
     out
+}
+
+impl RunRow {
+    /// What the run is ranked by: top-1 accuracy, or with unlabelled
+    /// samples the agreement with fp32.
+    pub fn quality(&self) -> Option<f64> {
+        self.accuracy.or(self.agreement)
+    }
 }
 
 /// Model sizes and int8 coverage, from a build stage's metrics.
@@ -199,10 +215,16 @@ fn summary_markdown(sweep: &str, runs: &[RunResult]) -> String {
             .flatten()
             .filter_map(|l| l["batch"].as_u64().map(|b| b.to_string()))
             .collect();
+        let measure = if evaluation["labelled"] == false {
+            "The evaluation samples have no labels, so in place of accuracy each run shows the share of samples \
+             whose top-1 class is fp32's (agreement) and the mean SQNR of its scores against fp32's, on"
+        } else {
+            "Accuracy is top-1 on"
+        };
         let _ = writeln!(
             md,
             "Measured with ONNX Runtime {} ({} execution provider, {} threads) on {} ({} cores). \
-             Accuracy is top-1 on {} test images; latency is p50 at batch {}; throughput is at batch {}.\n",
+             {measure} {} test images; latency is p50 at batch {}; throughput is at batch {}.\n",
             evaluation["onnxruntime"].as_str().unwrap_or("?"),
             evaluation["engine"].as_str().unwrap_or("?"),
             evaluation["threads"],
@@ -218,9 +240,13 @@ fn summary_markdown(sweep: &str, runs: &[RunResult]) -> String {
     for run in runs {
         let r = &run.row;
         let top5 = r.top5.map_or(String::new(), |t| format!("; top-5 {t:.2}%"));
-        let accuracy = match (r.accuracy, r.accuracy_delta) {
-            (Some(a), Some(d)) if r.run != "fp32" => format!("{a:.2}% ({d:+.2}){top5}"),
-            (Some(a), _) => format!("{a:.2}%{top5}"),
+        let accuracy = match (r.accuracy, r.accuracy_delta, r.agreement) {
+            (Some(a), Some(d), _) if r.run != "fp32" => format!("{a:.2}% ({d:+.2}){top5}"),
+            (Some(a), _, _) => format!("{a:.2}%{top5}"),
+            (None, _, Some(agreement)) => match r.logit_sqnr_db {
+                Some(sqnr) => format!("agreement {agreement:.2}%; SQNR {sqnr:.1} dB"),
+                None => "reference".to_string(),
+            },
             _ => "-".to_string(),
         };
         let performance = match (r.latency_p50_ms, r.throughput) {
@@ -245,16 +271,17 @@ fn summary_markdown(sweep: &str, runs: &[RunResult]) -> String {
     pivots(&mut md, runs);
 
     let best = runs.iter().filter(|r| r.row.status == "ok").max_by(|a, b| {
-        let key = |r: &RunResult| (r.row.accuracy.unwrap_or(0.0), -r.row.latency_p50_ms.unwrap_or(f64::MAX));
+        let key = |r: &RunResult| (r.row.quality().unwrap_or(0.0), -r.row.latency_p50_ms.unwrap_or(f64::MAX));
         key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal)
     });
     if let Some(best) = best {
         let r = &best.row;
         let _ = writeln!(
             md,
-            "\n## Best run\n\n`{}`: {:.2}% top-1{}, {:.3} ms p50.",
+            "\n## Best run\n\n`{}`: {:.2}% {}{}, {:.3} ms p50.",
             r.run,
-            r.accuracy.unwrap_or(0.0),
+            r.quality().unwrap_or(0.0),
+            if r.accuracy.is_some() { "top-1" } else { "agreement with fp32" },
             r.accuracy_delta
                 .filter(|_| r.run != "fp32")
                 .map_or(String::new(), |d| format!(" ({d:+.2} points against fp32)")),
@@ -281,7 +308,7 @@ fn pivots(md: &mut String, runs: &[RunResult]) {
         let Ok(epochs) = r.qat_epochs.parse::<u32>() else {
             continue;
         };
-        let cell = r.accuracy.map_or_else(|| r.status.clone(), |a| format!("{a:.2}%"));
+        let cell = r.quality().map_or_else(|| r.status.clone(), |a| format!("{a:.2}%"));
         by_epochs.entry(epochs).or_default().insert((r.calibration.clone(), r.residual_fusion.clone()), cell);
     }
     for (epochs, cells) in by_epochs {
@@ -324,14 +351,16 @@ fn first_line(text: &str) -> &str {
 
 /// Prints a short table of results for the terminal.
 pub fn print_table(runs: &[RunResult], out: &Path) {
-    println!("{:<24} {:>8} {:>10} {:>10} {:>12}  status", "run", "top-1", "delta", "p50 ms", "img/s");
+    let measure =
+        if runs.iter().any(|r| r.row.accuracy.is_none() && r.row.agreement.is_some()) { "agree" } else { "top-1" };
+    println!("{:<24} {:>8} {:>10} {:>10} {:>12}  status", "run", measure, "delta", "p50 ms", "img/s");
     for run in runs {
         let r = &run.row;
         let show = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
             "{:<24} {:>8} {:>10} {:>10} {:>12}  {}",
             r.run,
-            show(r.accuracy, 2),
+            show(r.quality(), 2),
             show(r.accuracy_delta.filter(|_| r.run != "fp32"), 2),
             show(r.latency_p50_ms, 3),
             show(r.throughput, 0),

@@ -35,6 +35,9 @@ pub struct Sweep {
     pub model_input: String,
     /// The axes of one input sample (the input's, less the batch axis).
     pub sample_rank: usize,
+    /// Whether the evaluation samples have labels (else runs are measured
+    /// against fp32's outputs).
+    pub evaluation_labelled: bool,
     pub runs: Vec<Run>,
 }
 
@@ -141,6 +144,15 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         check_model(&parsed, model, &opened, &mut errors)
     });
 
+    let evaluation_labelled =
+        !opened.tensors.iter().any(|(role, set)| *role == Role::Evaluation && set.labels.is_none());
+    if !evaluation_labelled && !parsed.spec.baselines.contains(&spec::Baseline::Fp32) {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("baselines"),
+            "the evaluation samples have no labels, so runs are measured against fp32's outputs, but the sweep has no fp32 baseline",
+            "add \"fp32\" to baselines, or give the evaluation samples labels",
+        ));
+    }
     if !errors.is_empty() {
         errors.sort_by_key(|d| (d.line, d.column));
         return Err(parsed.errors(errors));
@@ -159,6 +171,7 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         image_size,
         model_input: input_name,
         sample_rank: input_rank.saturating_sub(1),
+        evaluation_labelled,
         runs,
     })
 }
@@ -213,7 +226,7 @@ fn open_sources(
             },
             Source::Tensors { .. } => match source.tensors() {
                 Ok(set) => {
-                    if set.labels.is_none() && *role != Role::Calibration {
+                    if set.labels.is_none() && *role == Role::Training {
                         errors.push(parsed.diagnostic(
                             at.key("tensors"),
                             format!("{} holds no labels, which {} needs", set.path.display(), role.field()),
@@ -731,6 +744,7 @@ impl Sweep {
             training: record(Role::Training)?,
             color: self.color,
             image_size: self.image_size,
+            evaluation_labelled: self.evaluation_labelled,
         })
     }
 }

@@ -39,7 +39,7 @@ fn reference_sweep_measures_reports_and_resumes() {
 
     let csv_text = fs::read_to_string(results.join("runs.csv")).unwrap();
     assert!(csv_text.starts_with(
-        "run,calibration,residual_fusion,qat_epochs,status,accuracy,accuracy_delta,top5,latency_p50_ms,latency_p99_ms,throughput,"
+        "run,calibration,residual_fusion,qat_epochs,status,accuracy,accuracy_delta,top5,agreement,logit_sqnr_db,latency_p50_ms,latency_p99_ms,throughput,"
     ));
     let rows = csv_rows(&results);
     let header = csv::Reader::from_path(results.join("runs.csv")).unwrap().headers().unwrap().clone();

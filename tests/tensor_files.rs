@@ -261,8 +261,8 @@ mod sweeps {
                 vec!["fractions.Fraction"],
             ),
             (
-                source("evaluation", &format!(r#""tensors": "{}""#, fixture("u8.pt").display())),
-                vec!["holds no labels, which evaluation needs"],
+                source("training", &format!(r#""tensors": "{}""#, fixture("u8.pt").display())),
+                vec!["holds no labels, which training needs"],
             ),
             (
                 source("calibration", &format!(r#""tensors": "{}", "images": "x""#, fixture("u8.pt").display())),
@@ -323,5 +323,68 @@ mod sweeps {
         let rows = csv_rows(&results);
         let fp32: f64 = rows[0][5].parse().unwrap();
         assert!(fp32 > 70.0, "fp32 top-1 on 30 labelled PNGs: {fp32}");
+    }
+}
+
+mod unlabelled {
+    //! Evaluation samples without labels: runs are measured against fp32.
+
+    use std::path::Path;
+
+    use crate::common::*;
+    use qsweep::data::{self, Split};
+    use qsweep::spec::Preprocess;
+
+    fn unlabelled_spec(dir: &Path, baselines: &str) -> std::path::PathBuf {
+        let idx =
+            data::load_split(Default::default(), Path::new("/usr/share/datasets/fashion-mnist"), Split::Test).unwrap();
+        let preprocess = Preprocess { mean: vec![0.2860], std: vec![0.3530], ..Default::default() };
+        let images = idx.preprocess(&preprocess, Some(&(0..256).collect::<Vec<_>>())).images;
+        let npy = dir.join("eval.npy");
+        data::tensor_file::write_npy(&npy, &images.view().into_dyn()).unwrap();
+        let text = quick_spec_json(&format!(r#""matrix": {{ "calibration": ["max", "mse"] }}{baselines}"#)).replace(
+            r#""data": { "preprocess": { "mean": [0.2860], "std": [0.3530] } }"#,
+            r#""data": { "preprocess": { "mean": [0.2860], "std": [0.3530] }, "evaluation": { "tensors": "eval.npy" } }"#,
+        );
+        write(dir, "unlabelled.json", &text)
+    }
+
+    #[test]
+    fn runs_report_agreement_and_sqnr_against_fp32() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = unlabelled_spec(dir.path(), "");
+        let results = dir.path().join("results");
+        let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let text = std::fs::read_to_string(results.join("runs.csv")).unwrap();
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let header = reader.headers().unwrap().clone();
+        let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+        let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 3);
+        for row in &rows {
+            assert_eq!(&row[column("status")], "ok");
+            assert_eq!(&row[column("accuracy")], "", "no labels, no accuracy");
+            let agreement: f64 = row[column("agreement")].parse().unwrap();
+            if &row[0] == "fp32" {
+                assert_eq!(agreement, 100.0);
+                assert_eq!(&row[column("logit_sqnr_db")], "");
+            } else {
+                assert!((80.0..=100.0).contains(&agreement), "{}: agreement {agreement}", &row[0]);
+                let sqnr: f64 = row[column("logit_sqnr_db")].parse().unwrap();
+                assert!((5.0..120.0).contains(&sqnr), "{}: SQNR {sqnr} dB", &row[0]);
+            }
+        }
+        let summary = std::fs::read_to_string(results.join("summary.md")).unwrap();
+        assert!(summary.contains("have no labels") && summary.contains("agreement"), "{summary}");
+    }
+
+    #[test]
+    fn without_an_fp32_baseline_they_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = unlabelled_spec(dir.path(), r#", "baselines": []"#);
+        let output = qsweep(&["validate", spec.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(stderr(&output).contains("no fp32 baseline"), "{}", stderr(&output));
     }
 }

@@ -24,7 +24,12 @@ pub fn pareto_front(points: &[(f64, f64)]) -> Vec<usize> {
 
 pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult]) -> String {
     let finished: Vec<(&str, f64, f64)> =
-        runs.iter().filter_map(|r| Some((r.row.run.as_str(), r.row.latency_p50_ms?, r.row.accuracy?))).collect();
+        runs.iter().filter_map(|r| Some((r.row.run.as_str(), r.row.latency_p50_ms?, r.row.quality()?))).collect();
+    let measure = if runs.iter().any(|r| r.row.accuracy.is_some()) {
+        "top-1 accuracy (%)"
+    } else {
+        "top-1 agreement with fp32 (%)"
+    };
     let points: Vec<(f64, f64)> = finished.iter().map(|&(_, l, a)| (l, a)).collect();
     let front = pareto_front(&points);
 
@@ -42,7 +47,7 @@ pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult]) -> String {
         let Ok(mut chart) = chart else {
             return svg_fallback(sweep);
         };
-        let _ = chart.configure_mesh().x_desc("latency p50 (ms, smallest batch)").y_desc("top-1 accuracy (%)").draw();
+        let _ = chart.configure_mesh().x_desc("latency p50 (ms, smallest batch)").y_desc(measure).draw();
         let front_line: Vec<(f64, f64)> = front.iter().map(|&i| points[i]).collect();
         let _ = chart
             .draw_series(LineSeries::new(front_line, ShapeStyle::from(&RED).stroke_width(2)))

@@ -1,6 +1,11 @@
 //! evaluate: top-1 accuracy on the whole test split, then latency and
 //! throughput at each configured batch size, recorded with the thread
 //! count, engine, ONNX Runtime version and machine that produced them.
+//!
+//! Samples without labels are measured against fp32 instead: fp32's
+//! evaluation keeps its scores (`logits.npy`, streamed as they come), and
+//! every other run's evaluation reads them as its `reference` input and
+//! reports the share of samples whose top-1 matches and the mean SQNR.
 
 use std::path::Path;
 
@@ -9,12 +14,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{build, params, prepare_data, StageContext, StageError};
-use crate::data::tensor_file;
+use crate::data::tensor_file::{self, NpyBatches, NpyRowWriter};
 use crate::engine::{self, InferenceSession, Provider};
-use crate::plan::Task;
+use crate::plan::{Task, REFERENCE};
 use crate::spec::Engine;
 
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+
+/// fp32's scores on unlabelled samples, [samples, classes] f32.
+pub const LOGITS: &str = "logits.npy";
 
 #[derive(Deserialize)]
 struct Params {
@@ -23,9 +31,11 @@ struct Params {
     iterations: usize,
     threads: u32,
     engine: Engine,
+    #[serde(default)]
+    keep_logits: bool,
 }
 
-pub fn run(task: &Task, context: &StageContext<'_>, _out: &Path) -> Result<Value, StageError> {
+pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let p: Params = params(task)?;
     let build_dir = context.input_dir(task, "model")?;
     let model = build_dir.join(build::ENGINE_MODEL);
@@ -38,13 +48,19 @@ pub fn run(task: &Task, context: &StageContext<'_>, _out: &Path) -> Result<Value
     let images: Array4<f32> = tensor_file::read_npy::<f32>(&data.join(prepare_data::IMAGES))?
         .into_dimensionality::<Ix4>()
         .map_err(|e| StageError::Fatal(format!("test images are not NCHW: {e}")))?;
-    let labels = tensor_file::read_npy::<i64>(&data.join(prepare_data::LABELS))?.into_raw_vec_and_offset().0;
+    let labels_path = data.join(prepare_data::LABELS);
 
     let threads = engine::resolve_threads(p.threads);
     let mut session = InferenceSession::open_with(&model, threads, None, &provider)?;
     let accuracy_batch = p.batch_sizes.iter().copied().max().unwrap_or(1);
     let started = std::time::Instant::now();
-    let accuracy = engine::accuracy(&mut session, images.view(), &labels, accuracy_batch, context.cancel)?;
+    let mut quality = if labels_path.exists() {
+        let labels = tensor_file::read_npy::<i64>(&labels_path)?.into_raw_vec_and_offset().0;
+        let accuracy = engine::accuracy(&mut session, images.view(), &labels, accuracy_batch, context.cancel)?;
+        json!({"accuracy": accuracy.top1, "top5": accuracy.top5})
+    } else {
+        against_reference(task, context, &mut session, images.view(), accuracy_batch, p.keep_logits, out)?
+    };
     let accuracy_pass_s = started.elapsed().as_secs_f64();
 
     let mut latency = Vec::new();
@@ -54,18 +70,71 @@ pub fn run(task: &Task, context: &StageContext<'_>, _out: &Path) -> Result<Value
         latency.push(engine::measure_latency(&mut session, input, p.warmup, p.iterations, context.cancel)?);
     }
 
-    Ok(json!({
-        "accuracy": accuracy.top1,
-        "top5": accuracy.top5,
-        "test_images": labels.len(),
-        "accuracy_batch": accuracy_batch,
-        "accuracy_pass_s": accuracy_pass_s,
-        "latency": latency,
-        "threads": threads,
-        "engine": p.engine,
-        "onnxruntime": engine::runtime()?.version,
-        "machine": machine(),
-    }))
+    quality.as_object_mut().expect("an object").extend(
+        json!({
+            "test_images": images.shape()[0],
+            "accuracy_batch": accuracy_batch,
+            "accuracy_pass_s": accuracy_pass_s,
+            "latency": latency,
+            "threads": threads,
+            "engine": p.engine,
+            "onnxruntime": engine::runtime()?.version,
+            "machine": machine(),
+        })
+        .as_object()
+        .expect("an object")
+        .clone(),
+    );
+    Ok(quality)
+}
+
+/// Unlabelled samples: keeps the scores (fp32), or compares them with the
+/// `reference` evaluation's (every other run).
+fn against_reference(
+    task: &Task,
+    context: &StageContext<'_>,
+    session: &mut InferenceSession,
+    images: ndarray::ArrayView4<'_, f32>,
+    batch: usize,
+    keep_logits: bool,
+    out: &Path,
+) -> Result<Value, StageError> {
+    let mut kept: Option<NpyRowWriter> = None;
+    let mut reference = match task.input(REFERENCE) {
+        Some(_) => Some(NpyBatches::open(&context.input_dir(task, REFERENCE)?.join(LOGITS), batch)?),
+        None => None,
+    };
+    let mut agreement = engine::Agreement::default();
+    engine::for_each_scores(session, images, batch, context.cancel, |scores| -> Result<(), StageError> {
+        if keep_logits {
+            let writer = match &mut kept {
+                Some(writer) => writer,
+                None => kept.insert(NpyRowWriter::create(&out.join(LOGITS), &[images.shape()[0], scores.shape()[1]])?),
+            };
+            writer.append(scores.as_standard_layout().as_slice().expect("standard layout"))?;
+        }
+        if let Some(batches) = &mut reference {
+            let theirs = batches.next().ok_or_else(|| StageError::Fatal("fp32's logits end early".into()))??;
+            if theirs.shape() != scores.shape() {
+                return Err(StageError::Fatal(format!(
+                    "fp32's logits are {:?} for this batch, these are {:?}",
+                    theirs.shape(),
+                    scores.shape()
+                )));
+            }
+            for (ours, fp32) in scores.outer_iter().zip(theirs.outer_iter()) {
+                agreement.add(ours, fp32.into_dimensionality().expect("rows of a 2-D array"));
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(writer) = kept {
+        writer.finish()?;
+    }
+    Ok(match reference {
+        Some(_) => json!({"labelled": false, "agreement": agreement.top1(), "logit_sqnr_db": agreement.mean_sqnr_db()}),
+        None => json!({"labelled": false, "agreement": 1.0}),
+    })
 }
 
 /// A short description of the machine, since latency means nothing without it.
