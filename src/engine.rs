@@ -332,6 +332,11 @@ impl InferenceSession {
         logits.into_dimensionality::<ndarray::Ix2>().map_err(|e| reading(format!("expected [batch, classes]: {e}")))
     }
 
+    /// The batch size the model's input fixes, if it does.
+    pub fn fixed_batch(&self) -> Option<usize> {
+        self.fixed_batch
+    }
+
     /// Runs one batch and hands all its float outputs to `use_outputs` at
     /// once (so they can be processed in parallel), with rows that only
     /// padded a fixed batch cut off.

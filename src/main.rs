@@ -315,10 +315,14 @@ fn main() -> ExitCode {
 
 /// Loads a sweep, or prints its errors and says to exit 2.
 fn load(spec: &Path) -> Result<sweep::Sweep, ExitCode> {
-    sweep::load(spec).map_err(|errors| {
+    let sweep = sweep::load(spec).map_err(|errors| {
         eprint!("{errors}");
         ExitCode::from(USAGE)
-    })
+    })?;
+    for note in &sweep.notes {
+        eprintln!("note: {note}");
+    }
+    Ok(sweep)
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {

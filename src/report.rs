@@ -221,10 +221,16 @@ fn summary_markdown(sweep: &str, runs: &[RunResult]) -> String {
         } else {
             "Accuracy is top-1 on"
         };
+        let fixed = match evaluation["fixed_batch"].as_u64() {
+            Some(batch) => {
+                format!(" The model's batch axis is fixed at {batch}, so it is measured at that batch only.")
+            }
+            None => String::new(),
+        };
         let _ = writeln!(
             md,
             "Measured with ONNX Runtime {} ({} execution provider, {} threads) on {} ({} cores). \
-             {measure} {} test images; latency is p50 at batch {}; throughput is at batch {}.\n",
+             {measure} {} test images; latency is p50 at batch {}; throughput is at batch {}.{fixed}\n",
             evaluation["onnxruntime"].as_str().unwrap_or("?"),
             evaluation["engine"].as_str().unwrap_or("?"),
             evaluation["threads"],

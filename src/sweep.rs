@@ -38,6 +38,8 @@ pub struct Sweep {
     /// Whether the evaluation samples have labels (else runs are measured
     /// against fp32's outputs).
     pub evaluation_labelled: bool,
+    /// What validation changed or noticed that the user should know.
+    pub notes: Vec<String>,
     pub runs: Vec<Run>,
 }
 
@@ -157,7 +159,16 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         errors.sort_by_key(|d| (d.line, d.column));
         return Err(parsed.errors(errors));
     }
-    let (model_color, model_size) = model_input.unwrap_or((None, None));
+    let facts = model_input.unwrap_or(ModelFacts { color: None, size: None, batch_one_only: None });
+    let (model_color, model_size) = (facts.color, facts.size);
+    let mut notes = Vec::new();
+    let mut parsed = parsed;
+    if let Some(reason) = facts.batch_one_only {
+        notes.push(format!(
+            "the model's batch axis is fixed at 1 and {reason}, so latency and throughput are measured at batch 1 only (re-export with dynamic_axes to measure more)"
+        ));
+        parsed.spec.evaluate.batch_sizes = vec![1];
+    }
     let color = parsed.spec.data.preprocess.color.or(model_color).unwrap_or(Color::Grey);
     let image_size =
         (!opened.folders.is_empty()).then(|| image::fixed_size(&parsed.spec.data.preprocess).or(model_size)).flatten();
@@ -172,6 +183,7 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         model_input: input_name,
         sample_rank: input_rank.saturating_sub(1),
         evaluation_labelled,
+        notes,
         runs,
     })
 }
@@ -457,7 +469,7 @@ fn check_model(
     model: &onnx::Model,
     opened: &OpenedSources,
     errors: &mut Vec<Diagnostic>,
-) -> Option<(Option<Color>, Option<[u32; 2]>)> {
+) -> Option<ModelFacts> {
     let OpenedSources { dataset_shape, folders, tensors } = opened;
     let dataset_shape = *dataset_shape;
     let path = JsonPath::parse("model");
@@ -599,9 +611,13 @@ fn check_model(
             }
         }
     }
+    let mut batch_one_only = None;
     if let Some(Some(Dim::Fixed(fixed))) = input.shape.as_ref().map(|s| s.first().cloned()) {
         let fixed = fixed as u32;
-        if parsed.spec.evaluate.batch_sizes.iter().any(|&b| b != fixed) {
+        let batch = (fixed == 1).then(|| crate::onnx::batch::free_batch(&model.proto));
+        if let Some(crate::onnx::batch::Batch::FixedAtOne(reason)) = batch {
+            batch_one_only = Some(reason);
+        } else if batch.is_none() && parsed.spec.evaluate.batch_sizes.iter().any(|&b| b != fixed) {
             errors.push(parsed.diagnostic(
                 JsonPath::parse("evaluate.batch_sizes"),
                 format!("the model's batch axis is fixed at {fixed}, so it cannot run other batch sizes"),
@@ -664,7 +680,17 @@ fn check_model(
             }
         }
     }
-    Some((Some(color), model_size))
+    Some(ModelFacts { color: Some(color), size: model_size, batch_one_only })
+}
+
+/// What validation learned from the model's graph.
+struct ModelFacts {
+    /// The colour mode its channels imply.
+    color: Option<Color>,
+    /// The image size its input fixes.
+    size: Option<[u32; 2]>,
+    /// Why the graph runs batch 1 only, if it does.
+    batch_one_only: Option<String>,
 }
 
 /// How a folder source is named in messages.

@@ -5,6 +5,7 @@
 //! prost from the official onnx.proto at build time), so no schema or
 //! generated code is copied into this repository.
 
+pub mod batch;
 pub mod graph;
 
 use std::path::{Path, PathBuf};

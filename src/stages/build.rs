@@ -22,9 +22,13 @@ use crate::plan::Task;
 use crate::quant::{amax, coverage, qdq};
 use crate::spec::{CalibrationMethod, Engine, Int8Format};
 
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 pub const ENGINE_MODEL: &str = "model.onnx";
+
+/// The fp32 graph the fp32 build starts from: the spec's model, with a
+/// fixed batch of 1 freed where the graph allows.
+pub const FP32_MODEL: &str = "fp32.onnx";
 
 /// The Q/DQ model the int8 build writes before optimizing it: the file
 /// to hand to TensorRT or any other explicit-quantization engine.
@@ -69,7 +73,7 @@ pub fn ptq_model(
         })
         .collect();
     let shapes = statistics.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
-    let model = onnx::Model::load(&context.model_path(task)?).map_err(|e| StageError::Fatal(e.to_string()))?;
+    let model = context.load_model(task)?;
     let (model, summary) = qdq::quantize(&model.proto, &ranges, format, quantizer.residual_fusion)
         .map_err(|e| StageError::Fatal(e.to_string()))?;
     Ok(PtqModel { model, summary, shapes })
@@ -83,7 +87,12 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         Params::Int8 { engine, .. } => (*engine, true),
     };
     let (source, mut metrics) = match params {
-        Params::Fp32 { .. } => (context.model_path(task)?, json!({"precision": "fp32"})),
+        Params::Fp32 { .. } => {
+            // The graph the other stages see, which may differ from the file.
+            let path = out.join(FP32_MODEL);
+            std::fs::write(&path, context.load_model(task)?.proto.encode_to_vec())?;
+            (path, json!({"precision": "fp32"}))
+        }
         Params::Int8 { quantizer, format, percentile, .. } => {
             let ptq = ptq_model(task, context, &quantizer, format, percentile)?;
             shapes = ptq.shapes;
@@ -121,7 +130,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         // One thread: building is a one-off graph rewrite, and the saved
         // graph does not depend on the thread count.
         InferenceSession::open(&source, 1, Some(&built))?;
-        let fp32_model = onnx::Model::load(&context.model_path(task)?).map_err(|e| StageError::Fatal(e.to_string()))?;
+        let fp32_model = context.load_model(task)?;
         let built_model = onnx::Model::load(&built).map_err(|e| StageError::Retryable(e.to_string()))?;
         extra["engine_bytes"] = json!(std::fs::metadata(&built)?.len());
         extra["nodes_after"] = json!(built_model.node_count());

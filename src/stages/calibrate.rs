@@ -60,7 +60,7 @@ impl Statistics {
 }
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
-    let model = onnx::Model::load(&context.model_path(task)?).map_err(|e| StageError::Fatal(e.to_string()))?;
+    let model = context.load_model(task)?;
     let data = context.input_dir(task, "data")?;
     let images = data.join(prepare_data::IMAGES);
     let per_sample: usize = NpyBatches::open(&images, 1)?.shape()[1..].iter().product();
@@ -125,32 +125,38 @@ pub fn collect(
             .into_dimensionality::<Ix4>()
             .map_err(|e| StageError::Fatal(format!("calibration images are not NCHW: {e}")))?;
         samples += batch.shape()[0];
-        let failure = session.run_outputs(batch.view(), |outputs| {
-            // Each tensor's histogram is updated by one thread; tensors are
-            // dealt round-robin to as many threads as ONNX Runtime uses.
-            let mut work: Vec<(&mut TensorStatistics, &engine::Output<'_>)> = Vec::new();
-            let mut remaining: Vec<Option<&mut TensorStatistics>> = tensors.iter_mut().map(Some).collect();
-            for output in outputs {
-                if let Some(stats) = slots[output.index].and_then(|slot| remaining[slot].take()) {
-                    work.push((stats, output));
+        // A model whose batch axis is fixed takes the batch in slices of that size.
+        let slice = session.fixed_batch().unwrap_or(batch.shape()[0]).max(1);
+        for sub_batch in batch.axis_chunks_iter(ndarray::Axis(0), slice) {
+            let failure = session.run_outputs(sub_batch, |outputs| {
+                // Each tensor's histogram is updated by one thread; tensors are
+                // dealt round-robin to as many threads as ONNX Runtime uses.
+                let mut work: Vec<(&mut TensorStatistics, &engine::Output<'_>)> = Vec::new();
+                let mut remaining: Vec<Option<&mut TensorStatistics>> = tensors.iter_mut().map(Some).collect();
+                for output in outputs {
+                    if let Some(stats) = slots[output.index].and_then(|slot| remaining[slot].take()) {
+                        work.push((stats, output));
+                    }
                 }
+                let lanes = threads.max(1);
+                let mut per_lane: Vec<Vec<(&mut TensorStatistics, &engine::Output<'_>)>> =
+                    (0..lanes).map(|_| Vec::new()).collect();
+                for (i, item) in work.into_iter().enumerate() {
+                    per_lane[i % lanes].push(item);
+                }
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = per_lane
+                        .into_iter()
+                        .map(|lane| {
+                            scope.spawn(move || lane.into_iter().find_map(|(stats, output)| update(stats, output)))
+                        })
+                        .collect();
+                    handles.into_iter().find_map(|h| h.join().expect("a histogram thread panicked"))
+                })
+            })?;
+            if let Some(message) = failure {
+                return Err(StageError::Fatal(message));
             }
-            let lanes = threads.max(1);
-            let mut per_lane: Vec<Vec<(&mut TensorStatistics, &engine::Output<'_>)>> =
-                (0..lanes).map(|_| Vec::new()).collect();
-            for (i, item) in work.into_iter().enumerate() {
-                per_lane[i % lanes].push(item);
-            }
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = per_lane
-                    .into_iter()
-                    .map(|lane| scope.spawn(move || lane.into_iter().find_map(|(stats, output)| update(stats, output))))
-                    .collect();
-                handles.into_iter().find_map(|h| h.join().expect("a histogram thread panicked"))
-            })
-        })?;
-        if let Some(message) = failure {
-            return Err(StageError::Fatal(message));
         }
     }
     Ok(Statistics { samples, tensors })

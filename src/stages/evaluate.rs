@@ -73,6 +73,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     quality.as_object_mut().expect("an object").extend(
         json!({
             "test_images": images.shape()[0],
+        "fixed_batch": session.fixed_batch(),
             "accuracy_batch": accuracy_batch,
             "accuracy_pass_s": accuracy_pass_s,
             "latency": latency,

@@ -76,6 +76,18 @@ impl StageContext<'_> {
         }
     }
 
+    /// The fp32 model `task` works on, with a batch axis fixed at 1 freed
+    /// where the graph allows (`onnx::batch`), so every stage sees the
+    /// same graph.
+    pub fn load_model(&self, task: &Task) -> Result<crate::onnx::Model, StageError> {
+        let mut model =
+            crate::onnx::Model::load(&self.model_path(task)?).map_err(|e| StageError::Fatal(e.to_string()))?;
+        if let crate::onnx::batch::Batch::Freed(freed) = crate::onnx::batch::free_batch(&model.proto) {
+            model.proto = *freed;
+        }
+        Ok(model)
+    }
+
     /// The artifact directory of the input playing `role`.
     pub fn input_dir(&self, task: &Task, role: &str) -> Result<PathBuf, StageError> {
         let key =
