@@ -265,6 +265,8 @@ pub struct InferenceSession {
     input_name: String,
     /// Set when the model's batch axis is fixed; shorter batches get padded.
     fixed_batch: Option<usize>,
+    /// The output `run` returns: the first unless `score_with` says.
+    scores: usize,
 }
 
 impl InferenceSession {
@@ -313,18 +315,29 @@ impl InferenceSession {
             .and_then(|shape| shape.first().copied())
             .filter(|&d| d > 0)
             .map(|d| d as usize);
-        Ok(Self { session, input_name, fixed_batch })
+        Ok(Self { session, input_name, fixed_batch, scores: 0 })
+    }
+
+    /// Makes `run` return the output named `name` (a model with several).
+    pub fn score_with(&mut self, name: &str) -> Result<(), EngineError> {
+        let names = self.output_names();
+        self.scores = names.iter().position(|n| n == name).ok_or_else(|| EngineError::Ort {
+            doing: "choosing the scores output".into(),
+            message: format!("the model has no output `{name}` (it has: {})", names.join(", ")),
+        })?;
+        Ok(())
     }
 
     pub fn output_names(&self) -> Vec<String> {
         self.session.outputs().iter().map(|o| o.name().to_string()).collect()
     }
 
-    /// Runs one batch and returns the first output as [batch, classes].
+    /// Runs one batch and returns the scores output as [batch, classes].
     pub fn run(&mut self, batch: ArrayView4<'_, f32>) -> Result<Array2<f32>, EngineError> {
         let reading = |message: String| EngineError::Ort { doing: "reading the output".into(), message };
+        let scores = self.scores;
         let logits = self.run_outputs(batch, |outputs| {
-            let first = outputs.first().ok_or_else(|| reading("the model has no outputs".into()))?;
+            let first = outputs.get(scores).ok_or_else(|| reading("the model has no outputs".into()))?;
             ndarray::ArrayView::from_shape(first.shape.clone(), first.values)
                 .map(|v| v.to_owned())
                 .map_err(|e| reading(e.to_string()))

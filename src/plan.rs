@@ -214,13 +214,17 @@ impl Plan {
             ModelSource::File(_) => None,
         };
         let fp32_model: Vec<Input> = trained.iter().map(|key| input(FP32_MODEL, key)).collect();
-        let evaluate_params = json!({
+        let mut evaluate_params = json!({
             "batch_sizes": spec.evaluate.batch_sizes,
             "warmup": spec.evaluate.warmup,
             "iterations": spec.evaluate.iterations,
             "threads": spec.evaluate.threads,
             "engine": spec.evaluate.engine,
         });
+        // Only when given, so that other sweeps' keys stay as they were.
+        if let Some(output) = &spec.evaluate.output {
+            evaluate_params["output"] = json!(output);
+        }
 
         let fp32_build_params =
             json!({"precision": "fp32", "model_digest": sources.model_digest, "engine": spec.evaluate.engine});

@@ -626,7 +626,19 @@ fn check_model(
         }
     }
     let outputs = model.outputs();
-    let scored = outputs.first().and_then(|o| o.shape.as_ref().map(|s| s.last().cloned()));
+    let chosen = match &parsed.spec.evaluate.output {
+        Some(name) => outputs.iter().find(|o| &o.name == name).or_else(|| {
+            let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+            errors.push(parsed.diagnostic(
+                JsonPath::parse("evaluate.output"),
+                format!("the model has no output `{name}`; its outputs are: {}", names.join(", ")),
+                "name the output that holds the class scores",
+            ));
+            None
+        }),
+        None => outputs.first(),
+    };
+    let scored = chosen.and_then(|o| o.shape.as_ref().map(|s| s.last().cloned()));
     if let Some(Some(Dim::Fixed(classes))) = scored {
         if dataset_shape.is_some() && classes != 10 {
             errors.push(parsed.diagnostic(

@@ -548,6 +548,10 @@ pub struct EvaluateSpec {
     /// cuda or tensorrt.
     #[serde(default)]
     pub engine: Engine,
+    /// The model output that holds the class scores, for a model with
+    /// several [default: the first].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 impl Default for EvaluateSpec {
@@ -558,6 +562,7 @@ impl Default for EvaluateSpec {
             iterations: default_iterations(),
             threads: 0,
             engine: Engine::default(),
+            output: None,
         }
     }
 }

@@ -33,6 +33,9 @@ struct Params {
     engine: Engine,
     #[serde(default)]
     keep_logits: bool,
+    /// The output holding the scores [default: the first].
+    #[serde(default)]
+    output: Option<String>,
 }
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
@@ -52,6 +55,9 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
 
     let threads = engine::resolve_threads(p.threads);
     let mut session = InferenceSession::open_with(&model, threads, None, &provider)?;
+    if let Some(output) = &p.output {
+        session.score_with(output).map_err(|e| StageError::Fatal(e.to_string()))?;
+    }
     let accuracy_batch = p.batch_sizes.iter().copied().max().unwrap_or(1);
     let started = std::time::Instant::now();
     let mut quality = if labels_path.exists() {

@@ -1,6 +1,7 @@
-//! Models that torch.onnx.export wrote without dynamic axes, so their
+//! Models as PyTorch's exporter writes them. Without dynamic axes the
 //! batch is fixed at 1 (tests/fixtures/graphs/make_fixed_batch.py): freed
-//! where the graph allows, else measured at batch 1 only and said so.
+//! where the graph allows, else measured at batch 1 only and said so. With
+//! several outputs, `evaluate.output` picks the scores.
 
 mod common;
 
@@ -13,7 +14,11 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn spec_for(dir: &Path, model: &Path) -> PathBuf {
-    let text = quick_spec_json(r#""matrix": { "calibration": ["max"] }"#)
+    spec_with(dir, model, "")
+}
+
+fn spec_with(dir: &Path, model: &Path, extra: &str) -> PathBuf {
+    let text = quick_spec_json(&format!(r#""matrix": {{ "calibration": ["max"] }}{extra}"#))
         .replace(&reference_model().display().to_string(), &model.display().to_string());
     write(dir, "fixed.json", &text)
 }
@@ -62,4 +67,29 @@ fn a_hard_coded_batch_is_measured_at_batch_one_and_said_so() {
     }
     let summary = std::fs::read_to_string(results.join("summary.md")).unwrap();
     assert!(summary.contains("batch axis is fixed at 1"), "{summary}");
+}
+
+#[test]
+fn evaluate_output_picks_the_scores_of_a_model_with_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("shared_biases_two_outputs.onnx");
+    let validate = |extra: &str| {
+        let spec = spec_with(dir.path(), &model, extra);
+        let output = qsweep(&["validate", spec.to_str().unwrap()]);
+        (output.status.code(), stderr(&output), spec)
+    };
+    let (code, err, _) = validate(r#", "evaluate": { "output": "nope" }"#);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no output `nope`; its outputs are: logits, features"), "{err}");
+    // The features are 8 wide: not the 10 classes' scores.
+    let (code, err, _) = validate(r#", "evaluate": { "output": "features" }"#);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("scores 8 classes"), "{err}");
+
+    let (code, err, spec) = validate(r#", "evaluate": { "output": "logits", "batch_sizes": [64], "iterations": 2 }"#);
+    assert_eq!(code, Some(0), "{err}");
+    let results = dir.path().join("results");
+    let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(csv_rows(&results).len(), 2);
 }
