@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod graph;
+pub mod patch;
 
 use std::path::{Path, PathBuf};
 

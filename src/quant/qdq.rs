@@ -1,9 +1,12 @@
 //! The Q/DQ rewrite: inserts QuantizeLinear/DequantizeLinear pairs where
 //! an engine's int8 kernels need them, then lints the result.
 //!
-//! The rewrite is planned first (`edges`) and applied in one step, so the
-//! calibrate stage and the build stage agree on which tensors are quantized:
-//! calibrate measures every tensor any format may need.
+//! The rewrite is three patches (`onnx::patch`), each built against the
+//! graph as the previous one left it and checked when applied: Identity
+//! inlining, BatchNorm folding (the CPU format), and Q/DQ insertion. Which
+//! tensors get Q/DQ is planned first (`edges`), so the calibrate stage and
+//! the build stage agree on it: calibrate measures every tensor any format
+//! may need.
 //!
 //! The `tensorrt` format follows TensorRT's explicit-quantization rules:
 //! quantize every input of Conv, Gemm and MatMul (activations per tensor,
@@ -32,6 +35,7 @@ use candle_onnx::onnx::{
 };
 
 use crate::onnx::graph::{int_attribute, node_name, residual_adds, weighted_ops, GraphIndex, WEIGHTED_OPS};
+use crate::onnx::patch::{Malformed, Names, Patch, Place};
 use crate::spec::Int8Format;
 
 /// The scale of a dead (all-zero) tensor or channel: any positive value
@@ -159,6 +163,12 @@ pub enum QdqError {
     Malformed { node: String, problem: String },
 }
 
+impl From<Malformed> for QdqError {
+    fn from(Malformed { node, problem }: Malformed) -> Self {
+        QdqError::Malformed { node, problem }
+    }
+}
+
 /// How one format stores numbers.
 struct Encoding {
     /// Largest weight magnitude in int8 steps (127, or 63 for 7-bit).
@@ -192,39 +202,6 @@ pub fn weight_levels(format: Int8Format) -> f32 {
 
 /// Rewrites `model` into a Q/DQ model. `ranges` maps every tensor of
 /// `calibration_tensors` to its calibrated range.
-/// The names a graph already uses (nodes, tensors, initializers), handing
-/// out fresh ones for what the rewrite adds. Exporters name things freely:
-/// PyTorch shares one initializer between convs whose values are equal and
-/// leaves nodes unnamed, and a user's tensor may already be called
-/// `x_scale`, so a derived name is checked, never assumed free.
-struct Names {
-    used: HashSet<String>,
-}
-
-impl Names {
-    fn of(graph: &GraphProto) -> Self {
-        let mut used: HashSet<String> = HashSet::new();
-        for node in &graph.node {
-            used.insert(node.name.clone());
-            used.extend(node.input.iter().chain(&node.output).cloned());
-        }
-        used.extend(graph.initializer.iter().map(|t| t.name.clone()));
-        used.extend(graph.input.iter().chain(&graph.output).chain(&graph.value_info).map(|v| v.name.clone()));
-        Self { used }
-    }
-
-    /// `base`, or `base_1`, `base_2`, ... whichever is free first.
-    fn fresh(&mut self, base: &str) -> String {
-        if self.used.insert(base.to_string()) {
-            return base.to_string();
-        }
-        (1..)
-            .map(|n| format!("{base}_{n}"))
-            .find(|candidate| self.used.insert(candidate.clone()))
-            .expect("some suffix is free")
-    }
-}
-
 pub fn quantize(
     model: &ModelProto,
     ranges: &HashMap<String, Range>,
@@ -235,21 +212,53 @@ pub fn quantize(
     if opset < MIN_OPSET {
         return Err(QdqError::OpsetTooOld { found: opset });
     }
-    let encoding = Encoding::of(format);
     let mut model = model.clone();
     let graph = model.graph.as_mut().expect("a loaded model has a graph");
     let mut summary = QdqSummary { format: Some(format), ..Default::default() };
-    inline_constant_identities(graph);
+    inline_constant_identities(graph).apply(graph)?;
     let mut names = Names::of(graph);
     if format == Int8Format::OnnxruntimeCpu {
-        summary.folded_batch_norms = fold_batch_norms(graph, &mut names)?;
+        // Again until nothing folds: a fold can put a Conv before the next
+        // BatchNorm (Conv -> BatchNorm -> BatchNorm).
+        loop {
+            let (folding, folded) = fold_batch_norms(graph, &mut names)?;
+            if folded == 0 {
+                break;
+            }
+            folding.apply(graph)?;
+            summary.folded_batch_norms += folded;
+        }
     }
+    insert_qdq(graph, ranges, format, residual_fusion, &mut names, &mut summary)?.apply(graph)?;
+
+    let index = GraphIndex::new(graph);
+    summary.float_adds = residual_adds(&index)
+        .into_iter()
+        .filter(|add| index.producer(&add.skip).is_none_or(|p| p.op_type != "DequantizeLinear"))
+        .map(|add| add.name)
+        .collect();
+    lint(&model, residual_fusion)?;
+    Ok((model, summary))
+}
+
+/// The Q/DQ patch: a pair on each activation tensor an edge reads, shared
+/// by all its edges and placed right after the tensor's producer; int8
+/// weights with one DequantizeLinear each; and on the CPU format, biases
+/// as int32 at the product of input and weight scales.
+fn insert_qdq(
+    graph: &GraphProto,
+    ranges: &HashMap<String, Range>,
+    format: Int8Format,
+    residual_fusion: bool,
+    names: &mut Names,
+    summary: &mut QdqSummary,
+) -> Result<Patch, QdqError> {
+    let encoding = Encoding::of(format);
     let ops = weighted_ops(&GraphIndex::new(graph));
     if ops.is_empty() {
         return Err(QdqError::NothingToQuantize);
     }
-
-    // Activations: one pair per tensor, shared by all the edges reading it.
+    let mut patch = Patch::default();
     let edges = edges(graph, format, residual_fusion);
     let mut scales: BTreeMap<String, (f32, u8)> = BTreeMap::new();
     for edge in &edges {
@@ -262,46 +271,40 @@ pub fn quantize(
     }
     let producers: HashMap<String, usize> =
         graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
-    let mut after_producer: HashMap<usize, Vec<NodeProto>> = HashMap::new();
-    let mut leading = Vec::new();
     let mut dequantized: HashMap<String, String> = HashMap::new();
     for (tensor, &(scale, zero_point)) in &scales {
         let zero_point = encoding.unsigned_activations.then_some(zero_point);
-        let (nodes, initializers, output) = activation_pair(tensor, scale, zero_point, &mut names);
-        graph.initializer.extend(initializers);
-        match producers.get(tensor) {
-            Some(&producer) => after_producer.entry(producer).or_default().extend(nodes),
-            None => leading.extend(nodes),
-        }
+        let (nodes, initializers, output) = activation_pair(tensor, scale, zero_point, names);
+        initializers.into_iter().for_each(|t| patch.add_initializer(t));
+        let place = producers.get(tensor).map_or(Place::First, |&producer| Place::After(producer));
+        nodes.into_iter().for_each(|n| patch.add_node(place, n));
         dequantized.insert(tensor.clone(), output);
         summary.qdq_pairs += 1;
     }
     for edge in &edges {
-        graph.node[edge.node].input[edge.slot] = dequantized[&edge.tensor].clone();
+        patch.set_input(edge.node, edge.slot, dequantized[&edge.tensor].clone());
     }
 
-    // Weights as int8 with one DequantizeLinear each; on the CPU format,
-    // biases as int32 at the product of input and weight scales.
     let mut weights: HashMap<String, String> = HashMap::new();
     for op in &ops {
         let Some(weight) = &op.weight else { continue };
-        let Some(original) = graph.initializer.iter().find(|t| t.name == weight.tensor).cloned() else { continue };
+        let Some(original) = graph.initializer.iter().find(|t| t.name == weight.tensor) else { continue };
         let bad =
             |problem: String| QdqError::BadTensor { node: op.name.clone(), tensor: weight.tensor.clone(), problem };
         let (int8, weight_scales, dead) =
-            quantize_weight(&original, weight.channel_axis, encoding.weight_levels).map_err(bad)?;
+            quantize_weight(original, weight.channel_axis, encoding.weight_levels).map_err(bad)?;
         summary.dead.extend(dead.into_iter().map(|c| format!("{}[{c}]", weight.tensor)));
         if !weights.contains_key(&weight.tensor) {
             let (node, initializers, output) =
-                weight_dequantize(&original, int8, &weight_scales, weight.channel_axis, &mut names);
-            graph.initializer.extend(initializers);
-            leading.push(node);
+                weight_dequantize(original, int8, &weight_scales, weight.channel_axis, names);
+            initializers.into_iter().for_each(|t| patch.add_initializer(t));
+            patch.add_node(Place::First, node);
             weights.insert(weight.tensor.clone(), output);
             summary.qdq_pairs += 1;
         }
-        graph.node[op.node].input[weight.slot] = weights[&weight.tensor].clone();
+        patch.set_input(op.node, weight.slot, weights[&weight.tensor].clone());
 
-        let bias = graph.node[op.node].input.get(2).filter(|b| !b.is_empty()).cloned();
+        let bias = graph.node[op.node].input.get(2).filter(|b| !b.is_empty());
         let input_scale = op.activations.first().and_then(|(_, t)| {
             scales.get(t).or_else(|| {
                 // The pair may sit above a Pad; a Pad keeps the scale.
@@ -310,12 +313,12 @@ pub fn quantize(
             })
         });
         if let (Int8Format::OnnxruntimeCpu, Some(bias), Some(&(input_scale, _))) = (format, bias, input_scale) {
-            let Some(original) = graph.initializer.iter().find(|t| t.name == bias).cloned() else { continue };
+            let Some(original) = graph.initializer.iter().find(|t| &t.name == bias) else { continue };
             if original.dims.len() != 1 || original.dims[0] as usize != weight_scales.len() {
                 continue;
             }
             let bias_scales: Vec<f32> = weight_scales.iter().map(|s| s * input_scale).collect();
-            let values = float_values(&original).map_err(|problem| QdqError::BadTensor {
+            let values = float_values(original).map_err(|problem| QdqError::BadTensor {
                 node: op.name.clone(),
                 tensor: bias.clone(),
                 problem,
@@ -323,73 +326,14 @@ pub fn quantize(
             let int32: Vec<i32> = values.iter().zip(&bias_scales).map(|(b, s)| (b / s).round() as i32).collect();
             // One per op: a bias shared by several convs (PyTorch shares
             // equal initializers) has a different int32 scale in each.
-            let (node, initializers, output) = bias_dequantize(&original, &int32, &bias_scales, &mut names);
-            graph.initializer.extend(initializers);
-            leading.push(node);
+            let (node, initializers, output) = bias_dequantize(original, &int32, &bias_scales, names);
+            initializers.into_iter().for_each(|t| patch.add_initializer(t));
+            patch.add_node(Place::First, node);
             summary.qdq_pairs += 1;
-            graph.node[op.node].input[2] = output;
+            patch.set_input(op.node, 2, output);
         }
     }
-
-    // Keep the nodes topologically sorted: constant DQs and graph-input
-    // pairs first, each activation pair right after its producer.
-    let mut nodes = leading;
-    for (i, node) in std::mem::take(&mut graph.node).into_iter().enumerate() {
-        nodes.push(node);
-        nodes.extend(after_producer.remove(&i).into_iter().flatten());
-    }
-    graph.node = nodes;
-    remove_unused_initializers(graph);
-
-    let index = GraphIndex::new(graph);
-    summary.float_adds = residual_adds(&index)
-        .into_iter()
-        .filter(|add| index.producer(&add.skip).is_none_or(|p| p.op_type != "DequantizeLinear"))
-        .map(|add| add.name)
-        .collect();
-    check_well_formed(model.graph.as_ref().expect("a loaded model has a graph"))?;
-    lint(&model, residual_fusion)?;
-    Ok((model, summary))
-}
-
-/// What every rewrite must leave: nodes in topological order, each tensor
-/// assigned once, node names unique.
-fn check_well_formed(graph: &GraphProto) -> Result<(), QdqError> {
-    let mut defined: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    defined.extend(graph.input.iter().map(|i| i.name.as_str()));
-    defined.insert("");
-    let mut node_names = HashSet::new();
-    for (i, node) in graph.node.iter().enumerate() {
-        let malformed = |problem: String| QdqError::Malformed { node: node_name(node, i), problem };
-        if !node.name.is_empty() && !node_names.insert(node.name.as_str()) {
-            return Err(malformed("its name is used by an earlier node".into()));
-        }
-        if let Some(missing) = node.input.iter().find(|input| !defined.contains(input.as_str())) {
-            return Err(malformed(format!("it reads `{missing}` before anything writes it")));
-        }
-        for output in &node.output {
-            if !defined.insert(output.as_str()) {
-                return Err(malformed(format!("it writes `{output}`, which something else writes too")));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Drops initializers no node reads any more (the float weights and
-/// biases that int8 ones replaced), and their graph-input entries, which
-/// older exporters list: left there, they would become required inputs.
-fn remove_unused_initializers(graph: &mut GraphProto) {
-    let read: HashSet<String> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter().cloned())
-        .chain(graph.output.iter().map(|o| o.name.clone()))
-        .collect();
-    let removed: HashSet<String> =
-        graph.initializer.iter().filter(|t| !read.contains(&t.name)).map(|t| t.name.clone()).collect();
-    graph.initializer.retain(|t| !removed.contains(&t.name));
-    graph.input.retain(|i| !removed.contains(&i.name));
+    Ok(patch)
 }
 
 fn scale_of(amax: f32, levels: f32) -> f32 {
@@ -407,65 +351,62 @@ fn default_opset(model: &ModelProto) -> i64 {
 /// Exporters deduplicate equal initializers behind Identity nodes (two
 /// zero BatchNorm biases become one tensor and an Identity). Reading the
 /// initializer directly keeps such parameters constant for folding.
-fn inline_constant_identities(graph: &mut GraphProto) {
-    let initializers: HashSet<String> = graph.initializer.iter().map(|t| t.name.clone()).collect();
-    let graph_outputs: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
-    let aliases: HashMap<String, String> = graph
-        .node
-        .iter()
-        .filter(|n| {
-            n.op_type == "Identity" && initializers.contains(&n.input[0]) && !graph_outputs.contains(&n.output[0])
-        })
-        .map(|n| (n.output[0].clone(), n.input[0].clone()))
-        .collect();
-    graph.node.retain(|n| !(n.op_type == "Identity" && aliases.contains_key(&n.output[0])));
-    for input in graph.node.iter_mut().flat_map(|n| n.input.iter_mut()) {
-        if let Some(source) = aliases.get(input) {
-            *input = source.clone();
+fn inline_constant_identities(graph: &GraphProto) -> Patch {
+    let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let mut patch = Patch::default();
+    for (i, node) in graph.node.iter().enumerate() {
+        let aliases_constant = node.op_type == "Identity"
+            && initializers.contains(node.input[0].as_str())
+            && !graph_outputs.contains(node.output[0].as_str());
+        if aliases_constant {
+            patch.remove_node(i);
+            patch.rename_reads(node.output[0].clone(), node.input[0].clone());
         }
     }
+    patch
 }
 
 /// Folds each BatchNormalization that is the only consumer of a Conv into
-/// that Conv's weights and bias. Returns how many were folded.
-fn fold_batch_norms(graph: &mut GraphProto, names: &mut Names) -> Result<usize, QdqError> {
+/// that Conv's weights and bias. A BatchNorm that cannot be folded (not
+/// after a Conv, or its parameters not constants of the conv's width)
+/// stays, and the others are folded all the same. Returns the patch and
+/// how many it folds.
+fn fold_batch_norms(graph: &GraphProto, names: &mut Names) -> Result<(Patch, usize), QdqError> {
+    let index = GraphIndex::new(graph);
+    let mut patch = Patch::default();
     let mut folded = 0;
-    // BatchNorms that cannot be folded (by output), so that the search
-    // moves on to the next one instead of stopping there.
-    let mut unfoldable: HashSet<String> = HashSet::new();
-    loop {
-        let index = GraphIndex::new(graph);
-        let candidate = graph.node.iter().enumerate().find_map(|(bn, node)| {
-            if node.op_type != "BatchNormalization" || node.output.len() != 1 || unfoldable.contains(&node.output[0]) {
-                return None;
-            }
-            let conv = index.producer_index(&node.input[0]).filter(|&c| graph.node[c].op_type == "Conv")?;
-            let sole_consumer = index.consumers(&graph.node[conv].output[0]).len() == 1;
-            let constants = node.input[1..].iter().chain(graph.node[conv].input.get(1)).all(|t| index.is_constant(t));
-            (sole_consumer && constants).then_some((conv, bn))
-        });
-        let Some((conv, bn)) = candidate else { break };
-        let tensor = |name: &str| graph.initializer.iter().find(|t| t.name == name).cloned();
+    for (bn, bn_node) in graph.node.iter().enumerate() {
+        if bn_node.op_type != "BatchNormalization" || bn_node.output.len() != 1 {
+            continue;
+        }
+        let Some(conv) = index.producer_index(&bn_node.input[0]).filter(|&c| graph.node[c].op_type == "Conv") else {
+            continue;
+        };
+        let conv_node = &graph.node[conv];
+        let sole_consumer = index.consumers(&conv_node.output[0]).len() == 1;
+        let constants = bn_node.input[1..].iter().chain(conv_node.input.get(1)).all(|t| index.is_constant(t));
+        if !(sole_consumer && constants) {
+            continue;
+        }
+        let tensor = |name: &str| graph.initializer.iter().find(|t| t.name == name);
         let bad = |tensor: &str, problem: String| QdqError::BadTensor {
-            node: node_name(&graph.node[bn], bn),
+            node: node_name(bn_node, bn),
             tensor: tensor.to_string(),
             problem,
         };
         let read = |name: &str| -> Result<Vec<f32>, QdqError> {
             let t = tensor(name).ok_or_else(|| bad(name, "is not an initializer".into()))?;
-            float_values(&t).map_err(|p| bad(name, p))
+            float_values(t).map_err(|p| bad(name, p))
         };
-        let bn_node = graph.node[bn].clone();
-        let conv_node = graph.node[conv].clone();
         let (gamma, beta, mean, var) =
             (read(&bn_node.input[1])?, read(&bn_node.input[2])?, read(&bn_node.input[3])?, read(&bn_node.input[4])?);
         let epsilon = bn_node.attribute.iter().find(|a| a.name == "epsilon").map_or(1e-5, |a| a.f);
         let weight =
             tensor(&conv_node.input[1]).ok_or_else(|| bad(&conv_node.input[1], "is not an initializer".into()))?;
-        let mut w = float_values(&weight).map_err(|p| bad(&weight.name, p))?;
+        let mut w = float_values(weight).map_err(|p| bad(&weight.name, p))?;
         let channels = weight.dims[0] as usize;
         if [gamma.len(), beta.len(), mean.len(), var.len()].iter().any(|&n| n != channels) {
-            unfoldable.insert(bn_node.output[0].clone());
             continue;
         }
         let mut b = match conv_node.input.get(2).filter(|b| !b.is_empty()) {
@@ -482,17 +423,15 @@ fn fold_batch_norms(graph: &mut GraphProto, names: &mut Names) -> Result<usize, 
             names.fresh(&format!("{}_bn_folded", conv_node.input[1])),
             names.fresh(&format!("{}_bn_folded_bias", conv_node.input[1])),
         );
-        graph.initializer.push(float_tensor(&w_name, &weight.dims, &w));
-        graph.initializer.push(float_tensor(&b_name, &[channels as i64], &b));
-        let conv_node = &mut graph.node[conv];
-        conv_node.input.truncate(1);
-        conv_node.input.extend([w_name, b_name]);
-        conv_node.output[0] = bn_node.output[0].clone();
-        graph.node.remove(bn);
+        patch.add_initializer(float_tensor(&w_name, &weight.dims, &w));
+        patch.add_initializer(float_tensor(&b_name, &[channels as i64], &b));
+        patch.set_input(conv, 1, w_name);
+        patch.set_input(conv, 2, b_name);
+        patch.set_output(conv, 0, bn_node.output[0].clone());
+        patch.remove_node(bn);
         folded += 1;
     }
-    remove_unused_initializers(graph);
-    Ok(folded)
+    Ok((patch, folded))
 }
 
 /// A Quantize/Dequantize pair on `tensor`, its scale and zero point (uint8
