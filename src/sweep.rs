@@ -170,6 +170,17 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         parsed.spec.evaluate.batch_sizes = vec![1];
     }
     let color = parsed.spec.data.preprocess.color.or(model_color).unwrap_or(Color::Grey);
+    if parsed.spec.data.preprocess.color.is_none() && color != Color::Grey {
+        for (role, folder) in &opened.folders {
+            if let Some(grey) = folder.samples.first().filter(|s| image::is_grey(&s.path)) {
+                notes.push(format!(
+                    "{} images are grey (e.g. {}) and the model takes colour: they are converted as PIL's convert(\"RGB\") does; set data.preprocess.color to say so and silence this",
+                    role.field(),
+                    grey.path.display()
+                ));
+            }
+        }
+    }
     let image_size =
         (!opened.folders.is_empty()).then(|| image::fixed_size(&parsed.spec.data.preprocess).or(model_size)).flatten();
     Ok(Sweep {

@@ -104,6 +104,15 @@ fn a_224_colour_model_gets_imagenet_preprocessing() {
     assert_eq!(preprocess["center_crop"], 224);
     assert_eq!(preprocess["color"], "rgb");
     assert_eq!(preprocess["mean"].as_array().unwrap().len(), 3);
+
+    // Without `color`, the grey PNGs are converted for the colour model, and validation says so.
+    let mut spec = spec;
+    spec["data"]["preprocess"].as_object_mut().unwrap().remove("color");
+    let unset = write(dir.path(), "unset.json", &spec.to_string());
+    let validate = qsweep(&["validate", unset.to_str().unwrap()]);
+    assert_eq!(validate.status.code(), Some(0), "{}", stderr(&validate));
+    let note = stderr(&validate);
+    assert!(note.contains("evaluation images are grey") && note.contains("convert(\"RGB\")"), "{note}");
 }
 
 /// Data that does not fit the model: exit 2 with the validation's reasons,

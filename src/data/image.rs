@@ -73,6 +73,13 @@ pub fn load(path: &Path, color: Color) -> Result<Pixels, ImageError> {
     Ok(convert(decoded, color))
 }
 
+/// Whether the file holds a grey image (reading its header only; false
+/// when it cannot be read, which preparing the image reports).
+pub fn is_grey(path: &Path) -> bool {
+    let Ok(reader) = ImageReader::open(path).and_then(|r| r.with_guessed_format()) else { return false };
+    reader.into_decoder().is_ok_and(|decoder| decoder.color_type().channel_count() <= 2)
+}
+
 /// JPEG through libjpeg-turbo (TurboJPEG), the library PIL decodes with,
 /// at its defaults as PIL uses them (accurate integer IDCT, smooth chroma
 /// upsampling): other decoders differ from it by up to 3 per channel.
