@@ -605,7 +605,7 @@ fn check_model(
             ));
         }
         if set.dtypes.contains(&crate::data::tensor_source::Dtype::U8) {
-            let channels = set.sample_shape.get(channel_axis(preprocess.layout, set.sample_shape.len())).copied();
+            let channels = set.sample_shape.get(preprocess.layout.channel_axis(set.sample_shape.len())).copied();
             for (field, values) in [("mean", &preprocess.mean), ("std", &preprocess.std)] {
                 if values.len() != 1 && Some(values.len()) != channels {
                     errors.push(parsed.diagnostic(
@@ -721,14 +721,6 @@ fn folder_source(folder: &ImageFolder) -> String {
     match &folder.labels_file {
         Some(file) => file.display().to_string(),
         None => folder.root.display().to_string(),
-    }
-}
-
-/// The channel axis of a sample (no batch axis) of `rank` axes.
-pub fn channel_axis(layout: Layout, rank: usize) -> usize {
-    match layout {
-        Layout::Nchw => 0,
-        Layout::Nhwc => rank.saturating_sub(1),
     }
 }
 

@@ -179,3 +179,21 @@ fn a_terminal_gets_the_live_display() {
     }
     assert!(!screen.contains("[worker 1] start"), "plain log lines on a terminal:\n{screen}");
 }
+
+/// Every example spec the README points at validates as committed (the
+/// image folders are what scripts/setup writes).
+#[test]
+fn committed_example_specs_validate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let mut specs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json") && p.file_name().unwrap() != "schema.json")
+        .collect();
+    specs.sort();
+    assert!(specs.len() >= 3, "{specs:?}");
+    for spec in specs {
+        let output = qsweep(&["validate", spec.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(0), "{}: {}", spec.display(), stderr(&output));
+    }
+}

@@ -377,6 +377,16 @@ pub enum Layout {
     Nhwc,
 }
 
+impl Layout {
+    /// The channel axis of one sample (no batch axis) of `rank` axes.
+    pub fn channel_axis(self, rank: usize) -> usize {
+        match self {
+            Layout::Nchw => 0,
+            Layout::Nhwc => rank.saturating_sub(1),
+        }
+    }
+}
+
 fn is_default<T: Default + PartialEq>(value: &T) -> bool {
     *value == T::default()
 }

@@ -30,7 +30,6 @@ use crate::data::tensor_source::{Scaling, TensorError};
 use crate::data::{self, Split};
 use crate::plan::Task;
 use crate::spec::{Color, Dataset, Layout, Preprocess};
-use crate::sweep::channel_axis;
 
 pub const VERSION: u32 = 2;
 
@@ -170,7 +169,7 @@ fn prepare_tensors(
     let shape = [&[indices.len()][..], &set.sample_shape[..]].concat();
     let mut images = NpyRowWriter::create(&out.join(IMAGES), &shape)?;
     let preprocess = &params.data.preprocess;
-    let scaling = Scaling { preprocess, channel_axis: channel_axis(preprocess.layout, set.sample_shape.len()) };
+    let scaling = Scaling { preprocess, channel_axis: preprocess.layout.channel_axis(set.sample_shape.len()) };
     let mut written = 0;
     set.read_rows(&indices, &scaling, |row| {
         if written % BLOCK == 0 {
