@@ -409,7 +409,7 @@ pub struct Accuracy {
     pub top5: Option<f64>,
 }
 
-/// Top-1 and top-5 accuracy over a whole split, in batches of `batch`.
+/// Top-1 and top-5 accuracy over a split in memory, in batches of `batch`.
 pub fn accuracy(
     session: &mut InferenceSession,
     images: ArrayView4<'_, f32>,
@@ -417,15 +417,26 @@ pub fn accuracy(
     batch: usize,
     cancel: &AtomicBool,
 ) -> Result<Accuracy, EngineError> {
+    accuracy_of_batches(session, images.axis_chunks_iter(Axis(0), batch).map(|b| Ok(b.to_owned())), labels, cancel)
+}
+
+/// Top-1 and top-5 accuracy over a split that arrives batch by batch
+/// (read from disk as it is needed), with one label per image.
+pub fn accuracy_of_batches<E: From<EngineError>>(
+    session: &mut InferenceSession,
+    batches: impl IntoIterator<Item = Result<ndarray::Array4<f32>, E>>,
+    labels: &[i64],
+    cancel: &AtomicBool,
+) -> Result<Accuracy, E> {
     let (mut top1, mut top5, mut classes, mut seen) = (0usize, 0usize, 0usize, 0usize);
-    for_each_scores(session, images, batch, cancel, |scores| {
+    for_each_scores(session, batches, cancel, |scores| {
         for row in scores.outer_iter() {
             let label = labels[seen];
             seen += 1;
             let row = row.to_vec();
             classes = row.len();
             if label < 0 || label as usize >= classes {
-                return Err(EngineError::LabelOutOfRange { label, classes });
+                return Err(EngineError::LabelOutOfRange { label, classes }.into());
             }
             let rank = rank_of(&row, label as usize);
             top1 += usize::from(rank == 0);
@@ -437,19 +448,18 @@ pub fn accuracy(
     Ok(Accuracy { top1: share(top1), top5: (classes >= 5).then(|| share(top5)) })
 }
 
-/// Runs `images` a batch at a time, handing each batch's scores to `each`.
+/// Runs each batch, handing its scores to `each`.
 pub fn for_each_scores<E: From<EngineError>>(
     session: &mut InferenceSession,
-    images: ArrayView4<'_, f32>,
-    batch: usize,
+    batches: impl IntoIterator<Item = Result<ndarray::Array4<f32>, E>>,
     cancel: &AtomicBool,
     mut each: impl FnMut(ndarray::ArrayView2<'_, f32>) -> Result<(), E>,
 ) -> Result<(), E> {
-    for chunk in images.axis_chunks_iter(Axis(0), batch) {
+    for batch in batches {
         if cancel.load(Ordering::Relaxed) {
             return Err(EngineError::Cancelled.into());
         }
-        each(session.run(chunk)?.view())?;
+        each(session.run(batch?.view())?.view())?;
     }
     Ok(())
 }

@@ -48,9 +48,8 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         .is_some_and(|m| m.metrics["precision"] == "int8");
     let provider = Provider::for_engine(p.engine, int8, &build_dir);
     let data = context.input_dir(task, "data")?;
-    let images: Array4<f32> = tensor_file::read_npy::<f32>(&data.join(prepare_data::IMAGES))?
-        .into_dimensionality::<Ix4>()
-        .map_err(|e| StageError::Fatal(format!("test images are not NCHW: {e}")))?;
+    let images = Images { path: data.join(prepare_data::IMAGES) };
+    let count = images.count()?;
     let labels_path = data.join(prepare_data::LABELS);
 
     let threads = engine::resolve_threads(p.threads);
@@ -62,24 +61,27 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let started = std::time::Instant::now();
     let mut quality = if labels_path.exists() {
         let labels = tensor_file::read_npy::<i64>(&labels_path)?.into_raw_vec_and_offset().0;
-        let accuracy = engine::accuracy(&mut session, images.view(), &labels, accuracy_batch, context.cancel)?;
+        let accuracy =
+            engine::accuracy_of_batches(&mut session, images.batches(accuracy_batch)?, &labels, context.cancel)?;
         json!({"accuracy": accuracy.top1, "top5": accuracy.top5})
     } else {
-        against_reference(task, context, &mut session, images.view(), accuracy_batch, p.keep_logits, out)?
+        against_reference(task, context, &mut session, &images, accuracy_batch, p.keep_logits, out)?
     };
     let accuracy_pass_s = started.elapsed().as_secs_f64();
 
+    // Latency runs on the first images: only as many as the largest batch are read.
+    let first = images.batches(accuracy_batch)?.next().ok_or_else(|| StageError::Fatal("no test images".into()))??;
     let mut latency = Vec::new();
     for &batch in &p.batch_sizes {
-        let rows = batch.min(images.shape()[0]);
-        let input = images.slice(s![..rows, .., .., ..]);
+        let rows = batch.min(first.shape()[0]);
+        let input = first.slice(s![..rows, .., .., ..]);
         latency.push(engine::measure_latency(&mut session, input, p.warmup, p.iterations, context.cancel)?);
     }
 
     quality.as_object_mut().expect("an object").extend(
         json!({
-            "test_images": images.shape()[0],
-        "fixed_batch": session.fixed_batch(),
+            "test_images": count,
+            "fixed_batch": session.fixed_batch(),
             "accuracy_batch": accuracy_batch,
             "accuracy_pass_s": accuracy_pass_s,
             "latency": latency,
@@ -101,7 +103,7 @@ fn against_reference(
     task: &Task,
     context: &StageContext<'_>,
     session: &mut InferenceSession,
-    images: ndarray::ArrayView4<'_, f32>,
+    images: &Images,
     batch: usize,
     keep_logits: bool,
     out: &Path,
@@ -112,11 +114,12 @@ fn against_reference(
         None => None,
     };
     let mut agreement = engine::Agreement::default();
-    engine::for_each_scores(session, images, batch, context.cancel, |scores| -> Result<(), StageError> {
+    let count = images.count()?;
+    engine::for_each_scores(session, images.batches(batch)?, context.cancel, |scores| -> Result<(), StageError> {
         if keep_logits {
             let writer = match &mut kept {
                 Some(writer) => writer,
-                None => kept.insert(NpyRowWriter::create(&out.join(LOGITS), &[images.shape()[0], scores.shape()[1]])?),
+                None => kept.insert(NpyRowWriter::create(&out.join(LOGITS), &[count, scores.shape()[1]])?),
             };
             writer.append(scores.as_standard_layout().as_slice().expect("standard layout"))?;
         }
@@ -142,6 +145,24 @@ fn against_reference(
         Some(_) => json!({"labelled": false, "agreement": agreement.top1(), "logit_sqnr_db": agreement.mean_sqnr_db()}),
         None => json!({"labelled": false, "agreement": 1.0}),
     })
+}
+
+/// The prepared test images, read a batch at a time as they are needed,
+/// so memory holds one batch, never the split.
+struct Images {
+    path: std::path::PathBuf,
+}
+
+impl Images {
+    fn count(&self) -> Result<usize, StageError> {
+        Ok(NpyBatches::open(&self.path, 1)?.shape()[0])
+    }
+
+    fn batches(&self, batch: usize) -> Result<impl Iterator<Item = Result<Array4<f32>, StageError>>, StageError> {
+        Ok(NpyBatches::open(&self.path, batch)?.map(|read| {
+            read?.into_dimensionality::<Ix4>().map_err(|e| StageError::Fatal(format!("test images are not NCHW: {e}")))
+        }))
+    }
 }
 
 /// A short description of the machine, since latency means nothing without it.
