@@ -59,16 +59,6 @@ pub struct PtTensor {
     pub offset: usize,
 }
 
-impl PtTensor {
-    pub fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum PtError {
     #[error("{0}: {1}")]
