@@ -417,14 +417,14 @@ pub fn accuracy(
     batch: usize,
     cancel: &AtomicBool,
 ) -> Result<Accuracy, EngineError> {
-    accuracy_of_batches(session, images.axis_chunks_iter(Axis(0), batch).map(|b| Ok(b.to_owned())), labels, cancel)
+    accuracy_of_batches(session, images.axis_chunks_iter(Axis(0), batch).map(|b| Ok(b.into())), labels, cancel)
 }
 
 /// Top-1 and top-5 accuracy over a split that arrives batch by batch
 /// (read from disk as it is needed), with one label per image.
-pub fn accuracy_of_batches<E: From<EngineError>>(
+pub fn accuracy_of_batches<'a, E: From<EngineError>>(
     session: &mut InferenceSession,
-    batches: impl IntoIterator<Item = Result<ndarray::Array4<f32>, E>>,
+    batches: impl IntoIterator<Item = Result<ndarray::CowArray<'a, f32, ndarray::Ix4>, E>>,
     labels: &[i64],
     cancel: &AtomicBool,
 ) -> Result<Accuracy, E> {
@@ -448,10 +448,11 @@ pub fn accuracy_of_batches<E: From<EngineError>>(
     Ok(Accuracy { top1: share(top1), top5: (classes >= 5).then(|| share(top5)) })
 }
 
-/// Runs each batch, handing its scores to `each`.
-pub fn for_each_scores<E: From<EngineError>>(
+/// Runs each batch (borrowed from memory, or owned as read from disk),
+/// handing its scores to `each`.
+pub fn for_each_scores<'a, E: From<EngineError>>(
     session: &mut InferenceSession,
-    batches: impl IntoIterator<Item = Result<ndarray::Array4<f32>, E>>,
+    batches: impl IntoIterator<Item = Result<ndarray::CowArray<'a, f32, ndarray::Ix4>, E>>,
     cancel: &AtomicBool,
     mut each: impl FnMut(ndarray::ArrayView2<'_, f32>) -> Result<(), E>,
 ) -> Result<(), E> {

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use ndarray::{s, Array4, Ix4};
+use ndarray::{s, CowArray, Ix4};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -65,7 +65,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
             engine::accuracy_of_batches(&mut session, images.batches(accuracy_batch)?, &labels, context.cancel)?;
         json!({"accuracy": accuracy.top1, "top5": accuracy.top5})
     } else {
-        against_reference(task, context, &mut session, &images, accuracy_batch, p.keep_logits, out)?
+        against_reference(task, context, &mut session, (&images, count), accuracy_batch, p.keep_logits, out)?
     };
     let accuracy_pass_s = started.elapsed().as_secs_f64();
 
@@ -103,7 +103,7 @@ fn against_reference(
     task: &Task,
     context: &StageContext<'_>,
     session: &mut InferenceSession,
-    images: &Images,
+    (images, count): (&Images, usize),
     batch: usize,
     keep_logits: bool,
     out: &Path,
@@ -114,7 +114,6 @@ fn against_reference(
         None => None,
     };
     let mut agreement = engine::Agreement::default();
-    let count = images.count()?;
     engine::for_each_scores(session, images.batches(batch)?, context.cancel, |scores| -> Result<(), StageError> {
         if keep_logits {
             let writer = match &mut kept {
@@ -158,9 +157,13 @@ impl Images {
         Ok(NpyBatches::open(&self.path, 1)?.shape()[0])
     }
 
-    fn batches(&self, batch: usize) -> Result<impl Iterator<Item = Result<Array4<f32>, StageError>>, StageError> {
+    fn batches(
+        &self,
+        batch: usize,
+    ) -> Result<impl Iterator<Item = Result<CowArray<'static, f32, Ix4>, StageError>>, StageError> {
         Ok(NpyBatches::open(&self.path, batch)?.map(|read| {
-            read?.into_dimensionality::<Ix4>().map_err(|e| StageError::Fatal(format!("test images are not NCHW: {e}")))
+            let batch = read?.into_dimensionality::<Ix4>();
+            batch.map(CowArray::from).map_err(|e| StageError::Fatal(format!("test images are not NCHW: {e}")))
         }))
     }
 }
