@@ -625,10 +625,10 @@ fn check_model(
     let mut batch_one_only = None;
     if let Some(Some(Dim::Fixed(fixed))) = input.shape.as_ref().map(|s| s.first().cloned()) {
         let fixed = fixed as u32;
-        let batch = (fixed == 1).then(|| crate::onnx::batch::free_batch(&model.proto));
-        if let Some(crate::onnx::batch::Batch::FixedAtOne(reason)) = batch {
-            batch_one_only = Some(reason);
-        } else if batch.is_none() && parsed.spec.evaluate.batch_sizes.iter().any(|&b| b != fixed) {
+        if fixed == 1 {
+            // Freed by the stages where the graph allows; else batch 1 only.
+            batch_one_only = crate::onnx::batch::fixed_at_one(&model.proto);
+        } else if parsed.spec.evaluate.batch_sizes.iter().any(|&b| b != fixed) {
             errors.push(parsed.diagnostic(
                 JsonPath::parse("evaluate.batch_sizes"),
                 format!("the model's batch axis is fixed at {fixed}, so it cannot run other batch sizes"),
@@ -658,32 +658,36 @@ fn check_model(
                 "use a model with a 10-class head, or name image folders for every role",
             ));
         }
+        // (role, lowest and highest label, how the source is named)
         let labelled = folders
             .iter()
             .map(|(role, folder)| {
-                (role, folder.samples.iter().map(|s| i64::from(s.label)).max(), folder_source(folder))
+                let labels = folder.samples.iter().map(|s| i64::from(s.label));
+                (role, labels.clone().min().zip(labels.max()), folder_source(folder))
             })
             .chain(tensors.iter().map(|(role, set)| {
-                (role, set.labels.as_ref().and_then(|l| l.iter().copied().max()), set.path.display().to_string())
+                let labels = set.labels.iter().flatten().copied();
+                (role, labels.clone().min().zip(labels.max()), set.path.display().to_string())
             }));
-        for (role, highest, source) in labelled {
-            if let Some(label) = highest.filter(|&label| label >= classes) {
+        for (role, range, source) in labelled {
+            let Some((lowest, highest)) = range else { continue };
+            if highest >= classes {
                 errors.push(parsed.diagnostic(
                     JsonPath::parse("data").key(role.field()),
                     format!(
-                        "{source} has label {label}, but the model scores only {classes} classes (0 to {})",
+                        "{source} has label {highest}, but the model scores only {classes} classes (0 to {})",
                         classes - 1
                     ),
                     "fix the labels, or use the model the labels were made for",
                 ));
             }
-        }
-        if let Some((_, set)) = tensors.iter().find(|(_, set)| set.labels.iter().flatten().any(|&l| l < 0)) {
-            errors.push(parsed.diagnostic(
-                JsonPath::parse("data").key(Role::Evaluation.field()),
-                format!("{} has a negative label", set.path.display()),
-                "labels are class indices from 0",
-            ));
+            if lowest < 0 {
+                errors.push(parsed.diagnostic(
+                    JsonPath::parse("data").key(role.field()),
+                    format!("{source} has a negative label ({lowest})"),
+                    "labels are class indices from 0",
+                ));
+            }
         }
         for (role, folder) in folders.iter().filter(|(_, folder)| !folder.classes.is_empty()) {
             if folder.classes.len() as i64 != classes {

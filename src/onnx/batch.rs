@@ -15,32 +15,24 @@ use super::tensor_numbers;
 /// The name the freed batch axis gets.
 pub const BATCH: &str = "batch";
 
-/// What a model's batch axis allows.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Batch {
-    /// Not fixed at 1: nothing to do.
-    AsExported,
-    /// Fixed at 1, and free once the input and outputs say so.
-    Freed(Box<ModelProto>),
-    /// Fixed at 1 by the graph itself, for the reason given.
-    FixedAtOne(String),
+/// Why the batch axis is stuck at 1, if the input fixes it at 1 and a
+/// constant shape hard-codes it (validation asks this; nothing is copied).
+pub fn fixed_at_one(model: &ModelProto) -> Option<String> {
+    let graph = model.graph.as_ref()?;
+    fixed_at_one_input(graph)?;
+    hard_coded_batch(graph)
 }
 
-/// Frees a batch axis fixed at 1 where the graph allows.
-pub fn free_batch(model: &ModelProto) -> Batch {
-    let Some(graph) = model.graph.as_ref() else { return Batch::AsExported };
-    let runtime_inputs: Vec<&ValueInfoProto> =
-        graph.input.iter().filter(|i| !graph.initializer.iter().any(|init| init.name == i.name)).collect();
-    let [input] = runtime_inputs.as_slice() else { return Batch::AsExported };
-    if leading_dim(input) != Some(&DimValue::DimValue(1)) {
-        return Batch::AsExported;
-    }
-    if let Some(reason) = hard_coded_batch(graph) {
-        return Batch::FixedAtOne(reason);
+/// The model with its batch axis freed, if the input fixes it at 1 and the
+/// graph allows; `None` when there is nothing to do or it cannot be done.
+pub fn free_batch(model: &ModelProto) -> Option<ModelProto> {
+    let graph = model.graph.as_ref()?;
+    let input_name = fixed_at_one_input(graph)?.name.clone();
+    if hard_coded_batch(graph).is_some() {
+        return None;
     }
     let mut freed = model.clone();
     let graph = freed.graph.as_mut().expect("checked above");
-    let input_name = input.name.clone();
     for info in graph.input.iter_mut().filter(|i| i.name == input_name).chain(graph.output.iter_mut()) {
         if let Some(dim) = leading_dim_mut(info).filter(|d| **d == DimValue::DimValue(1)) {
             *dim = DimValue::DimParam(BATCH.into());
@@ -48,7 +40,15 @@ pub fn free_batch(model: &ModelProto) -> Batch {
     }
     // Inferred shapes of inner tensors still say 1; ONNX Runtime infers them again.
     graph.value_info.clear();
-    Batch::Freed(Box::new(freed))
+    Some(freed)
+}
+
+/// The one runtime input, if its batch axis is fixed at 1.
+fn fixed_at_one_input(graph: &GraphProto) -> Option<&ValueInfoProto> {
+    let runtime_inputs: Vec<&ValueInfoProto> =
+        graph.input.iter().filter(|i| !graph.initializer.iter().any(|init| init.name == i.name)).collect();
+    let [input] = runtime_inputs.as_slice() else { return None };
+    (leading_dim(input) == Some(&DimValue::DimValue(1))).then_some(*input)
 }
 
 /// A Reshape whose constant target shape starts with 1 keeps the batch at 1.

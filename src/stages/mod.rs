@@ -82,8 +82,8 @@ impl StageContext<'_> {
     pub fn load_model(&self, task: &Task) -> Result<crate::onnx::Model, StageError> {
         let mut model =
             crate::onnx::Model::load(&self.model_path(task)?).map_err(|e| StageError::Fatal(e.to_string()))?;
-        if let crate::onnx::batch::Batch::Freed(freed) = crate::onnx::batch::free_batch(&model.proto) {
-            model.proto = *freed;
+        if let Some(freed) = crate::onnx::batch::free_batch(&model.proto) {
+            model.proto = freed;
         }
         Ok(model)
     }
