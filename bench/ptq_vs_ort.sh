@@ -28,6 +28,9 @@ prepare = [t for t in plan["tasks"] if t["stage"] == "prepare-data"]
 calibration = next(t for t in prepare if t["params"]["split"] == "calibration")["key"]
 test = next(t for t in prepare if t["params"]["split"] == "test")["key"]
 rows = {r["run"]: r for r in csv.DictReader(open(f"{work}/results/runs.csv"))}
+# The very inputs qsweep calibrated and evaluated on, as .npy for the peer.
+for key, name in [(calibration, "calibration"), (test, "test")]:
+    subprocess.run([".venv/bin/python", "bench/prepared_npy.py", f"{artifacts}/{key}", f"{work}/{name}.npy"], check=True)
 model = os.path.abspath("experiments/models/fashion-resnet8.onnx")
 print("PTQ on the reference model, 500 calibration samples, S8S8 QDQ per-channel, CPU")
 print(f"{'method':<11}{'qsweep s':>10}{'ORT s':>9}{'speed-up':>10}{'qsweep top-1':>14}{'ORT top-1':>11}{'ORT peak RSS':>14}")
@@ -36,7 +39,7 @@ for ours, theirs in [("max", "MinMax"), ("entropy", "Entropy"), ("percentile", "
     qsweep_s = float(row["calibrate_s"]) + float(row["build_s"])
     peer = json.loads(subprocess.run(
         [".venv/bin/python", "bench/ort_quantize_static.py", model,
-         f"{artifacts}/{calibration}/images.npy", f"{artifacts}/{test}/images.npy", f"{artifacts}/{test}/labels.npy",
+         f"{work}/calibration.npy", f"{work}/test.npy", f"{artifacts}/{test}/labels.npy",
          theirs, f"{work}/{theirs}.onnx"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     print(f"{ours:<11}{qsweep_s:>10.3f}{peer['seconds']:>9.3f}{peer['seconds'] / qsweep_s:>9.1f}x"
           f"{float(row['accuracy']):>13.2f}%{peer['accuracy']:>10.2f}%{peer['peak_rss_mb']:>11.0f} MB")

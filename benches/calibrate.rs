@@ -75,7 +75,7 @@ fn main() {
         let mut tensors = 0;
         let (calibrate_s, calibrate_mb) = measure(|| {
             let batches = NpyBatches::open(&npy, BATCH).unwrap();
-            let stats = calibrate::collect(&model.proto, scratch.path(), threads, batches, &never).unwrap();
+            let stats = calibrate::collect(&model.proto, scratch.path(), threads, batches, &never, |_| {}).unwrap();
             tensors = stats.tensors.len();
         });
         println!(

@@ -79,11 +79,7 @@ fn main() {
     };
     // Three warm-up steps, as the peer takes, then the timed epoch.
     let checkpoint = tempfile::tempdir().unwrap();
-    let warm_up = Examples {
-        images: examples.images[..3 * batch * 784].to_vec(),
-        image_shape: [1, 28, 28],
-        labels: examples.labels[..3 * batch].to_vec(),
-    };
+    let warm_up: Examples = raw.preprocess(&preprocess, Some(&indices[..3 * batch])).into();
     fit(&mut network, &warm_up, &recipe, &checkpoint.path().join("warm-up"), &AtomicBool::new(false), |_| {}).unwrap();
     let started = Instant::now();
     qsweep::train::fit::fit(&mut network, &examples, &recipe, checkpoint.path(), &AtomicBool::new(false), |_| {})

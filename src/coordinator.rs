@@ -67,6 +67,7 @@ pub async fn run<Q: Queue>(
 
     let mut executed_tasks = 0;
     let mut interrupted = false;
+    let mut remade_inputs = std::collections::HashSet::new();
     loop {
         propagate_failures(plan, &mut state);
         let ready: Vec<_> = plan
@@ -157,6 +158,16 @@ pub async fn run<Q: Queue>(
                         }
                         Finished::Failed { error } => {
                             executed_tasks += 1;
+                            let task = plan.task(&key).expect("events name the plan's tasks");
+                            let damaged = damaged_inputs(plan, &artifacts, task).await?;
+                            // An input found damaged as the task read it was set
+                            // aside: make it again, then this task (once).
+                            if !damaged.is_empty() && remade_inputs.insert(key.clone()) {
+                                progress.note(&format!("{label}: {error}; making it again"));
+                                remake(plan, &mut state, damaged);
+                                state.insert(key, State::Waiting);
+                                continue;
+                            }
                             record_failure(plan, results, &key, &error);
                             state.insert(key, State::Failed);
                             progress.failed(slot, &label, &error);
@@ -185,6 +196,32 @@ async fn is_current(artifacts: &Artifacts<'_>, task: &Task) -> Result<bool, Queu
         return Ok(false);
     }
     artifacts.current(task).await.map_err(|e| QueueError::Fatal(e.to_string()))
+}
+
+/// Puts `damaged` artifacts back to be made again, with every finished
+/// task made from them: a remade artifact has a new manifest, so what was
+/// made from the old one would be stale when the sweep ends.
+fn remake(plan: &Plan, state: &mut HashMap<TaskKey, State>, damaged: Vec<TaskKey>) {
+    let mut remade: std::collections::HashSet<TaskKey> = damaged.into_iter().collect();
+    // Tasks come after their inputs, so one pass reaches every descendant.
+    for task in &plan.tasks {
+        let made_from_remade = task.inputs.iter().any(|i| remade.contains(&i.key));
+        if remade.contains(&task.key) || (made_from_remade && state[&task.key] == State::Done) {
+            state.insert(task.key.clone(), State::Waiting);
+            remade.insert(task.key.clone());
+        }
+    }
+}
+
+/// The inputs of `task` whose artifacts are no longer current.
+async fn damaged_inputs(plan: &Plan, artifacts: &Artifacts<'_>, task: &Task) -> Result<Vec<TaskKey>, QueueError> {
+    let mut damaged = Vec::new();
+    for input in task.inputs.iter().filter_map(|input| plan.task(&input.key)) {
+        if !is_current(artifacts, input).await? {
+            damaged.push(input.key.clone());
+        }
+    }
+    Ok(damaged)
 }
 
 /// A queue error mid-sweep is most likely Redis restarting: say so and

@@ -201,3 +201,49 @@ impl Progress {
 fn worker_prefix(slot: Option<usize>) -> String {
     slot.map_or(String::new(), |s| format!("[worker {}] ", s + 1))
 }
+
+/// A stage's walk over a split, told as `done of total <unit>, N/s, ETA`:
+/// the line its slot shows live (or in the log, every few seconds).
+pub struct Walk<'a> {
+    report: &'a (dyn Fn(&str) + Sync),
+    unit: &'static str,
+    total: usize,
+    done: usize,
+    started: std::time::Instant,
+    last_report: Option<std::time::Instant>,
+}
+
+/// How often a walk's line is refreshed.
+const WALK_EVERY: Duration = Duration::from_millis(500);
+
+impl<'a> Walk<'a> {
+    pub fn new(report: &'a (dyn Fn(&str) + Sync), unit: &'static str, total: usize) -> Self {
+        Self { report, unit, total, done: 0, started: std::time::Instant::now(), last_report: None }
+    }
+
+    /// `count` more done; reports at most every half second, and at the end.
+    pub fn advance(&mut self, count: usize) {
+        self.done += count;
+        let due = self.last_report.is_none_or(|at| at.elapsed() >= WALK_EVERY);
+        if due || self.done >= self.total {
+            self.last_report = Some(std::time::Instant::now());
+            (self.report)(&self.describe());
+        }
+    }
+
+    pub fn done(&self) -> usize {
+        self.done
+    }
+
+    fn describe(&self) -> String {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let rate = self.done as f64 / seconds.max(1e-3);
+        let left = self.total.saturating_sub(self.done) as f64 / rate.max(1e-9);
+        let eta = if self.done == 0 {
+            "?".to_string()
+        } else {
+            format!("{}", indicatif::HumanDuration(Duration::from_secs_f64(left)))
+        };
+        format!("{} of {} {}, {rate:.0}/s, ETA {eta}", self.done, self.total, self.unit)
+    }
+}

@@ -40,6 +40,38 @@ pub struct FileEntry {
     pub name: String,
     pub bytes: u64,
     pub sha256: String,
+    /// The file's mtime (ns since the epoch) when it was sealed. A file
+    /// whose size and mtime are unchanged is taken as intact without being
+    /// re-read (as git's index does), so checking a cache of many GB stays
+    /// cheap; stages still check what they read (`ResultsDir::checked_input`,
+    /// `data::prepared`). Any other file is hashed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modified_ns: Option<u64>,
+}
+
+impl FileEntry {
+    /// Whether the file at `path` is what this entry recorded, re-hashing
+    /// it only if its size or mtime changed.
+    fn matches(&self, path: &Path) -> bool {
+        let Ok(meta) = fs::metadata(path) else { return false };
+        if meta.len() != self.bytes {
+            return false;
+        }
+        if self.modified_ns.is_some() && self.modified_ns == modified_ns(&meta) {
+            return true;
+        }
+        self.hashes_to_it(path)
+    }
+
+    /// Whether the file at `path` hashes to this entry.
+    fn hashes_to_it(&self, path: &Path) -> bool {
+        hash_file(path).is_ok_and(|(bytes, sha)| bytes == self.bytes && sha == self.sha256)
+    }
+}
+
+fn modified_ns(meta: &fs::Metadata) -> Option<u64> {
+    let since = meta.modified().ok()?.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    u64::try_from(since.as_nanos()).ok()
 }
 
 /// What a completed artifact holds, and what its stage measured.
@@ -192,6 +224,34 @@ impl ResultsDir {
                 ))),
             })
             .collect()
+    }
+
+    /// The manifest of `key`'s artifact for a stage about to read it: every
+    /// file hashed again, except those `checked_when_read` says the reader
+    /// checks itself as it reads them. The error says what is wrong.
+    pub fn checked_input(&self, key: &TaskKey, checked_when_read: impl Fn(&str) -> bool) -> Result<Manifest, String> {
+        let dir = self.artifact_dir(key);
+        let manifest = self.manifest(key).ok_or("it has no intact manifest")?;
+        match manifest.files.iter().find(|f| !checked_when_read(&f.name) && !f.hashes_to_it(&dir.join(&f.name))) {
+            Some(damaged) => Err(format!("{} does not match its manifest", dir.join(&damaged.name).display())),
+            None => Ok(manifest),
+        }
+    }
+
+    /// Removes a damaged artifact, so that it counts as not done and is
+    /// made again. It is moved to a staging name first (atomic), so no
+    /// reader ever sees half of it.
+    pub fn set_aside(&self, key: &TaskKey) {
+        let dir = self.artifact_dir(key);
+        let aside = self.root.join("artifacts").join(format!(
+            "{STAGING_PREFIX}{}-damaged-{}",
+            key.short(),
+            Owner::current().tag()
+        ));
+        if fs::rename(&dir, &aside).is_ok() {
+            tracing::warn!("set aside the damaged artifact {}", dir.display());
+            let _ = fs::remove_dir_all(&aside);
+        }
     }
 
     /// The intact manifest of an artifact, without re-hashing its files;
@@ -374,11 +434,8 @@ impl Staging {
         if !manifest.is_intact() {
             return Err(std::io::Error::other(format!("the manifest of {} has been altered", manifest.key)));
         }
-        for entry in &manifest.files {
-            let (bytes, sha256) = hash_file(&self.dir.join(&entry.name))?;
-            if bytes != entry.bytes || sha256 != entry.sha256 {
-                return Err(std::io::Error::other(format!("{} does not match its manifest", entry.name)));
-            }
+        if let Some(entry) = manifest.files.iter().find(|entry| !entry.hashes_to_it(&self.dir.join(&entry.name))) {
+            return Err(std::io::Error::other(format!("{} does not match its manifest", entry.name)));
         }
         let bytes = serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?;
         write_atomically(&self.dir.join(MANIFEST), &bytes)?;
@@ -399,8 +456,10 @@ impl Staging {
             let path = entry?.path();
             let name = path.file_name().expect("a directory entry has a name").to_string_lossy().to_string();
             let (bytes, sha256) = hash_file(&path)?;
-            fs::File::open(&path)?.sync_all()?;
-            files.push(FileEntry { name, bytes, sha256 });
+            let file = fs::File::open(&path)?;
+            file.sync_all()?;
+            let modified_ns = modified_ns(&file.metadata()?);
+            files.push(FileEntry { name, bytes, sha256, modified_ns });
         }
         files.sort_by(|a, b| a.name.cmp(&b.name));
         let manifest = Manifest::new(self.key.clone(), self.stage, files, metrics, elapsed_s).made_from(inputs);
@@ -467,9 +526,7 @@ fn verified_at(dir: &Path, key: &TaskKey) -> Option<Manifest> {
     if &manifest.key != key || !manifest.is_intact() {
         return None;
     }
-    let intact = manifest.files.iter().all(|entry| {
-        hash_file(&dir.join(&entry.name)).is_ok_and(|(bytes, sha)| bytes == entry.bytes && sha == entry.sha256)
-    });
+    let intact = manifest.files.iter().all(|entry| entry.matches(&dir.join(&entry.name)));
     intact.then_some(manifest)
 }
 

@@ -225,8 +225,8 @@ fn open_sources(
         })
         .collect();
     if idx_splits.contains(&Split::Test) {
-        match data::load_split(dataset, data_dir, Split::Test) {
-            Ok(test) => opened.dataset_shape = Some((test.height, test.width)),
+        match data::split_image_size(dataset, data_dir, Split::Test) {
+            Ok(size) => opened.dataset_shape = Some(size),
             Err(e) => errors.push(parsed.diagnostic(JsonPath::parse("data"), e.to_string(), e.fix(dataset))),
         }
     }

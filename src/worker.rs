@@ -100,6 +100,12 @@ pub async fn run_task(
                 fatal = true;
                 break;
             }
+            // Another attempt would find the input gone; the coordinator
+            // makes it again first.
+            Err(StageError::DamagedInput(message)) => {
+                last_error = message;
+                break;
+            }
             Err(StageError::Retryable(message)) => {
                 if attempt <= policy.retries {
                     listener.retrying(attempt, &message);

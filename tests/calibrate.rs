@@ -22,7 +22,8 @@ fn batch(rows: usize, value: f32) -> std::io::Result<ArrayD<f32>> {
 fn ragged_batches_count_every_value() {
     let dir = tempfile::tempdir().unwrap();
     let batches = vec![batch(64, 0.3), batch(64, -0.2), batch(7, 1.5)];
-    let stats = collect(&reference().proto, dir.path(), 1, batches.into_iter(), &AtomicBool::new(false)).unwrap();
+    let stats =
+        collect(&reference().proto, dir.path(), 1, batches.into_iter(), &AtomicBool::new(false), |_| {}).unwrap();
     assert_eq!(stats.samples, 135);
     for tensor in &stats.tensors {
         let per_sample: usize = tensor.shape.iter().product();
@@ -38,7 +39,8 @@ fn ragged_batches_count_every_value() {
 fn non_finite_activations_name_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let batches = vec![batch(4, 0.1), batch(4, f32::NAN)];
-    let error = collect(&reference().proto, dir.path(), 1, batches.into_iter(), &AtomicBool::new(false)).unwrap_err();
+    let error =
+        collect(&reference().proto, dir.path(), 1, batches.into_iter(), &AtomicBool::new(false), |_| {}).unwrap_err();
     match error {
         StageError::Fatal(message) => {
             assert!(message.contains("tensor `input` holds 3136 NaN or infinite value(s)"), "{message}")

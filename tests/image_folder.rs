@@ -60,9 +60,8 @@ fn a_sweep_runs_on_image_folders() {
     let plan = qsweep(&["plan", spec.to_str().unwrap(), "--json", "--results", results.to_str().unwrap()]);
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     let test = plan["tasks"].as_array().unwrap().iter().find(|t| t["params"]["split"] == "test").unwrap();
-    let prepared = results.join("artifacts").join(test["key"].as_str().unwrap());
-    let ours = data::tensor_file::read_npy::<f32>(&prepared.join("images.npy")).unwrap();
-    let labels = data::tensor_file::read_npy::<i64>(&prepared.join("labels.npy")).unwrap();
+    let (ours, labels) = prepared_images(&results, test["key"].as_str().unwrap());
+    let labels = labels.expect("a labelled folder");
     assert_eq!(ours.shape(), [200, 1, 28, 28]);
 
     let idx =
@@ -76,7 +75,7 @@ fn a_sweep_runs_on_image_folders() {
     files.sort();
     let indices: Vec<usize> = files.iter().map(|f| f.file_stem().unwrap().to_str().unwrap().parse().unwrap()).collect();
     let theirs = idx.preprocess(&preprocess, Some(&indices));
-    assert_eq!(labels.iter().copied().collect::<Vec<i64>>(), theirs.labels.to_vec(), "labels follow the classes list");
+    assert_eq!(labels, theirs.labels.to_vec(), "labels follow the classes list");
     let largest = ours.iter().zip(theirs.images.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
     assert!(largest < 1e-6, "PNG pixels differ from the IDX ones by {largest}");
 }

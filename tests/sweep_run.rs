@@ -114,11 +114,7 @@ fn int8_predictions_agree_with_fp32(results: &Path, plan: &serde_json::Value) {
     let artifact = |key: &str| results.join("artifacts").join(key);
     let build = tasks[tasks.len() - 2];
     let test_data = tasks[0];
-    let images: ndarray::Array4<f32> =
-        ndarray_npy::read_npy::<_, ndarray::ArrayD<f32>>(artifact(test_data).join("images.npy"))
-            .unwrap()
-            .into_dimensionality()
-            .unwrap();
+    let images: ndarray::Array4<f32> = prepared_images(results, test_data).0.into_dimensionality().unwrap();
     let mut int8 = InferenceSession::open(&artifact(build).join("model.onnx"), 2, None).unwrap();
     let mut fp32 = InferenceSession::open(&reference_model(), 2, None).unwrap();
     let argmax = |row: ndarray::ArrayView1<f32>| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;

@@ -8,8 +8,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use qsweep::data::prepared::Normalize;
 use qsweep::data::tensor_file::read_npy;
-use qsweep::data::tensor_source::{Keys, Scaling, TensorError, TensorSet};
+use qsweep::data::tensor_source::{Keys, TensorError, TensorSet};
 use qsweep::spec::Preprocess;
 
 fn fixture(name: &str) -> PathBuf {
@@ -27,7 +28,7 @@ fn open(name: &str) -> Result<TensorSet, TensorError> {
 /// Every sample, in order, as f32, with u8 scaled by `preprocess`.
 fn rows(set: &TensorSet, indices: &[usize], preprocess: &Preprocess) -> Vec<f32> {
     let mut all = Vec::new();
-    let scaling = Scaling { preprocess, channel_axis: 0 };
+    let scaling = Normalize::new(preprocess, 0);
     set.read_rows(indices, &scaling, |row| {
         all.extend_from_slice(row);
         Ok::<(), TensorError>(())
@@ -165,7 +166,7 @@ fn samples_of_the_wrong_rank_are_refused() {
 #[test]
 fn non_finite_inputs_name_the_sample() {
     let set = open("nan.pt").unwrap();
-    let scaling = Scaling { preprocess: &Preprocess::default(), channel_axis: 0 };
+    let scaling = Normalize::new(&Preprocess::default(), 0);
     let error = set.read_rows(&[0, 1, 2, 3, 4, 5], &scaling, |_| Ok::<(), TensorError>(())).unwrap_err().to_string();
     // [4, 1, 2, 3] is element 1*16 + 2*4 + 3 = 27 of sample 4.
     assert!(error.contains("sample 4 holds NaN at element 27"), "{error}");
@@ -221,8 +222,7 @@ mod sweeps {
         let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
         let task = plan["tasks"].as_array().unwrap().iter().find(|t| t["params"]["split"] == "calibration").unwrap();
         // The section's default subset (500) is more than the file holds: all 64.
-        let prepared = results.join("artifacts").join(task["key"].as_str().unwrap());
-        let ours = data::tensor_file::read_npy::<f32>(&prepared.join("images.npy")).unwrap();
+        let (ours, labels) = prepared_images(&results, task["key"].as_str().unwrap());
         assert_eq!(ours.shape(), [64, 1, 28, 28]);
         let idx =
             data::load_split(Default::default(), Path::new("/usr/share/datasets/fashion-mnist"), Split::Train).unwrap();
@@ -230,8 +230,7 @@ mod sweeps {
         let theirs = idx.preprocess(&preprocess, Some(&(0..64).collect::<Vec<_>>()));
         let largest = ours.iter().zip(theirs.images.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(largest < 1e-6, "the .pt's images differ from the IDX ones by {largest}");
-        let labels = data::tensor_file::read_npy::<i64>(&prepared.join("labels.npy")).unwrap();
-        assert_eq!(labels.iter().copied().collect::<Vec<_>>(), theirs.labels.to_vec());
+        assert_eq!(labels, Some(theirs.labels.to_vec()));
     }
 
     fn validate(spec: &Path) -> String {

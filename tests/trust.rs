@@ -54,12 +54,16 @@ fn executed(output: &std::process::Output) -> String {
     err.lines().find(|l| l.contains("task(s) executed")).unwrap_or_else(|| panic!("no count in:\n{err}")).to_string()
 }
 
-/// A flipped byte in each artifact kind's files, and an edited metric in a
-/// manifest: the next run rebuilds exactly those artifacts and what was
-/// made from them, reports the true figures, and the run after rebuilds
-/// nothing.
-#[test]
-fn damage_heals_and_reports_stay_true() {
+/// A finished two-run sweep: where it is, and what it reported.
+struct Completed {
+    dir: tempfile::TempDir,
+    spec: PathBuf,
+    results: PathBuf,
+    truth: Vec<(String, String, String)>,
+    tasks: Vec<serde_json::Value>,
+}
+
+fn completed_two_run_sweep() -> Completed {
     let dir = tempfile::tempdir().unwrap();
     let spec = two_run_spec(dir.path());
     let results = dir.path().join("results");
@@ -68,6 +72,16 @@ fn damage_heals_and_reports_stay_true() {
     let truth = accuracies(&results);
     assert!(truth.iter().all(|(_, status, _)| status == "ok"), "{truth:?}");
     let tasks = planned_tasks(&spec, &results);
+    Completed { dir, spec, results, truth, tasks }
+}
+
+/// A flipped byte in each artifact kind's files, and an edited metric in a
+/// manifest: the next run rebuilds exactly those artifacts and what was
+/// made from them, reports the true figures, and the run after rebuilds
+/// nothing.
+#[test]
+fn damage_heals_and_reports_stay_true() {
+    let Completed { dir: _kept, spec, results, truth, tasks } = completed_two_run_sweep();
 
     // An edited accuracy in the fp32 evaluation's manifest (evaluate
     // writes no files: its manifest is all it has), and a flipped byte in
@@ -95,12 +109,44 @@ fn damage_heals_and_reports_stay_true() {
     assert!(executed(&again).contains("0 task(s) executed, 7 reused"), "{}", executed(&again));
 
     // The test images feed both evaluations; the int8 model only its own.
-    flip_last_byte(&artifact(&results, &tasks, "prepare-data", ("split", "test")).join("images.npy"));
+    flip_last_byte(&artifact(&results, &tasks, "prepare-data", ("split", "test")).join("shard-00000.bin"));
     flip_last_byte(&artifact(&results, &tasks, "build", ("precision", "int8")).join("model.onnx"));
     let healed = run_into(&spec, &results);
     assert_eq!(healed.status.code(), Some(0), "{}", stderr(&healed));
     assert!(executed(&healed).contains("4 task(s) executed, 3 reused"), "{}", executed(&healed));
     assert_eq!(accuracies(&results), truth);
+    let again = run_into(&spec, &results);
+    assert!(executed(&again).contains("0 task(s) executed, 7 reused"), "{}", executed(&again));
+    assert_eq!(staging_dirs(&results), Vec::<String>::new());
+}
+
+/// Damage that the cheap cache check cannot see (a flipped byte in a
+/// prepared shard whose size and modification time are put back) is found
+/// when a stage reads the shard: the shard's artifact is set aside and
+/// made again, the stage runs again, and the same run ends with the true
+/// figures and nothing left stale.
+#[test]
+fn damage_found_while_reading_is_healed_in_the_same_run() {
+    let Completed { dir: _kept, spec, results, truth, tasks } = completed_two_run_sweep();
+
+    let shard = artifact(&results, &tasks, "prepare-data", ("split", "test")).join("shard-00000.bin");
+    let modified = fs::metadata(&shard).unwrap().modified().unwrap();
+    let mut bytes = fs::read(&shard).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    fs::write(&shard, bytes).unwrap();
+    fs::File::options().write(true).open(&shard).unwrap().set_modified(modified).unwrap();
+    // Every task still looks complete; make one evaluation read the shard.
+    let evaluations: Vec<_> = tasks.iter().filter(|t| t["stage"] == "evaluate").collect();
+    fs::remove_dir_all(results.join("artifacts").join(evaluations[0]["key"].as_str().unwrap())).unwrap();
+    let cached = planned_tasks(&spec, &results).iter().filter(|t| t["cached"] == true).count();
+    assert_eq!(cached, tasks.len() - 1, "the cheap check trusts the shard");
+
+    let healed = run_into(&spec, &results);
+    assert_eq!(healed.status.code(), Some(0), "{}", stderr(&healed));
+    let err = stderr(&healed);
+    assert!(err.contains("shard-00000.bin") && err.contains("making it again"), "{err}");
+    assert_eq!(accuracies(&results), truth, "the reports show the true figures");
     let again = run_into(&spec, &results);
     assert!(executed(&again).contains("0 task(s) executed, 7 reused"), "{}", executed(&again));
     assert_eq!(staging_dirs(&results), Vec::<String>::new());

@@ -39,7 +39,24 @@ pub fn read(path: &Path) -> Result<IdxArray, IdxError> {
     parse(&bytes).map_err(|reason| IdxError::Format { path: path.to_path_buf(), reason })
 }
 
-fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
+/// The dimensions an IDX file declares, from its header alone (for
+/// validation, which must not read a split to learn its shape). The
+/// data's length is checked when the file is read.
+pub fn dims(path: &Path) -> Result<Vec<usize>, IdxError> {
+    let io = |source| IdxError::Io { path: path.to_path_buf(), source };
+    let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let gzipped = std::io::BufRead::fill_buf(&mut file).map_err(io)?.starts_with(&[0x1f, 0x8b]);
+    let mut reader: Box<dyn Read> = if gzipped { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
+    let mut header = vec![0u8; 4];
+    reader.read_exact(&mut header).map_err(io)?;
+    header.resize(4 + 4 * header[3] as usize, 0);
+    reader.read_exact(&mut header[4..]).map_err(io)?;
+    let (dims, _) = parse_header(&header).map_err(|reason| IdxError::Format { path: path.to_path_buf(), reason })?;
+    Ok(dims)
+}
+
+/// The dimensions and the header's length.
+fn parse_header(bytes: &[u8]) -> Result<(Vec<usize>, usize), String> {
     if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
         return Err("bad magic number".into());
     }
@@ -54,6 +71,11 @@ fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
     let dims: Vec<usize> = (0..ndim)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
         .collect();
+    Ok((dims, header))
+}
+
+fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
+    let (dims, header) = parse_header(bytes)?;
     let count: usize = dims.iter().product();
     let data = &bytes[header..];
     if data.len() != count {

@@ -236,21 +236,21 @@ pub fn fixed_size(preprocess: &Preprocess) -> Option<[u32; 2]> {
     }
 }
 
-/// `T.ToTensor` and `T.Normalize`: `(pixel / scale - mean[c]) / std[c]`,
-/// written into `out` (one image) in the model's layout.
-pub fn normalize(pixels: &Pixels, preprocess: &Preprocess, layout: Layout, out: &mut [f32]) {
-    let plane = pixels.width as usize * pixels.height as usize;
-    let channels = pixels.channels;
-    debug_assert_eq!(out.len(), plane * channels);
-    let per_channel = |values: &[f32], c: usize| if values.len() == 1 { values[0] } else { values[c] };
-    for c in 0..channels {
-        let (mean, std) = (per_channel(&preprocess.mean, c), per_channel(&preprocess.std, c));
-        for i in 0..plane {
-            let value = (pixels.data[i * channels + c] as f32 / preprocess.scale - mean) / std;
-            match layout {
-                Layout::Nchw => out[c * plane + i] = value,
-                Layout::Nhwc => out[i * channels + c] = value,
+/// The pixels in the model's layout (channels first for NCHW), still u8:
+/// the form prepared data stores them in; `prepared::Normalize` turns
+/// them into model inputs as they are read.
+pub fn in_layout(pixels: &Pixels, layout: Layout) -> Vec<u8> {
+    match layout {
+        Layout::Nhwc => pixels.data.clone(),
+        Layout::Nchw => {
+            let (plane, channels) = (pixels.width as usize * pixels.height as usize, pixels.channels);
+            let mut out = vec![0u8; plane * channels];
+            for (i, pixel) in pixels.data.chunks_exact(channels).enumerate() {
+                for (c, &value) in pixel.iter().enumerate() {
+                    out[c * plane + i] = value;
+                }
             }
+            out
         }
     }
 }
@@ -304,15 +304,19 @@ mod tests {
 
     #[test]
     fn normalization_follows_the_layout() {
+        use crate::data::prepared::Normalize;
         let pixels = Pixels { width: 2, height: 1, channels: 3, data: vec![0, 51, 255, 255, 102, 0] };
         let preprocess =
             Preprocess { scale: 255.0, mean: vec![0.0, 0.2, 0.5], std: vec![1.0, 0.5, 0.5], ..Default::default() };
-        let mut nchw = vec![0.0; 6];
-        normalize(&pixels, &preprocess, Layout::Nchw, &mut nchw);
+        let normalized = |layout: Layout, shape: [usize; 3]| {
+            let mut values: Vec<f32> = in_layout(&pixels, layout).into_iter().map(f32::from).collect();
+            Normalize::new(&preprocess, layout.channel_axis(3)).apply(&shape, &mut values);
+            values
+        };
+        let nchw = normalized(Layout::Nchw, [3, 1, 2]);
         let expected = [0.0, 1.0, 0.0, 0.4, 1.0, -1.0];
         assert!(nchw.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6), "{nchw:?}");
-        let mut nhwc = vec![0.0; 6];
-        normalize(&pixels, &preprocess, Layout::Nhwc, &mut nhwc);
+        let nhwc = normalized(Layout::Nhwc, [1, 2, 3]);
         let expected = [0.0, 0.0, 1.0, 1.0, 0.4, -1.0];
         assert!(nhwc.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6), "{nhwc:?}");
     }

@@ -4,6 +4,7 @@
 pub mod idx;
 pub mod image;
 pub mod image_folder;
+pub mod prepared;
 pub mod pt_file;
 pub mod source;
 pub mod tensor_file;
@@ -112,6 +113,19 @@ pub fn load_split(dataset: Dataset, dir: &Path, split: Split) -> Result<RawImage
         });
     }
     Ok(RawImages { count, height, width, pixels: images.data, labels: labels.data })
+}
+
+/// The (height, width) of a split's images, from the IDX headers alone.
+pub fn split_image_size(dataset: Dataset, dir: &Path, split: Split) -> Result<(usize, usize), DataError> {
+    let (images_path, _) = split_files(dataset, dir, split)?;
+    match idx::dims(&images_path)?[..] {
+        [_, height, width] => Ok((height, width)),
+        ref other => Err(DataError::Shape {
+            path: images_path,
+            found: format!("{} dimensions", other.len()),
+            expected: "3 (count, height, width)".into(),
+        }),
+    }
 }
 
 /// A batch of model inputs, NCHW f32, with their labels.

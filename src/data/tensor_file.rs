@@ -1,139 +1,10 @@
-//! Tensor files a PyTorch user can produce and read: NumPy `.npy`, and the
-//! `.pt` format written by `torch.save`, which NVIDIA's PTQ flow uses for
-//! its ~500 prepared calibration samples.
-//!
-//! `.npy` goes through the ndarray-npy crate. No Rust crate writes `.pt`
-//! without linking libtorch, so the small subset needed is written here: a
-//! zip archive (stored, not compressed, with 64-byte aligned records as
-//! torch writes them) holding `data.pkl`, a protocol-2 pickle of a
-//! `{name: tensor}` dict, and one raw little-endian record per tensor.
-//! The pickle uses only globals that `torch.load(weights_only=True)` allows.
+//! NumPy `.npy` files, through the ndarray-npy crate: written whole or a
+//! block of rows at a time, and read whole or a batch at a time.
 
 use std::io::Write;
 use std::path::Path;
 
 use ndarray::{ArrayD, ArrayViewD};
-use zip::write::SimpleFileOptions;
-
-/// A contiguous tensor to be written into a `.pt` file.
-pub enum PtTensor<'a> {
-    F32(ArrayViewD<'a, f32>),
-    I64(ArrayViewD<'a, i64>),
-}
-
-impl PtTensor<'_> {
-    fn shape(&self) -> &[usize] {
-        match self {
-            PtTensor::F32(a) => a.shape(),
-            PtTensor::I64(a) => a.shape(),
-        }
-    }
-
-    fn storage_class(&self) -> &'static str {
-        match self {
-            PtTensor::F32(_) => "FloatStorage",
-            PtTensor::I64(_) => "LongStorage",
-        }
-    }
-
-    fn le_bytes(&self) -> Vec<u8> {
-        match self {
-            PtTensor::F32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            PtTensor::I64(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        }
-    }
-}
-
-/// Writes `tensors` as a dict, loadable with `torch.load(path)`.
-pub fn write_pt(path: &Path, tensors: &[(&str, PtTensor<'_>)]) -> std::io::Result<()> {
-    let mut pickle = Pickle::default();
-    pickle.op(b"\x80\x02"); // protocol 2
-    pickle.op(b"}("); // empty dict, mark
-    for (index, (name, tensor)) in tensors.iter().enumerate() {
-        pickle.unicode(name);
-        pickle.tensor(index, tensor)?;
-    }
-    pickle.op(b"u."); // set items, stop
-
-    let file = std::fs::File::create(path)?;
-    let mut zip = zip::ZipWriter::new(file);
-    let options = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored).with_alignment(64);
-    let mut add = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
-        zip.start_file(format!("archive/{name}"), options).map_err(std::io::Error::other)?;
-        zip.write_all(bytes)
-    };
-    add("data.pkl", &pickle.bytes)?;
-    add("byteorder", b"little")?;
-    for (index, (_, tensor)) in tensors.iter().enumerate() {
-        add(&format!("data/{index}"), &tensor.le_bytes())?;
-    }
-    add("version", b"3\n")?;
-    zip.finish().map_err(std::io::Error::other)?.sync_all()
-}
-
-#[derive(Default)]
-struct Pickle {
-    bytes: Vec<u8>,
-}
-
-impl Pickle {
-    fn op(&mut self, bytes: &[u8]) {
-        self.bytes.extend_from_slice(bytes);
-    }
-
-    fn global(&mut self, module: &str, name: &str) {
-        self.op(format!("c{module}\n{name}\n").as_bytes());
-    }
-
-    fn unicode(&mut self, text: &str) {
-        self.op(b"X");
-        self.op(&(text.len() as u32).to_le_bytes());
-        self.op(text.as_bytes());
-    }
-
-    fn int(&mut self, value: usize) -> std::io::Result<()> {
-        let value = i32::try_from(value).map_err(|_| std::io::Error::other("tensor too large for a .pt header"))?;
-        self.op(b"J");
-        self.op(&value.to_le_bytes());
-        Ok(())
-    }
-
-    fn int_tuple(&mut self, values: &[usize]) -> std::io::Result<()> {
-        self.op(b"(");
-        for &v in values {
-            self.int(v)?;
-        }
-        self.op(b"t");
-        Ok(())
-    }
-
-    /// `torch._utils._rebuild_tensor_v2(storage, 0, shape, stride, False, OrderedDict())`
-    /// where the storage is a persistent id pointing at record `data/<index>`.
-    fn tensor(&mut self, index: usize, tensor: &PtTensor<'_>) -> std::io::Result<()> {
-        let shape = tensor.shape();
-        let numel = shape.iter().product();
-        let mut strides = vec![1; shape.len()];
-        for d in (0..shape.len().saturating_sub(1)).rev() {
-            strides[d] = strides[d + 1] * shape[d + 1];
-        }
-        self.global("torch._utils", "_rebuild_tensor_v2");
-        self.op(b"((");
-        self.unicode("storage");
-        self.global("torch", tensor.storage_class());
-        self.unicode(&index.to_string());
-        self.unicode("cpu");
-        self.int(numel)?;
-        self.op(b"tQ"); // tuple, persistent id
-        self.int(0)?;
-        self.int_tuple(shape)?;
-        self.int_tuple(&strides)?;
-        self.op(b"\x89"); // requires_grad = False
-        self.global("collections", "OrderedDict");
-        self.op(b")R"); // OrderedDict()
-        self.op(b"tR"); // args tuple, call
-        Ok(())
-    }
-}
 
 /// Reads a float32 `.npy` of shape [N, ...] a batch of rows at a time, so
 /// memory holds one batch rather than the whole file.
@@ -253,25 +124,6 @@ mod tests {
         let read = read_npy::<f32>(&path).unwrap();
         assert_eq!(read.shape(), [3, 1, 2]);
         assert_eq!(read.iter().copied().collect::<Vec<_>>(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-    }
-
-    /// The `.pt` file must load in a real PyTorch-format reader; candle's
-    /// pickle reader is an independent implementation of `torch.load`.
-    #[test]
-    fn pt_round_trips_through_an_independent_reader() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("calibration.pt");
-        let images = Array::from_shape_fn(IxDyn(&[3, 1, 2, 2]), |i| (i[0] * 10 + i[2] * 2 + i[3]) as f32 - 0.5);
-        let labels = Array::from_shape_vec(IxDyn(&[3]), vec![7i64, 0, 9]).unwrap();
-        write_pt(&path, &[("images", PtTensor::F32(images.view())), ("labels", PtTensor::I64(labels.view()))]).unwrap();
-
-        let loaded = candle_core::pickle::read_all(&path).unwrap();
-        let get = |name: &str| loaded.iter().find(|(n, _)| n == name).unwrap().1.clone();
-        let images_back = get("images");
-        assert_eq!(images_back.dims(), [3, 1, 2, 2]);
-        let flat: Vec<f32> = images_back.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(flat, images.iter().copied().collect::<Vec<_>>());
-        assert_eq!(get("labels").to_vec1::<i64>().unwrap(), [7, 0, 9]);
     }
 
     /// Batches cover every row once, in order, with a ragged last batch.

@@ -3,8 +3,8 @@
 //!
 //! Opening a source reads only headers and labels: the inputs stay on disk
 //! as a list of blocks (a tensor's bytes inside a file or a zip entry), and
-//! `read_rows` streams the rows a stage asks for, converted to f32, so no
-//! split is ever in memory whole. A `.pt` file's object decides the layout:
+//! `read_raw_rows` streams the rows a stage asks for as stored (`read_rows`
+//! converted to f32), so no split is ever in memory whole. A `.pt` file's object decides the layout:
 //! a tensor; a dict (keys configurable); a list or tuple of tensors; an
 //! `(inputs, labels)` pair; or a list of `(input, label)` pairs. Inputs may
 //! be f32, f16 or u8 (u8 gets the spec's scale, mean and std), labels i64,
@@ -13,8 +13,8 @@
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
+use super::prepared::Normalize;
 use super::pt_file::{self, PtError, PtTensor, PtValue};
-use crate::spec::Preprocess;
 
 /// The element types qsweep reads from tensor files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,13 +165,6 @@ pub struct TensorSet {
     blocks: Vec<Block>,
 }
 
-/// How u8 inputs become model inputs: `(v / scale - mean[c]) / std[c]`.
-pub struct Scaling<'a> {
-    pub preprocess: &'a Preprocess,
-    /// The channel axis within a sample (0 for NCHW, the last for NHWC).
-    pub channel_axis: usize,
-}
-
 impl TensorSet {
     /// Opens `path` (a `.npy`, `.npz`, `.pt`, or directory of `.pt`),
     /// whose samples have `sample_rank` axes.
@@ -283,18 +276,22 @@ impl TensorSet {
         Ok(hex::encode(hasher.finalize()))
     }
 
+    /// The one element type every input block is stored in, if they agree.
+    pub fn uniform_dtype(&self) -> Option<Dtype> {
+        let first = self.blocks.first()?.dtype;
+        self.blocks.iter().all(|b| b.dtype == first).then_some(first)
+    }
+
     /// Streams the samples at `indices` (ascending) to `each`, in order,
-    /// as f32 model inputs. Fails on NaN or Inf, naming the sample.
-    pub fn read_rows<E: From<TensorError>>(
+    /// as their files store them.
+    pub fn read_raw_rows<E: From<TensorError>>(
         &self,
         indices: &[usize],
-        scaling: &Scaling<'_>,
-        mut each: impl FnMut(&[f32]) -> Result<(), E>,
+        mut each: impl FnMut(RawRow<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
         let row_len: usize = self.sample_shape.iter().product();
         let mut wanted = indices.iter().copied().peekable();
         let mut start = 0;
-        let mut values = vec![0f32; row_len];
         for block in &self.blocks {
             let end = start + block.rows;
             if wanted.peek().is_some_and(|&i| i < end) {
@@ -308,21 +305,7 @@ impl TensorSet {
                             .map_err(io)?;
                         reader.read_exact(&mut bytes).map_err(io)?;
                         position = index + 1;
-                        for (value, decoded) in values.iter_mut().zip(block.dtype.decode(&bytes)) {
-                            *value = decoded as f32;
-                        }
-                        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
-                            return Err(bad(
-                                &block.file,
-                                format!("sample {index} holds {} at element {at}", values[at]),
-                                "remove or repair the sample: inputs must be finite",
-                            )
-                            .into());
-                        }
-                        if block.dtype == Dtype::U8 {
-                            scaling.apply(&self.sample_shape, &mut values);
-                        }
-                        each(&values)?;
+                        each(RawRow { index, dtype: block.dtype, bytes: &bytes, file: &block.file })?;
                     }
                     Ok(())
                 })?;
@@ -331,16 +314,48 @@ impl TensorSet {
         }
         Ok(())
     }
+
+    /// Streams the samples at `indices` (ascending) to `each`, in order,
+    /// as f32 model inputs (u8 ones normalised). Fails on NaN or Inf,
+    /// naming the sample.
+    pub fn read_rows<E: From<TensorError>>(
+        &self,
+        indices: &[usize],
+        normalize: &Normalize,
+        mut each: impl FnMut(&[f32]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut values = vec![0f32; self.sample_shape.iter().product()];
+        self.read_raw_rows(indices, |row| {
+            row.to_f32(&mut values)?;
+            if row.dtype == Dtype::U8 {
+                normalize.apply(&self.sample_shape, &mut values);
+            }
+            each(&values)
+        })
+    }
 }
 
-impl Scaling<'_> {
-    fn apply(&self, shape: &[usize], values: &mut [f32]) {
-        let inner: usize = shape[self.channel_axis + 1..].iter().product();
-        let channels = shape[self.channel_axis];
-        let pick = |list: &[f32], c: usize| if list.len() == 1 { list[0] } else { list[c] };
-        for (i, value) in values.iter_mut().enumerate() {
-            let c = (i / inner) % channels;
-            *value = (*value / self.preprocess.scale - pick(&self.preprocess.mean, c)) / pick(&self.preprocess.std, c);
+/// One sample as its file stores it.
+pub struct RawRow<'a> {
+    pub index: usize,
+    pub dtype: Dtype,
+    pub bytes: &'a [u8],
+    pub file: &'a Path,
+}
+
+impl RawRow<'_> {
+    /// The values as f32; an error naming the sample if one is NaN or Inf.
+    pub fn to_f32(&self, values: &mut [f32]) -> Result<(), TensorError> {
+        for (value, decoded) in values.iter_mut().zip(self.dtype.decode(self.bytes)) {
+            *value = decoded as f32;
+        }
+        match values.iter().position(|v| !v.is_finite()) {
+            Some(at) => Err(bad(
+                self.file,
+                format!("sample {} holds {} at element {at}", self.index, values[at]),
+                "remove or repair the sample: inputs must be finite",
+            )),
+            None => Ok(()),
         }
     }
 }

@@ -17,11 +17,11 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{prepare_data, StageContext, StageError};
-use crate::data::tensor_file::NpyBatches;
+use super::{StageContext, StageError};
 use crate::engine::{self, InferenceSession};
 use crate::onnx;
 use crate::plan::Task;
+use crate::progress::Walk;
 use crate::quant::histogram::{Histogram, INITIAL_BINS};
 use crate::quant::qdq;
 
@@ -61,12 +61,13 @@ impl Statistics {
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let model = context.load_model(task)?;
-    let data = context.input_dir(task, "data")?;
-    let images = data.join(prepare_data::IMAGES);
-    let per_sample: usize = NpyBatches::open(&images, 1)?.shape()[1..].iter().product();
+    let set = context.prepared(task, "data")?;
+    let per_sample: usize = set.sample_shape().iter().product();
     let batch = (BATCH_INPUT_VALUES / per_sample.max(1)).clamp(1, MAX_BATCH);
-    let batches = NpyBatches::open(&images, batch)?;
-    let statistics = collect(&model.proto, out, engine::resolve_threads(0), batches, context.cancel)?;
+    let mut walk = Walk::new(context.report, "images", set.len());
+    let batches = set.batches(batch).map(|read| read.map_err(|e| context.read_error(task, "data", e)));
+    let statistics =
+        collect(&model.proto, out, engine::resolve_threads(0), batches, context.cancel, |n| walk.advance(n))?;
 
     let warnings = warnings(statistics.samples, &statistics.tensors);
     for warning in &warnings {
@@ -84,13 +85,17 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
 /// One pass of `model` over `batches`, streaming every tensor the Q/DQ
 /// rewrite may quantize into a histogram. `scratch` holds the exposed model
 /// briefly, as ONNX Runtime opens models from files.
-pub fn collect(
+pub fn collect<E>(
     model: &ModelProto,
     scratch: &Path,
     threads: usize,
-    batches: impl Iterator<Item = std::io::Result<ArrayD<f32>>>,
+    batches: impl Iterator<Item = Result<ArrayD<f32>, E>>,
     cancel: &AtomicBool,
-) -> Result<Statistics, StageError> {
+    mut on_batch: impl FnMut(usize),
+) -> Result<Statistics, StageError>
+where
+    StageError: From<E>,
+{
     let graph = model.graph.as_ref().expect("a loaded model has a graph");
     let names = qdq::calibration_tensors(graph);
     if names.is_empty() {
@@ -125,6 +130,7 @@ pub fn collect(
             .into_dimensionality::<Ix4>()
             .map_err(|e| StageError::Fatal(format!("calibration images are not NCHW: {e}")))?;
         samples += batch.shape()[0];
+        on_batch(batch.shape()[0]);
         // A model whose batch axis is fixed takes the batch in slices of that size.
         let slice = session.fixed_batch().unwrap_or(batch.shape()[0]).max(1);
         for sub_batch in batch.axis_chunks_iter(ndarray::Axis(0), slice) {

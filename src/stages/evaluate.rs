@@ -13,10 +13,14 @@ use ndarray::{s, CowArray, Ix4};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{build, params, prepare_data, StageContext, StageError};
-use crate::data::tensor_file::{self, NpyBatches, NpyRowWriter};
+use std::sync::Arc;
+
+use super::{build, params, StageContext, StageError};
+use crate::data::prepared::PreparedSet;
+use crate::data::tensor_file::{NpyBatches, NpyRowWriter};
 use crate::engine::{self, InferenceSession, Provider};
 use crate::plan::{Task, REFERENCE};
+use crate::progress::Walk;
 use crate::spec::Engine;
 
 pub const VERSION: u32 = 3;
@@ -47,10 +51,8 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         .and_then(|key| context.results.manifest(key))
         .is_some_and(|m| m.metrics["precision"] == "int8");
     let provider = Provider::for_engine(p.engine, int8, &build_dir);
-    let data = context.input_dir(task, "data")?;
-    let images = Images { path: data.join(prepare_data::IMAGES) };
-    let count = images.count()?;
-    let labels_path = data.join(prepare_data::LABELS);
+    let images = Images { set: context.prepared(task, "data")?, task, context };
+    let count = images.set.len();
 
     let threads = engine::resolve_threads(p.threads);
     let mut session = InferenceSession::open_with(&model, threads, None, &provider)?;
@@ -59,8 +61,8 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     }
     let accuracy_batch = p.batch_sizes.iter().copied().max().unwrap_or(1);
     let started = std::time::Instant::now();
-    let mut quality = if labels_path.exists() {
-        let labels = tensor_file::read_npy::<i64>(&labels_path)?.into_raw_vec_and_offset().0;
+    let labels = images.set.labels().map_err(|e| context.read_error(task, "data", e))?;
+    let mut quality = if let Some(labels) = labels {
         let accuracy =
             engine::accuracy_of_batches(&mut session, images.batches(accuracy_batch)?, &labels, context.cancel)?;
         json!({"accuracy": accuracy.top1, "top5": accuracy.top5})
@@ -70,7 +72,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let accuracy_pass_s = started.elapsed().as_secs_f64();
 
     // Latency runs on the first images: only as many as the largest batch are read.
-    let first = images.batches(accuracy_batch)?.next().ok_or_else(|| StageError::Fatal("no test images".into()))??;
+    let first = images.first(accuracy_batch)?;
     let mut latency = Vec::new();
     for &batch in &p.batch_sizes {
         let rows = batch.min(first.shape()[0]);
@@ -103,7 +105,7 @@ fn against_reference(
     task: &Task,
     context: &StageContext<'_>,
     session: &mut InferenceSession,
-    (images, count): (&Images, usize),
+    (images, count): (&Images<'_>, usize),
     batch: usize,
     keep_logits: bool,
     out: &Path,
@@ -146,25 +148,42 @@ fn against_reference(
     })
 }
 
-/// The prepared test images, read a batch at a time as they are needed,
-/// so memory holds one batch, never the split.
-struct Images {
-    path: std::path::PathBuf,
+/// The prepared test images, read a batch at a time ahead of the
+/// session (`PreparedSet::batches`), so memory holds a few batches, never
+/// the split, and reading overlaps inference.
+struct Images<'a> {
+    set: Arc<PreparedSet>,
+    task: &'a Task,
+    context: &'a StageContext<'a>,
 }
 
-impl Images {
-    fn count(&self) -> Result<usize, StageError> {
-        Ok(NpyBatches::open(&self.path, 1)?.shape()[0])
-    }
-
+impl Images<'_> {
+    /// Every image in order, the walk shown as it goes.
     fn batches(
         &self,
         batch: usize,
-    ) -> Result<impl Iterator<Item = Result<CowArray<'static, f32, Ix4>, StageError>>, StageError> {
-        Ok(NpyBatches::open(&self.path, batch)?.map(|read| {
-            let batch = read?.into_dimensionality::<Ix4>();
-            batch.map(CowArray::from).map_err(|e| StageError::Fatal(format!("test images are not NCHW: {e}")))
+    ) -> Result<impl Iterator<Item = Result<CowArray<'static, f32, Ix4>, StageError>> + '_, StageError> {
+        let mut walk = Walk::new(self.context.report, "images", self.set.len());
+        Ok(self.set.batches(batch).map(move |read| {
+            let batch = read.map_err(|e| self.context.read_error(self.task, "data", e))?;
+            walk.advance(batch.shape()[0]);
+            Self::nchw(batch)
         }))
+    }
+
+    /// The first `count` images (fewer if the split is smaller).
+    fn first(&self, count: usize) -> Result<ndarray::Array4<f32>, StageError> {
+        let indices: Vec<usize> = (0..count.min(self.set.len())).collect();
+        if indices.is_empty() {
+            return Err(StageError::Fatal("no test images".into()));
+        }
+        let batch = self.set.read(&indices).map_err(|e| self.context.read_error(self.task, "data", e))?;
+        Ok(Self::nchw(batch)?.into_owned())
+    }
+
+    fn nchw(batch: ndarray::ArrayD<f32>) -> Result<CowArray<'static, f32, Ix4>, StageError> {
+        let batch = batch.into_dimensionality::<Ix4>();
+        batch.map(CowArray::from).map_err(|e| StageError::Fatal(format!("test images are not NCHW: {e}")))
     }
 }
 

@@ -15,11 +15,13 @@ pub mod train;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
+use crate::data::prepared::{self, PreparedError, PreparedSet};
 use crate::engine::EngineError;
 use crate::plan::{StageKind, Task};
 use crate::store::{Manifest, ResultsDir};
@@ -44,8 +46,22 @@ pub enum StageError {
     /// A failure that will repeat: bad inputs, a model the engine rejects.
     #[error("{0}")]
     Fatal(String),
+    /// An input artifact failed its check as this stage read it. It has
+    /// been set aside: the coordinator rebuilds it, then runs this again.
+    #[error("{0}")]
+    DamagedInput(String),
     #[error("interrupted")]
     Cancelled,
+}
+
+impl From<PreparedError> for StageError {
+    fn from(e: PreparedError) -> Self {
+        match e {
+            PreparedError::Damaged { .. } => StageError::DamagedInput(e.to_string()),
+            PreparedError::NoSpace { .. } => StageError::Fatal(e.to_string()),
+            PreparedError::Io { .. } => StageError::Retryable(e.to_string()),
+        }
+    }
 }
 
 impl From<std::io::Error> for StageError {
@@ -88,11 +104,41 @@ impl StageContext<'_> {
         Ok(model)
     }
 
-    /// The artifact directory of the input playing `role`.
+    /// The artifact directory of the input playing `role`, its files
+    /// checked against its manifest now that this stage is to read them
+    /// (shards of prepared data are checked as they are read instead).
     pub fn input_dir(&self, task: &Task, role: &str) -> Result<PathBuf, StageError> {
+        Ok(self.checked_input(task, role)?.0)
+    }
+
+    fn checked_input(&self, task: &Task, role: &str) -> Result<(PathBuf, Manifest), StageError> {
         let key =
             task.input(role).ok_or_else(|| StageError::Fatal(format!("{} task has no `{role}` input", task.stage)))?;
-        Ok(self.results.artifact_dir(key))
+        let manifest = self.results.checked_input(key, prepared::checked_when_read).map_err(|damaged| {
+            self.results.set_aside(key);
+            StageError::DamagedInput(format!(
+                "input `{role}` of {} ({}): {damaged}; it was set aside to be made again",
+                task.stage,
+                key.short()
+            ))
+        })?;
+        Ok((self.results.artifact_dir(key), manifest))
+    }
+
+    /// The prepared data of the input playing `role`. A shard found
+    /// damaged as it is read sets the artifact aside.
+    pub fn prepared(&self, task: &Task, role: &str) -> Result<Arc<PreparedSet>, StageError> {
+        let (dir, manifest) = self.checked_input(task, role)?;
+        Ok(Arc::new(PreparedSet::open(&dir, &manifest.files)?))
+    }
+
+    /// Turns a read error of `role`'s prepared data into the stage's
+    /// error, setting a damaged artifact aside so it is made again.
+    pub fn read_error(&self, task: &Task, role: &str, error: PreparedError) -> StageError {
+        if let (PreparedError::Damaged { .. }, Some(key)) = (&error, task.input(role)) {
+            self.results.set_aside(key);
+        }
+        error.into()
     }
 }
 

@@ -1,41 +1,35 @@
-//! prepare-data: turns a role's source into the tensors later stages read.
+//! prepare-data: turns a role's source into the prepared data later
+//! stages read (`data::prepared`: u8 pixels or the tensor file's own
+//! type, in shards, normalised as they are read).
 //!
 //! Up to three tasks of this stage exist per sweep, one per role: the
 //! evaluation images (`split: test`), the seeded calibration subset, and,
 //! for QAT, the seeded training subset. Each reads its own source: the IDX
-//! dataset's split, or an image folder. Images go to `images.npy` (f32, the
-//! model's layout) and labels to `labels.npy` (i64, as PyTorch keeps
-//! them). The IDX calibration set is also written as a PyTorch .pt dict
-//! (`images`, `labels`), the form NVIDIA's PTQ flow prepares, so a PyTorch
-//! user can calibrate on exactly the same images.
+//! dataset's split, an image folder, or a tensor file.
 //!
 //! Folder images are decoded and preprocessed a block at a time, in
 //! parallel, and written as they come; tensor files are streamed a row at
-//! a time. A split is never in memory whole. A tensor source without
-//! labels (calibration needs none) writes no `labels.npy`.
+//! a time. A split is never in memory whole, and this is the only stage
+//! that decodes images: every later stage and run reads the shards.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use ndarray::Array1;
 use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{params, StageContext, StageError};
 use crate::data::image;
+use crate::data::prepared::{Normalize, ShardWriter, Stored};
 use crate::data::source::{subset_indices, Source};
-use crate::data::tensor_file::{self, NpyRowWriter, PtTensor};
-use crate::data::tensor_source::{Scaling, TensorError};
+use crate::data::tensor_source::{Dtype, TensorError};
 use crate::data::{self, Split};
 use crate::plan::Task;
+use crate::progress::Walk;
 use crate::spec::{Color, Dataset, Layout, Preprocess};
 
-pub const VERSION: u32 = 2;
-
-pub const IMAGES: &str = "images.npy";
-pub const LABELS: &str = "labels.npy";
-pub const CALIBRATION_PT: &str = "calibration.pt";
+pub const VERSION: u32 = 4;
 
 /// Images decoded in parallel before they are written.
 const BLOCK: usize = 256;
@@ -62,9 +56,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let params: Params = params(task)?;
     let subset = params.samples.map(|samples| (samples, params.seed.unwrap_or(0)));
     let count = match &params.source {
-        Source::Idx { split, .. } => {
-            prepare_idx(context, &params.data, *split, subset, params.split == "calibration", out)?
-        }
+        Source::Idx { split, .. } => prepare_idx(context, &params.data, *split, subset, out)?,
         Source::ImageFolder { .. } => prepare_folder(context, &params, subset, out)?,
         Source::Tensors { .. } => prepare_tensors(context, &params, subset, out)?,
     };
@@ -80,26 +72,25 @@ fn prepare_idx(
     data: &DataParams,
     split: Split,
     subset: Option<(u32, u64)>,
-    with_pt: bool,
     out: &Path,
 ) -> Result<usize, StageError> {
     let raw = data::load_split(data.dataset, &context.sweep.data_dir, split)
         .map_err(|e| StageError::Fatal(format!("{e}\n  fix: {}", e.fix(data.dataset))))?;
-    let indices = subset.map(|_| subset_indices(raw.count, subset));
-    let tensors = raw.preprocess(&data.preprocess, indices.as_deref());
-    let labels = &tensors.labels;
-    tensor_file::write_npy(&out.join(IMAGES), &tensors.images.view().into_dyn())?;
-    tensor_file::write_npy(&out.join(LABELS), &labels.view().into_dyn())?;
-    if with_pt {
-        tensor_file::write_pt(
-            &out.join(CALIBRATION_PT),
-            &[
-                ("images", PtTensor::F32(tensors.images.view().into_dyn())),
-                ("labels", PtTensor::I64(labels.view().into_dyn())),
-            ],
-        )?;
+    let indices = subset_indices(raw.count, subset);
+    let plane = raw.height * raw.width;
+    let normalize = Normalize::new(&data.preprocess, 0);
+    let mut shards = ShardWriter::create(out, Stored::U8, &[1, raw.height, raw.width], indices.len(), Some(normalize))?;
+    let mut walk = Walk::new(context.report, "images", indices.len());
+    for block in indices.chunks(BLOCK) {
+        cancelled(context)?;
+        for &index in block {
+            shards.append(&raw.pixels[index * plane..(index + 1) * plane])?;
+        }
+        walk.advance(block.len());
     }
-    Ok(labels.len())
+    let labels: Vec<i64> = indices.iter().map(|&i| i64::from(raw.labels[i])).collect();
+    shards.finish(Some(&labels))?;
+    Ok(indices.len())
 }
 
 fn prepare_folder(
@@ -120,15 +111,12 @@ fn prepare_folder(
         Layout::Nchw => [channels, height as usize, width as usize],
         Layout::Nhwc => [height as usize, width as usize, channels],
     };
-    let per_image: usize = image_shape.iter().product();
-    let shape = [&[indices.len()][..], &image_shape[..]].concat();
-    let mut images = NpyRowWriter::create(&out.join(IMAGES), &shape)?;
-    let mut labels = Vec::with_capacity(indices.len());
-    for (done, block) in indices.chunks(BLOCK).enumerate() {
-        if context.cancel.load(Ordering::Relaxed) {
-            return Err(StageError::Cancelled);
-        }
-        let prepared: Vec<Vec<f32>> = block
+    let normalize = Normalize::new(preprocess, preprocess.layout.channel_axis(3));
+    let mut shards = ShardWriter::create(out, Stored::U8, &image_shape, indices.len(), Some(normalize))?;
+    let mut walk = Walk::new(context.report, "images", indices.len());
+    for block in indices.chunks(BLOCK) {
+        cancelled(context)?;
+        let prepared: Vec<Vec<u8>> = block
             .par_iter()
             .map(|&index| {
                 let sample = &folder.samples[index];
@@ -142,19 +130,16 @@ fn prepare_folder(
                         pixels.width
                     )));
                 }
-                let mut values = vec![0.0; per_image];
-                image::normalize(&pixels, preprocess, preprocess.layout, &mut values);
-                Ok(values)
+                Ok(image::in_layout(&pixels, preprocess.layout))
             })
             .collect::<Result<_, StageError>>()?;
-        for values in &prepared {
-            images.append(values)?;
+        for pixels in &prepared {
+            shards.append(pixels)?;
         }
-        labels.extend(block.iter().map(|&index| folder.samples[index].label as i64));
-        (context.report)(&format!("{} of {} images", (done * BLOCK + block.len()), indices.len()));
+        walk.advance(block.len());
     }
-    images.finish()?;
-    tensor_file::write_npy(&out.join(LABELS), &Array1::from(labels).view().into_dyn())?;
+    let labels: Vec<i64> = indices.iter().map(|&index| folder.samples[index].label as i64).collect();
+    shards.finish(Some(&labels))?;
     Ok(indices.len())
 }
 
@@ -166,27 +151,48 @@ fn prepare_tensors(
 ) -> Result<usize, StageError> {
     let set = params.source.tensors().map_err(|e| StageError::Fatal(e.to_string()))?;
     let indices = subset_indices(set.len(), subset);
-    let shape = [&[indices.len()][..], &set.sample_shape[..]].concat();
-    let mut images = NpyRowWriter::create(&out.join(IMAGES), &shape)?;
     let preprocess = &params.data.preprocess;
-    let scaling = Scaling { preprocess, channel_axis: preprocess.layout.channel_axis(set.sample_shape.len()) };
-    let mut written = 0;
-    set.read_rows(&indices, &scaling, |row| {
-        if written % BLOCK == 0 {
-            if context.cancel.load(Ordering::Relaxed) {
-                return Err(StageError::Cancelled);
-            }
-            (context.report)(&format!("{written} of {} samples", indices.len()));
+    let normalize = Normalize::new(preprocess, preprocess.layout.channel_axis(set.sample_shape.len()));
+    let labels: Option<Vec<i64>> = set.labels.as_ref().map(|labels| indices.iter().map(|&i| labels[i]).collect());
+    let mut walk = Walk::new(context.report, "samples", indices.len());
+    let mut step = |shards: &mut ShardWriter, bytes: &[u8]| -> Result<(), StageError> {
+        walk.advance(1);
+        if walk.done().is_multiple_of(BLOCK) {
+            cancelled(context)?;
         }
-        written += 1;
-        Ok(images.append(row)?)
-    })?;
-    images.finish()?;
-    if let Some(labels) = &set.labels {
-        let chosen: Vec<i64> = indices.iter().map(|&i| labels[i]).collect();
-        tensor_file::write_npy(&out.join(LABELS), &Array1::from(chosen).view().into_dyn())?;
+        Ok(shards.append(bytes)?)
+    };
+    // Stored in the files' own type where they all share one; otherwise
+    // as f32 model inputs (u8 ones normalised here, as they would be on read).
+    let stored = match set.uniform_dtype() {
+        Some(Dtype::U8) => Some((Stored::U8, Some(normalize.clone()))),
+        Some(Dtype::F16) => Some((Stored::F16, None)),
+        Some(Dtype::F32) => Some((Stored::F32, None)),
+        _ => None,
+    };
+    let (dtype, on_read) = stored.clone().unwrap_or((Stored::F32, None));
+    let mut shards = ShardWriter::create(out, dtype, &set.sample_shape, indices.len(), on_read)?;
+    if stored.is_some() {
+        let mut values = vec![0f32; set.sample_shape.iter().product()];
+        set.read_raw_rows(&indices, |row| {
+            row.to_f32(&mut values)?;
+            step(&mut shards, row.bytes)
+        })?;
+    } else {
+        set.read_rows(&indices, &normalize, |values| {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            step(&mut shards, &bytes)
+        })?;
     }
+    shards.finish(labels.as_deref())?;
     Ok(indices.len())
+}
+
+fn cancelled(context: &StageContext<'_>) -> Result<(), StageError> {
+    match context.cancel.load(Ordering::Relaxed) {
+        true => Err(StageError::Cancelled),
+        false => Ok(()),
+    }
 }
 
 impl From<TensorError> for StageError {

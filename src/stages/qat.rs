@@ -18,7 +18,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::build::{ptq_model, Quantizer, QDQ_MODEL};
-use super::prepare_data::{IMAGES, LABELS};
 use super::{params, StageContext, StageError};
 use crate::onnx::{self, Dim};
 use crate::plan::Task;
@@ -57,8 +56,11 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let params: Params = params(task)?;
     let ptq = ptq_model(task, context, &params.quantizer, params.format, params.percentile)?;
     let mut network = Network::from_model(&ptq.model, BatchNorm::Frozen, Some(qdq::weight_levels(params.format)))?;
-    let data = context.input_dir(task, "data")?;
-    let examples = Examples::from_npy(&data.join(IMAGES), &data.join(LABELS))?;
+    let read_error = |e: TrainError| match e {
+        TrainError::Data(e) => context.read_error(task, "data", e),
+        other => other.into(),
+    };
+    let examples = Examples::prepared(context.prepared(task, "data")?).map_err(read_error)?;
     check_fits(&ptq.model, &examples)?;
 
     let recipe = Recipe {
@@ -78,7 +80,8 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         &checkpoint,
         context.cancel,
         super::report_steps(context, recipe.epochs),
-    )?;
+    )
+    .map_err(read_error)?;
     let trained = network.export(&ptq.model)?;
     qdq::lint(&trained, params.quantizer.residual_fusion).map_err(|e| StageError::Fatal(e.to_string()))?;
     std::fs::write(out.join(QDQ_MODEL), trained.encode_to_vec())?;

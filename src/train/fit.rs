@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::network::{predictions, Network};
 use super::TrainError;
+use crate::data::prepared::PreparedSet;
 
 /// How to train: NVIDIA's QAT recipe is about 10% of the original epochs
 /// at about 1% of the original learning rate, decayed by a half cosine.
@@ -39,12 +40,21 @@ impl Recipe {
     }
 }
 
-/// Labelled images in NCHW order, as the prepare-data stage writes them.
+/// Labelled images in NCHW order.
 pub struct Examples {
-    pub images: Vec<f32>,
+    rows: Rows,
     /// Channels, height, width of one image.
     pub image_shape: [usize; 3],
     pub labels: Vec<u32>,
+}
+
+/// Where the images are.
+enum Rows {
+    /// Preprocessed in memory (an IDX split, for `qsweep train`).
+    Memory(Vec<f32>),
+    /// Read from prepare-data's shards as each batch is drawn, so memory
+    /// holds a batch, not the training set.
+    Prepared(std::sync::Arc<PreparedSet>),
 }
 
 impl From<crate::data::Tensors> for Examples {
@@ -52,7 +62,7 @@ impl From<crate::data::Tensors> for Examples {
     fn from(tensors: crate::data::Tensors) -> Self {
         let &[_, c, h, w] = tensors.images.shape() else { unreachable!("an Array4 has four dimensions") };
         Self {
-            images: tensors.images.iter().copied().collect(),
+            rows: Rows::Memory(tensors.images.iter().copied().collect()),
             image_shape: [c, h, w],
             labels: tensors.labels.iter().map(|&l| l as u32).collect(),
         }
@@ -60,22 +70,17 @@ impl From<crate::data::Tensors> for Examples {
 }
 
 impl Examples {
-    /// NCHW f32 images and i64 labels from .npy files.
-    pub fn from_npy(images: &Path, labels: &Path) -> std::io::Result<Self> {
-        let path = images;
-        let images = crate::data::tensor_file::read_npy::<f32>(images)?;
-        let labels = crate::data::tensor_file::read_npy::<i64>(labels)?;
-        let &[_, c, h, w] = images.shape() else {
-            return Err(std::io::Error::other(format!(
-                "{} holds images of shape {:?}, not NCHW",
-                path.display(),
-                images.shape()
-            )));
+    /// The labelled NCHW images of prepared data.
+    pub fn prepared(set: std::sync::Arc<PreparedSet>) -> Result<Self, TrainError> {
+        let &[c, h, w] = set.sample_shape() else {
+            return Err(TrainError::Model(format!("training images of shape {:?} are not CHW", set.sample_shape())));
         };
+        let labels = set.labels()?;
+        let labels = labels.ok_or_else(|| TrainError::Model("the training samples have no labels".into()))?;
         Ok(Self {
-            images: images.iter().copied().collect(),
             image_shape: [c, h, w],
             labels: labels.iter().map(|&l| l as u32).collect(),
+            rows: Rows::Prepared(set),
         })
     }
 
@@ -89,11 +94,17 @@ impl Examples {
 
     /// The images and labels at `indices`, as a batch.
     pub fn batch(&self, indices: &[usize]) -> Result<(Tensor, Tensor), TrainError> {
-        let size: usize = self.image_shape.iter().product();
-        let mut images = Vec::with_capacity(indices.len() * size);
-        for &i in indices {
-            images.extend_from_slice(&self.images[i * size..(i + 1) * size]);
-        }
+        let images = match &self.rows {
+            Rows::Memory(values) => {
+                let size: usize = self.image_shape.iter().product();
+                let mut images = Vec::with_capacity(indices.len() * size);
+                for &i in indices {
+                    images.extend_from_slice(&values[i * size..(i + 1) * size]);
+                }
+                images
+            }
+            Rows::Prepared(set) => set.read(indices)?.into_raw_vec_and_offset().0,
+        };
         let [c, h, w] = self.image_shape;
         let images = Tensor::from_vec(images, (indices.len(), c, h, w), &Device::Cpu)?;
         let labels: Vec<u32> = indices.iter().map(|&i| self.labels[i]).collect();

@@ -27,6 +27,9 @@ pub enum TrainError {
     Model(String),
     #[error("the loss became NaN or infinite at epoch {epoch}, step {step}{}\n  fix: lower the learning rate", match checkpoint { Some(dir) => format!("; the last good checkpoint (end of epoch {}) is kept in {}", epoch - 1, dir.display()), None => String::new() })]
     NotFinite { epoch: u32, step: usize, checkpoint: Option<std::path::PathBuf> },
+    /// The training samples could not be read (a damaged shard, say).
+    #[error(transparent)]
+    Data(#[from] crate::data::prepared::PreparedError),
     #[error("interrupted")]
     Cancelled,
     #[error("{0}")]

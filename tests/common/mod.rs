@@ -64,3 +64,15 @@ pub fn staging_dirs(results: &Path) -> Vec<String> {
 pub fn csv_rows(results: &Path) -> Vec<csv::StringRecord> {
     csv::Reader::from_path(results.join("runs.csv")).unwrap().records().map(Result::unwrap).collect()
 }
+
+/// The images (normalized, as stages read them) and labels of the
+/// prepare-data artifact `key` in a results directory.
+pub fn prepared_images(results: &Path, key: &str) -> (ndarray::ArrayD<f32>, Option<Vec<i64>>) {
+    let manifest = qsweep::store::ResultsDir::open(results)
+        .manifest(&qsweep::plan::TaskKey(key.into()))
+        .unwrap_or_else(|| panic!("no manifest for {key}"));
+    let dir = results.join("artifacts").join(key);
+    let set = qsweep::data::prepared::PreparedSet::open(&dir, &manifest.files).unwrap();
+    let images = set.read(&(0..set.len()).collect::<Vec<_>>()).unwrap();
+    (images, set.labels().unwrap())
+}
