@@ -533,12 +533,18 @@ pub fn measure_latency(
     iterations: usize,
     cancel: &AtomicBool,
 ) -> Result<LatencyStats, EngineError> {
+    // Ctrl-C, SIGTERM and the stage's timeout set `cancel`: both loops
+    // look at it before every run.
+    let stopped = || cancel.load(Ordering::Relaxed);
     for _ in 0..warmup {
+        if stopped() {
+            return Err(EngineError::Cancelled);
+        }
         session.run(batch)?;
     }
-    let mut times_ms = Vec::with_capacity(iterations);
+    let mut times_ms = Vec::new();
     for _ in 0..iterations {
-        if cancel.load(Ordering::Relaxed) {
+        if stopped() {
             return Err(EngineError::Cancelled);
         }
         let start = Instant::now();

@@ -31,6 +31,7 @@ pub mod artifacts;
 pub mod coordinator;
 pub mod data;
 pub mod engine;
+pub mod files;
 pub mod init;
 pub mod k8s;
 pub mod matrix;

@@ -215,8 +215,10 @@ struct KubernetesArgs {
 
 #[derive(clap::Args)]
 struct OptionalRedis {
-    /// Run on `qsweep worker` processes through this Redis instead of locally.
-    #[arg(long = "redis")]
+    /// Run on `qsweep worker` processes through this Redis instead of
+    /// locally; `--redis` alone takes the URL from REDIS_URL, which keeps a
+    /// password out of `ps`.
+    #[arg(long = "redis", num_args = 0..=1, default_missing_value = "", value_name = "URL")]
     url: Option<String>,
     /// Prefix of every Redis key.
     #[arg(long, default_value = "qsweep")]
@@ -225,6 +227,27 @@ struct OptionalRedis {
     /// file:///dir) instead of a results directory every worker sees.
     #[arg(long, requires = "url")]
     artifacts: Option<String>,
+}
+
+impl OptionalRedis {
+    /// The Redis URL this run uses: `--redis URL`; `--redis` alone or
+    /// `--backend k8s`, REDIS_URL. A REDIS_URL set while the run would be
+    /// local is refused rather than ignored, since whoever set it most
+    /// likely meant the sweep to go through it.
+    fn take_url(&mut self, backend: Backend) -> Result<Option<String>, String> {
+        let from_env = std::env::var("REDIS_URL").ok().filter(|url| !url.is_empty());
+        match (self.url.take(), from_env, backend) {
+            (Some(url), _, _) if !url.is_empty() => Ok(Some(url)),
+            (Some(_), Some(url), _) | (None, Some(url), Backend::K8s) => Ok(Some(url)),
+            (Some(_), None, _) => Err("--redis without a URL reads REDIS_URL, which is not set\n  \
+                 fix: export REDIS_URL=redis://[user:password@]host:port, or give --redis URL"
+                .into()),
+            (None, Some(_), Backend::Local) => Err("REDIS_URL is set, but without --redis this sweep would run locally\n  \
+                 fix: add --redis to run on `qsweep worker` processes through REDIS_URL, or unset REDIS_URL to run here"
+                .into()),
+            (None, None, _) => Ok(None),
+        }
+    }
 }
 
 /// Exit code for usage, spec and set-up errors.
@@ -248,19 +271,26 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Init { model, data, calibration, out, force } => {
-            init(&qsweep::init::Request { model: &model, data: &data, calibration: calibration.as_deref(), out: &out }, force)
-        }
+        Command::Init { model, data, calibration, out, force } => init(
+            &qsweep::init::Request { model: &model, data: &data, calibration: calibration.as_deref(), out: &out },
+            force,
+        ),
         Command::Validate { spec } => validate(&spec),
         Command::Plan { spec, json, results } => plan(&spec, json, results),
-        Command::Run { spec, jobs, results, redis, kubernetes } => match kubernetes.backend {
-            Backend::Local => run(&spec, jobs as usize, results, redis, None),
-            Backend::K8s if kubernetes.dry_run => kubernetes_job(&spec, results, &redis.prefix, &kubernetes),
-            Backend::K8s if redis.url.is_none() => fail(
-                "--backend k8s needs --redis URL: the coordinator's way to the Redis that the pods reach through the Secret's REDIS_URL\n  \
-                 fix: add --redis redis://... (with kubectl port-forward if Redis runs in the cluster), or print the Job with --dry-run",
-            ),
-            Backend::K8s => run(&spec, jobs as usize, results, redis, Some(kubernetes)),
+        Command::Run { spec, jobs, results, mut redis, kubernetes } => match redis.take_url(kubernetes.backend) {
+            Err(message) => fail(&message),
+            Ok(url) => {
+                redis.url = url;
+                match kubernetes.backend {
+                    Backend::Local => run(&spec, jobs as usize, results, redis, None),
+                    Backend::K8s if kubernetes.dry_run => kubernetes_job(&spec, results, &redis.prefix, &kubernetes),
+                    Backend::K8s if redis.url.is_none() => fail(
+                        "--backend k8s needs a Redis URL (--redis URL, or REDIS_URL): the coordinator's way to the Redis that the pods reach through the Secret's REDIS_URL\n  \
+                         fix: export REDIS_URL=redis://... (with kubectl port-forward if Redis runs in the cluster), or print the Job with --dry-run",
+                    ),
+                    Backend::K8s => run(&spec, jobs as usize, results, redis, Some(kubernetes)),
+                }
+            }
         },
         Command::Worker { redis, concurrency, lease_secs, exit_when_idle, cache, sweep, drain_secs } => {
             let options = qsweep::redis_queue::consumer::WorkerOptions {

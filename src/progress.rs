@@ -15,10 +15,15 @@ pub struct Progress {
     workers: std::sync::Mutex<Option<usize>>,
     last_counts: std::sync::Mutex<RunCounts>,
     last_plain_progress: std::sync::Mutex<std::collections::HashMap<usize, std::time::Instant>>,
+    /// Off a terminal: the run-count line last printed, and when.
+    last_plain_runs: std::sync::Mutex<Option<(String, std::time::Instant)>>,
 }
 
 /// How often plain (non-terminal) output repeats a task's progress.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// How often plain output repeats run counts that have not changed, so a
+/// long stage still shows the sweep is alive.
+const PLAIN_RUNS_EVERY: Duration = Duration::from_secs(60);
 
 struct Live {
     _multi: MultiProgress,
@@ -69,6 +74,7 @@ impl Progress {
                 workers: Default::default(),
                 last_counts: Default::default(),
                 last_plain_progress: Default::default(),
+                last_plain_runs: Default::default(),
             };
         }
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
@@ -93,6 +99,7 @@ impl Progress {
             workers: Default::default(),
             last_counts: Default::default(),
             last_plain_progress: Default::default(),
+            last_plain_runs: Default::default(),
         }
     }
 
@@ -106,7 +113,17 @@ impl Progress {
             format!("runs: {} done, {} failed, {} remaining{workers}", counts.done, counts.failed, counts.remaining);
         match &self.display {
             Some(live) => live.overall.set_message(text),
-            None => eprintln!("{text}"),
+            None => {
+                // Only when the counts change, or a minute on: the
+                // coordinator reports them after every event.
+                let mut last = self.last_plain_runs.lock().expect("progress lock");
+                let due =
+                    last.as_ref().is_none_or(|(printed, at)| *printed != text || at.elapsed() >= PLAIN_RUNS_EVERY);
+                if due {
+                    eprintln!("{text}");
+                    *last = Some((text, std::time::Instant::now()));
+                }
+            }
         }
     }
 

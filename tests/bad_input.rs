@@ -100,6 +100,70 @@ fn absurd_qat_recipes_are_refused() {
     assert!(err.contains("$.qat.learning_rate"), "{err}");
 }
 
+/// `qsweep run` with REDIS_URL in its environment, and `args` after the spec.
+fn run_with_redis_url(dir: &Path, url: Option<&str>, args: &[&str]) -> (Option<i32>, String) {
+    let spec = write(dir, "spec.json", &quick_spec_json(""));
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_qsweep"));
+    command.args(["run", spec.to_str().unwrap(), "--results", dir.join("results").to_str().unwrap()]).args(args);
+    match url {
+        Some(url) => command.env("REDIS_URL", url),
+        None => command.env_remove("REDIS_URL"),
+    };
+    let output = command.output().unwrap();
+    (output.status.code(), stderr(&output))
+}
+
+/// REDIS_URL keeps the password off the command line: `--redis` alone
+/// reads it; set without `--redis` it is refused rather than silently
+/// ignored by a local run; and no message shows its password.
+#[test]
+fn redis_url_comes_from_the_environment_and_stays_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_url = "redis://:s3cret@127.0.0.1:1";
+
+    let (code, err) = run_with_redis_url(dir.path(), Some(secret_url), &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("REDIS_URL is set, but without --redis"), "{err}");
+    assert!(!dir.path().join("results").exists(), "nothing may be written");
+
+    let (code, err) = run_with_redis_url(dir.path(), None, &["--redis"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--redis without a URL reads REDIS_URL, which is not set"), "{err}");
+
+    // `--redis` alone connects to REDIS_URL's host (nothing listens on port 1).
+    let (code, err) = run_with_redis_url(dir.path(), Some(secret_url), &["--redis"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("127.0.0.1:1") && !err.contains("s3cret"), "{err}");
+
+    // A malformed URL (one slash) is not echoed with its password either.
+    let output = qsweep(&["status", "quick", "--redis", "redis:/:s3cret@127.0.0.1:1"]);
+    assert_ne!(output.status.code(), Some(0));
+    assert!(!stderr(&output).contains("s3cret"), "{}", stderr(&output));
+}
+
+/// A key given twice is an error naming both lines, not a silent "last
+/// one wins".
+#[test]
+fn a_key_given_twice_names_both_lines() {
+    let text = quick_spec_json("").replacen("\n  \"data\"", "\n  \"name\": \"again\",\n  \"data\"", 1);
+    let err = refused(&text);
+    assert!(err.contains("spec.json:4:3") && err.contains("`name` is given twice: first at line 2"), "{err}");
+}
+
+/// Counts that would not fit in memory or never end (found by trying
+/// u32::MAX) are refused with the field and its bound.
+#[test]
+fn evaluation_counts_have_upper_bounds() {
+    let spec = quick_spec_json("")
+        .replace(r#""warmup": 2"#, r#""warmup": 4294967295"#)
+        .replace(r#""iterations": 20"#, r#""iterations": 4294967295"#)
+        .replace(r#""threads": 1"#, r#""threads": 4294967295"#);
+    let err = refused(&spec);
+    for (field, bound) in [("warmup", "10000"), ("iterations", "100000"), ("threads", "1024")] {
+        assert!(err.contains(&format!("$.evaluate.{field}")) && err.contains(&format!("at most {bound}")), "{err}");
+    }
+}
+
 /// An operator the trainer cannot run is named, with its node, at validation.
 #[test]
 fn qat_of_a_model_with_an_unsupported_operator_is_refused_up_front() {
@@ -143,6 +207,27 @@ fn missing_model_file() {
     let text = quick_spec_json("").replace(reference_model().to_str().unwrap(), "/nonexistent/model.onnx");
     let err = refused(&text);
     assert!(err.contains("$.model") && err.contains("/nonexistent/model.onnx"), "{err}");
+}
+
+/// A FIFO given as the model or as a tensor file is refused at once,
+/// named, instead of blocking `validate` until something writes to it.
+#[test]
+fn a_fifo_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model.onnx");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let text = quick_spec_json("").replace(reference_model().to_str().unwrap(), fifo.to_str().unwrap());
+    let err = refused_in(dir.path(), &text);
+    assert!(err.contains("model.onnx") && err.contains("FIFO"), "{err}");
+
+    let tensors = dir.path().join("calibration.npy");
+    assert!(std::process::Command::new("mkfifo").arg(&tensors).status().unwrap().success());
+    let text = quick_spec_json(r#""matrix": { "calibration": ["max"], "residual_fusion": [true] }"#).replace(
+        r#""data": { "preprocess""#,
+        &format!(r#""data": {{ "calibration": {{ "tensors": "{}" }}, "preprocess""#, tensors.display()),
+    );
+    let err = refused_in(dir.path(), &text);
+    assert!(err.contains("calibration.npy") && err.contains("FIFO"), "{err}");
 }
 
 #[test]

@@ -73,20 +73,28 @@ fn a_hard_coded_batch_is_measured_at_batch_one_and_said_so() {
 fn evaluate_output_picks_the_scores_of_a_model_with_several() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("shared_biases_two_outputs.onnx");
-    let validate = |extra: &str| {
-        let spec = spec_with(dir.path(), &model, extra);
+    // `output` goes into the quick spec's own `evaluate` (a second
+    // `evaluate` key would be refused as given twice).
+    let validate = |output: &str| {
+        let spec = spec_with(dir.path(), &model, "");
+        let text = std::fs::read_to_string(&spec).unwrap().replace(
+            r#""evaluate": { "batch_sizes": [1, 64], "warmup": 2, "iterations": 20"#,
+            &format!(r#""evaluate": {{ "output": "{output}", "batch_sizes": [64], "warmup": 2, "iterations": 2"#),
+        );
+        assert!(text.contains(output), "the quick spec's evaluate changed");
+        std::fs::write(&spec, text).unwrap();
         let output = qsweep(&["validate", spec.to_str().unwrap()]);
         (output.status.code(), stderr(&output), spec)
     };
-    let (code, err, _) = validate(r#", "evaluate": { "output": "nope" }"#);
+    let (code, err, _) = validate("nope");
     assert_eq!(code, Some(2));
     assert!(err.contains("no output `nope`; its outputs are: logits, features"), "{err}");
     // The features are 8 wide: not the 10 classes' scores.
-    let (code, err, _) = validate(r#", "evaluate": { "output": "features" }"#);
+    let (code, err, _) = validate("features");
     assert_eq!(code, Some(2));
     assert!(err.contains("scores 8 classes"), "{err}");
 
-    let (code, err, spec) = validate(r#", "evaluate": { "output": "logits", "batch_sizes": [64], "iterations": 2 }"#);
+    let (code, err, spec) = validate("logits");
     assert_eq!(code, Some(0), "{err}");
     let results = dir.path().join("results");
     let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);

@@ -113,7 +113,11 @@ fn without_dry_run_the_coordinator_needs_redis() {
         dir.path().to_str().unwrap(),
     ]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("--backend k8s needs --redis URL"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--backend k8s needs a Redis URL (--redis URL, or REDIS_URL)"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 /// The Role in k8s/rbac.yaml grants exactly what the coordinator checks

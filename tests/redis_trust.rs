@@ -163,8 +163,7 @@ fn a_second_redis_coordinator_is_refused() {
 fn a_rerun_retries_what_failed() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(dir.path(), &[]);
-    let text = quick_spec_json(r#""retries": 0, "timeout": 2"#)
-        .replace(r#""iterations": 20"#, r#""iterations": 100000000"#)
+    let text = endless_evaluation(&quick_spec_json(r#""retries": 0, "timeout": 2"#))
         .replace(r#""name": "quick""#, r#""name": "retry""#);
     let spec = write(dir.path(), "retry.json", &text);
     let results = dir.path().join("results");
@@ -192,9 +191,7 @@ fn a_rerun_retries_what_failed() {
 fn sigterm_hands_the_task_back_within_the_drain() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(dir.path(), &[]);
-    let text = quick_spec_json("")
-        .replace(r#""iterations": 20"#, r#""iterations": 100000000"#)
-        .replace(r#""name": "quick""#, r#""name": "term""#);
+    let text = endless_evaluation(&quick_spec_json("")).replace(r#""name": "quick""#, r#""name": "term""#);
     let spec = write(dir.path(), "term.json", &text);
     let results = dir.path().join("results");
     let mut busy = worker(&redis.url(), "term", &["--drain-secs", "2"], &dir.path().join("busy.log"));

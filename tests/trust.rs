@@ -155,7 +155,7 @@ fn damage_found_while_reading_is_healed_in_the_same_run() {
 /// Starts a sweep whose evaluation runs until it is stopped, and waits
 /// until it does.
 fn start_endless_evaluation(dir: &Path, results: &Path, log: &Path) -> Child {
-    let slow = quick_spec_json("").replace(r#""iterations": 20"#, r#""iterations": 100000000"#);
+    let slow = endless_evaluation(&quick_spec_json(""));
     let spec = write(dir, "slow.json", &slow);
     let child = spawn_run(&spec, results, log);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -183,6 +183,7 @@ impl TensorSet {
                 parts.push(Part::of_value(&file, pt_file::load(&file)?, keys, sample_rank)?);
             }
         } else {
+            crate::files::regular_file(path).map_err(|e| io_error(path, e))?;
             let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
             parts.push(match extension.as_str() {
                 "npy" => Part::of_npy(path)?,

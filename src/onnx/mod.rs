@@ -72,7 +72,9 @@ pub struct Model {
 
 impl Model {
     pub fn load(path: &Path) -> Result<Self, OnnxError> {
-        let bytes = std::fs::read(path).map_err(|source| OnnxError::Io { path: path.to_path_buf(), source })?;
+        let io = |source| OnnxError::Io { path: path.to_path_buf(), source };
+        crate::files::regular_file(path).map_err(io)?;
+        let bytes = std::fs::read(path).map_err(io)?;
         Self::decode(path, &bytes)
     }
 

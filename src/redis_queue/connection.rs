@@ -18,7 +18,8 @@ pub const MIN_VERSION: (u32, u32) = (6, 2);
 /// restart is survived.
 pub async fn connect(url: &str) -> Result<ConnectionManager, QueueError> {
     let shown = redact(url);
-    let bad_url = |message: String| QueueError::BadUrl { url: shown.clone(), message };
+    // The client's own message may quote the URL.
+    let bad_url = |message: String| QueueError::BadUrl { url: shown.clone(), message: message.replace(url, &shown) };
     let client = match std::env::var_os(CA_ENV) {
         // A private CA for rediss://, e.g. a cluster's own.
         Some(ca) => {
@@ -73,16 +74,24 @@ pub fn version_at_least(version: &str, minimum: (u32, u32)) -> bool {
     (major, minor) >= minimum
 }
 
-/// The URL with any password replaced, for messages and logs.
+/// The URL with any password replaced, for messages and logs. Everything
+/// before the last `@` may hold one, however malformed the URL
+/// (`redis:/:pw@host` has no `://` to find), so that part is hidden but for
+/// a well-formed user name.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            let user = credentials.split(':').next().unwrap_or_default();
-            let hidden = if credentials.contains(':') { format!("{user}:***") } else { "***".to_string() };
-            format!("{}{hidden}{}", &url[..scheme + 3], &url[at..])
+    let Some(at) = url.rfind('@') else {
+        return url.to_string();
+    };
+    match url.find("://").map(|scheme| scheme + 3).filter(|&start| start <= at) {
+        Some(start) => {
+            let credentials = &url[start..at];
+            let hidden = match credentials.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_string(),
+            };
+            format!("{}{hidden}{}", &url[..start], &url[at..])
         }
-        _ => url.to_string(),
+        None => format!("***{}", &url[at..]),
     }
 }
 
@@ -95,6 +104,9 @@ mod tests {
         assert_eq!(redact("redis://:s3cret@host:6379/0"), "redis://:***@host:6379/0");
         assert_eq!(redact("rediss://alice:s3cret@host"), "rediss://alice:***@host");
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact("redis:/:s3cret@host"), "***@host");
+        assert_eq!(redact("s3cret@host"), "***@host");
+        assert_eq!(redact("redis://a:b@c:s3cret@host"), "redis://a:***@host");
     }
 
     #[test]

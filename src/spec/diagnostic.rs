@@ -201,6 +201,55 @@ impl<'a> SourceMap<'a> {
     }
 }
 
+/// A key given twice in one object: JSON parsers keep the last silently,
+/// so a user who edits the first would see no effect.
+#[derive(Debug, PartialEq)]
+pub struct DuplicateKey {
+    /// The second occurrence.
+    pub path: JsonPath,
+    pub first: (usize, usize),
+    pub again: (usize, usize),
+}
+
+impl SourceMap<'_> {
+    /// Every key that appears twice in the same object, anywhere.
+    pub fn duplicate_keys(&self) -> Vec<DuplicateKey> {
+        let mut found = Vec::new();
+        if let Some(root) = &self.root {
+            self.collect_duplicates(root, &JsonPath::root(), &mut found);
+        }
+        found
+    }
+
+    fn collect_duplicates(&self, node: &ast::Value<'_>, path: &JsonPath, found: &mut Vec<DuplicateKey>) {
+        match node {
+            ast::Value::Object(object) => {
+                let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+                for property in &object.properties {
+                    let name = property.name.as_str();
+                    let child = path.key(name);
+                    if let Some(&first) = seen.get(name) {
+                        found.push(DuplicateKey {
+                            path: child.clone(),
+                            first: line_column(self.text, first),
+                            again: line_column(self.text, property.range.start),
+                        });
+                    } else {
+                        seen.insert(name, property.range.start);
+                    }
+                    self.collect_duplicates(&property.value, &child, found);
+                }
+            }
+            ast::Value::Array(array) => {
+                for (i, element) in array.elements.iter().enumerate() {
+                    self.collect_duplicates(element, &path.index(i), found);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// 1-based line and column (in characters) of a byte offset.
 pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -233,6 +282,15 @@ mod tests {
         assert_eq!(map.locate_key(&JsonPath::root(), "bogus"), (5, 3));
         // A missing member is reported where its parent is.
         assert_eq!(map.locate(&JsonPath::parse("matrix.qat_epochs")), (2, 3));
+    }
+
+    #[test]
+    fn finds_keys_given_twice_at_any_depth() {
+        let text = "{\n  \"name\": \"a\",\n  \"matrix\": [{ \"x\": 1, \"x\": 2 }],\n  \"name\": \"b\"\n}";
+        let found = SourceMap::new(text).duplicate_keys();
+        let paths: Vec<String> = found.iter().map(|d| d.path.to_string()).collect();
+        assert_eq!(paths, ["$.matrix[0].x", "$.name"]);
+        assert_eq!((found[1].first, found[1].again), ((2, 3), (4, 3)));
     }
 
     #[test]

@@ -54,9 +54,29 @@ impl ParsedSpec {
     }
 }
 
+/// A key given twice is an error at the second, naming the first's line.
+fn duplicate_key_diagnostics(text: &str) -> Vec<Diagnostic> {
+    SourceMap::new(text)
+        .duplicate_keys()
+        .into_iter()
+        .map(|duplicate| {
+            let key = match duplicate.path.0.last() {
+                Some(Segment::Key(key)) => key.clone(),
+                _ => String::new(),
+            };
+            Diagnostic::new(
+                duplicate.path,
+                format!("`{key}` is given twice: first at line {}, again here", duplicate.first.0),
+                "keep one of them; JSON readers silently use the last",
+            )
+            .at(duplicate.again.0, duplicate.again.1)
+        })
+        .collect()
+}
+
 /// Reads and checks a spec file.
 pub fn read(file: &Path) -> Result<ParsedSpec, SpecErrors> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
+    let text = crate::files::regular_file(file).and_then(|()| std::fs::read_to_string(file)).map_err(|e| {
         SpecErrors::single(
             file,
             Diagnostic::new(
@@ -85,7 +105,8 @@ pub fn parse(file: &Path, text: String) -> Result<ParsedSpec, SpecErrors> {
         )
     })?;
 
-    let diagnostics = schema_diagnostics(&text, &value);
+    let mut diagnostics = duplicate_key_diagnostics(&text);
+    diagnostics.extend(schema_diagnostics(&text, &value));
     if !diagnostics.is_empty() {
         return Err(SpecErrors { file: file.to_path_buf(), diagnostics });
     }

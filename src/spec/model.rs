@@ -546,13 +546,15 @@ pub struct EvaluateSpec {
     pub batch_sizes: Vec<u32>,
     /// Untimed runs before each latency measurement.
     #[serde(default = "default_warmup")]
+    #[schemars(range(max = 10000))]
     pub warmup: u32,
     /// Timed runs per batch size; p99 needs at least 100 to mean anything.
     #[serde(default = "default_iterations")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 100000))]
     pub iterations: u32,
     /// Intra-op threads; 0 means one per available core.
     #[serde(default)]
+    #[schemars(range(max = 1024))]
     pub threads: u32,
     /// ONNX Runtime execution provider that builds and runs each model: cpu,
     /// cuda or tensorrt.

@@ -35,6 +35,13 @@ pub fn quick_spec_json(extra: &str) -> String {
     )
 }
 
+/// `quick_spec_json`'s spec with evaluation counts at the schema's
+/// maxima: an evaluation that runs for many minutes, for tests that stop
+/// one (warm-up first, so a stop lands in the warm-up loop too).
+pub fn endless_evaluation(spec_json: &str) -> String {
+    spec_json.replace(r#""warmup": 2"#, r#""warmup": 10000"#).replace(r#""iterations": 20"#, r#""iterations": 100000"#)
+}
+
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
