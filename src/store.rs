@@ -572,9 +572,14 @@ fn sync_dir(dir: &Path) {
 
 /// Size and hex SHA-256 of a file.
 pub fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut file = fs::File::open(path)?;
+    hash_open_file(&fs::File::open(path)?)
+}
+
+/// Size and SHA-256 of an open file, read from where it stands; for a
+/// reader that keeps the file open after checking it.
+pub fn hash_open_file(file: &fs::File) -> std::io::Result<(u64, String)> {
     let mut hasher = Sha256::new();
-    let bytes = std::io::copy(&mut file, &mut hasher)?;
+    let bytes = std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, file), &mut hasher)?;
     Ok((bytes, hex::encode(hasher.finalize())))
 }
 

@@ -36,10 +36,11 @@ pub const LABELS: &str = "labels.npy";
 /// Shards are cut at about this size: small enough to verify in a blink
 /// when first read, large enough that a split is a few hundred files.
 const SHARD_BYTES: usize = 64 << 20;
-/// Whether an artifact's file is a shard, which `PreparedSet` checks as
-/// it reads it (so the store need not hash it before a stage starts).
+/// Whether an artifact's file is one `PreparedSet` checks against the
+/// manifest as it reads it (the index, the labels, each shard on first
+/// use), so the store need not hash it before a stage starts.
 pub fn checked_when_read(name: &str) -> bool {
-    name.starts_with("shard-") && name.ends_with(".bin")
+    name == INDEX || name == LABELS || (name.starts_with("shard-") && name.ends_with(".bin"))
 }
 
 /// Batches a sequential reader keeps ready ahead of its caller.
@@ -369,7 +370,8 @@ impl PreparedSet {
         self.shards[shard]
             .get_or_init(|| {
                 let file = File::open(&path).map_err(|e| format!("cannot open it: {e}"))?;
-                let (bytes, sha256) = hash(&file).map_err(|e| format!("cannot read it: {e}"))?;
+                let (bytes, sha256) =
+                    crate::store::hash_open_file(&file).map_err(|e| format!("cannot read it: {e}"))?;
                 match self.expected.get(name) {
                     Some(entry) if entry.bytes == bytes && entry.sha256 == sha256 => Ok(file),
                     Some(entry) => Err(format!(
@@ -435,12 +437,6 @@ fn check(path: &Path, entry: Option<&FileEntry>, bytes: &[u8]) -> Result<(), Pre
             reason: "the artifact's manifest does not list it".into(),
         }),
     }
-}
-
-fn hash(file: &File) -> std::io::Result<(u64, String)> {
-    let mut hasher = Sha256::new();
-    let bytes = std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, file), &mut hasher)?;
-    Ok((bytes, hex::encode(hasher.finalize())))
 }
 
 #[cfg(test)]

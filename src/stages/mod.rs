@@ -125,11 +125,12 @@ impl StageContext<'_> {
         Ok((self.results.artifact_dir(key), manifest))
     }
 
-    /// The prepared data of the input playing `role`. A shard found
-    /// damaged as it is read sets the artifact aside.
+    /// The prepared data of the input playing `role`. An index, labels
+    /// file or shard found damaged as it is read sets the artifact aside.
     pub fn prepared(&self, task: &Task, role: &str) -> Result<Arc<PreparedSet>, StageError> {
         let (dir, manifest) = self.checked_input(task, role)?;
-        Ok(Arc::new(PreparedSet::open(&dir, &manifest.files)?))
+        let set = PreparedSet::open(&dir, &manifest.files).map_err(|e| self.read_error(task, role, e))?;
+        Ok(Arc::new(set))
     }
 
     /// Turns a read error of `role`'s prepared data into the stage's
