@@ -91,9 +91,9 @@ fn main() {
         let started = Instant::now();
         let summary = tokio
             .block_on(async {
-                let connection = connection::connect(&url).await?;
-                let mut queue =
-                    RedisQueue::publish(connection, Keys::new("bench"), &sweep, &plan, &results, None).await?;
+                let (connection, keys) = (connection::connect(&url).await?, Keys::new("bench"));
+                let lease = RedisQueue::claim(connection.clone(), &keys, &plan.sweep).await?;
+                let mut queue = RedisQueue::publish(lease, connection, keys, &sweep, &plan, &results, None).await?;
                 coordinator::run(&plan, Artifacts::Shared(&results), &mut queue, std::future::pending::<()>()).await
             })
             .unwrap();

@@ -70,12 +70,14 @@ pub async fn run<Q: Queue>(
     let mut remade_inputs = std::collections::HashSet::new();
     loop {
         propagate_failures(plan, &mut state);
-        let ready: Vec<_> = plan
+        let mut ready: Vec<_> = plan
             .tasks
             .iter()
             .filter(|t| state[&t.key] == State::Waiting && t.inputs.iter().all(|i| state[&i.key] == State::Done))
             .map(|t| Arc::new(t.clone()))
             .collect();
+        // Queued nearest-result first, so workers report runs early.
+        ready.sort_by_key(|t| t.stage.urgency());
         if !ready.is_empty() {
             let keys: Vec<TaskKey> = ready.iter().map(|t| t.key.clone()).collect();
             if let Err(e) = queue.push(ready).await {

@@ -8,16 +8,13 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use qsweep::artifacts::{Artifacts, ObjectArtifacts};
-use qsweep::k8s::backend::{ClusterOptions, KubernetesQueue};
+use qsweep::k8s::backend::ClusterOptions;
 use qsweep::k8s::cluster::Cluster;
 use qsweep::plan::Plan;
-use qsweep::queue::memory::MemoryQueue;
 use qsweep::queue::QueueError;
-use qsweep::redis_queue::queue::RedisQueue;
 use qsweep::shutdown::{Signal, Signals};
 use qsweep::store::ResultsDir;
-use qsweep::{coordinator, engine, redis_queue, report, spec, sweep};
+use qsweep::{launch, redis_queue, report, spec, sweep};
 
 #[derive(Parser)]
 #[command(name = "qsweep", version, about = "Runs int8 quantization experiment sweeps on CNN models")]
@@ -397,6 +394,14 @@ fn validate(spec: &Path) -> ExitCode {
         Ok(sweep) => {
             let ids: Vec<&str> = sweep.runs.iter().map(|r| r.id.as_str()).collect();
             println!("{} is valid: {} run(s): {}", spec.display(), ids.len(), ids.join(", "));
+            // Specs are often checked away from the machines that run them,
+            // so an engine this machine cannot run is a warning here; `run`
+            // refuses it.
+            let provider = qsweep::engine::Provider::for_engine(sweep.spec.evaluate.engine, false, Path::new("."));
+            if let Err(e) = qsweep::engine::runtime().and_then(|_| provider.check_available()) {
+                eprintln!("warning: `qsweep run` on this machine would refuse this spec: {e}");
+                eprintln!("  (fine if it runs elsewhere, e.g. with --backend k8s on GPU nodes)");
+            }
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -471,116 +476,46 @@ fn run(
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    let cluster_options = match &kubernetes {
-        // The pods run the stages; this machine needs no ONNX Runtime.
-        Some(args) => match cluster_options(&sweep, &redis.prefix, args) {
-            Ok(options) => Some(options),
-            Err(code) => return code,
-        },
-        // A missing library or GPU provider is a set-up error: say so
-        // before any work, rather than fail every build.
-        None => {
-            let provider = engine::Provider::for_engine(sweep.spec.evaluate.engine, false, Path::new("."));
-            if let Err(e) = engine::runtime().and_then(|_| provider.check_available()) {
-                return fail(e);
-            }
-            None
+    let target = match redis.url {
+        None => launch::Target::Local { jobs },
+        Some(url) => {
+            let cluster = match &kubernetes {
+                Some(args) => match cluster_options(&sweep, &redis.prefix, args) {
+                    Ok(options) => Some(launch::ClusterTarget {
+                        context: args.context.clone(),
+                        namespace: args.namespace.clone(),
+                        options,
+                    }),
+                    Err(code) => return code,
+                },
+                None => None,
+            };
+            launch::Target::Redis { url, prefix: redis.prefix, artifacts: redis.artifacts, cluster }
         }
     };
     let dir = results.unwrap_or_else(|| sweep.default_results_dir());
-    let results = match ResultsDir::create(&dir) {
-        Ok(results) => results,
-        Err(e) => {
-            return fail(format!(
-                "cannot write results to {}: {e}\n  fix: choose a writable directory with --results DIR",
-                dir.display()
-            ))
-        }
-    };
-    let _lock = match results.lock(&format!("qsweep run {}", spec.display())) {
-        Ok(lock) => lock,
+    let command = format!("qsweep run {}", spec.display());
+    let outcome = match launch::run(launch::Launch { sweep, plan, results: dir.clone(), command, target }) {
+        Ok(outcome) => outcome,
         Err(e) => return fail(e),
     };
-    if let Err(e) = results.remove_abandoned_staging(|_| false) {
-        return fail(format!("cannot write to {}: {e}", dir.display()));
+    for warning in &outcome.warnings {
+        eprintln!("warning: {warning}");
     }
-    // Written once this process is the sweep's coordinator, for `report`.
-    let save_plan =
-        || results.save_plan(&plan).map_err(|e| QueueError::State(format!("cannot write to {}: {e}", dir.display())));
-
-    let store = match redis.artifacts.as_deref().map(ObjectArtifacts::open).transpose() {
-        Ok(store) => store,
-        Err(e) => return fail(e),
-    };
-    let artifacts = match &store {
-        Some(store) => Artifacts::Store { results: &results, store },
-        None => Artifacts::Shared(&results),
-    };
-    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime starts");
-    let mut signals = match tokio.block_on(async { Signals::install() }) {
-        Ok(signals) => signals,
-        Err(e) => return fail(format!("cannot handle signals: {e}")),
-    };
-    let caught = std::sync::OnceLock::new();
-    let interrupt = Box::pin(async {
-        let _ = caught.set(signals.recv().await);
-    });
-    let coordinated = tokio.block_on(async {
-        match redis.url {
-            None => {
-                save_plan()?;
-                let mut queue = MemoryQueue::new(Arc::new(sweep), results.clone(), jobs);
-                coordinator::run(&plan, artifacts, &mut queue, interrupt).await
-            }
-            Some(url) => {
-                let connection = redis_queue::connection::connect(&url).await?;
-                let keys = redis_queue::Keys::new(&redis.prefix);
-                let queue =
-                    RedisQueue::publish(connection, keys, &sweep, &plan, &results, redis.artifacts.as_deref()).await?;
-                save_plan()?;
-                let (mut connection, keys) = (queue.connection(), queue.keys().clone());
-                remove_staging_of_gone_workers(&mut connection, &keys, &results).await?;
-                let summary = match (cluster_options, &kubernetes) {
-                    (Some(options), Some(args)) => {
-                        let cluster = Cluster::connect(args.context.as_deref(), &args.namespace).await?;
-                        cluster.check_access().await?;
-                        let pending = plan.tasks.len() - results.cached_tasks(&plan).len();
-                        let mut queue =
-                            KubernetesQueue::start(queue, cluster, &sweep.spec.name, pending, options).await?;
-                        coordinator::run(&plan, artifacts, &mut queue, interrupt).await
-                    }
-                    _ => coordinator::run(&plan, artifacts, &mut { queue }, interrupt).await,
-                }?;
-                // Workers killed during the sweep leave no staging behind it.
-                remove_staging_of_gone_workers(&mut connection, &keys, &results).await?;
-                Ok(summary)
-            }
-        }
-    });
-    // A stage left running by a signal must not hold the exit up; what it
-    // had in staging goes with it.
-    tokio.shutdown_timeout(qsweep::worker::STOP_GRACE);
-    if let Err(e) = results.remove_own_staging().and_then(|_| results.remove_abandoned_staging(|_| false)) {
-        eprintln!("warning: cannot remove staging directories in {}: {e}", dir.display());
-    }
-    let summary = match coordinated {
-        Ok(summary) => summary,
-        Err(e) => return fail(e),
-    };
-    let reported = report::write_all(&results);
-    match &reported {
+    let summary = &outcome.summary;
+    match &outcome.reported {
         Ok(runs) => report::print_table(runs, &dir),
         Err(e) => eprintln!("error: cannot write the reports to {}: {e}", dir.display()),
     }
     eprintln!("{} task(s) executed, {} reused from earlier runs", summary.executed_tasks, summary.cached_tasks);
     if summary.interrupted {
-        let (how, code) = match caught.get() {
+        let (how, code) = match outcome.signal {
             Some(signal) => (format!("stopped by {}", signal.name()), signal.exit_code()),
             None => ("cancelled".to_string(), Signal::Interrupt.exit_code()),
         };
         eprintln!("{how}; `qsweep run {}` resumes where this stopped", spec.display());
         ExitCode::from(code)
-    } else if summary.counts.failed > 0 || reported.is_err() {
+    } else if summary.counts.failed > 0 || outcome.reported.is_err() {
         ExitCode::FAILURE
     } else if summary.counts.remaining > 0 {
         eprintln!("error: {} run(s) have no result; rerun to finish them", summary.counts.remaining);
@@ -588,20 +523,6 @@ fn run(
     } else {
         ExitCode::SUCCESS
     }
-}
-
-/// Removes staging directories of workers on other hosts whose Redis
-/// heartbeat has expired (this host's dead processes are found by PID).
-async fn remove_staging_of_gone_workers(
-    connection: &mut redis::aio::ConnectionManager,
-    keys: &redis_queue::Keys,
-    results: &ResultsDir,
-) -> Result<(), QueueError> {
-    let gone = redis_queue::queue::gone_workers(connection, keys).await?;
-    results
-        .remove_abandoned_staging(|owner| gone.contains(&(owner.host.clone(), owner.pid)))
-        .map_err(|e| QueueError::State(format!("cannot sweep staging in {}: {e}", results.root().display())))?;
-    Ok(())
 }
 
 /// The pods' side of a k8s run, checked before anything is written.

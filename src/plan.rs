@@ -44,6 +44,23 @@ impl StageKind {
         StageKind::Evaluate,
     ];
 
+    /// Which of several ready tasks to start first, lowest first: the
+    /// ones nearest a result. An evaluate turns a build into a reported
+    /// run and a build feeds one evaluate, while a QAT stage takes minutes
+    /// and a calibration or data split feeds many runs; so a sweep's PTQ
+    /// results come in seconds rather than after every QAT stage.
+    pub fn urgency(self) -> u8 {
+        match self {
+            StageKind::Evaluate => 0,
+            StageKind::Build => 1,
+            StageKind::Calibrate => 2,
+            StageKind::PrepareData => 3,
+            StageKind::Train => 4,
+            StageKind::Qat => 5,
+            StageKind::Noop => 6,
+        }
+    }
+
     /// Whether the stage leaves an artifact (every stage but the
     /// benchmark's no-op).
     pub fn writes_artifact(self) -> bool {

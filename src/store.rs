@@ -28,51 +28,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::files::{self, hash_file, FileEntry};
 use crate::owner::Owner;
 use crate::plan::{Plan, StageKind, Task, TaskKey};
 
 const MANIFEST: &str = "manifest.json";
 const STAGING_PREFIX: &str = ".staging-";
-
-/// One file of an artifact, as recorded when it was completed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub name: String,
-    pub bytes: u64,
-    pub sha256: String,
-    /// The file's mtime (ns since the epoch) when it was sealed. A file
-    /// whose size and mtime are unchanged is taken as intact without being
-    /// re-read (as git's index does), so checking a cache of many GB stays
-    /// cheap; stages still check what they read (`ResultsDir::checked_input`,
-    /// `data::prepared`). Any other file is hashed again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub modified_ns: Option<u64>,
-}
-
-impl FileEntry {
-    /// Whether the file at `path` is what this entry recorded, re-hashing
-    /// it only if its size or mtime changed.
-    fn matches(&self, path: &Path) -> bool {
-        let Ok(meta) = fs::metadata(path) else { return false };
-        if meta.len() != self.bytes {
-            return false;
-        }
-        if self.modified_ns.is_some() && self.modified_ns == modified_ns(&meta) {
-            return true;
-        }
-        self.hashes_to_it(path)
-    }
-
-    /// Whether the file at `path` hashes to this entry.
-    fn hashes_to_it(&self, path: &Path) -> bool {
-        hash_file(path).is_ok_and(|(bytes, sha)| bytes == self.bytes && sha == self.sha256)
-    }
-}
-
-fn modified_ns(meta: &fs::Metadata) -> Option<u64> {
-    let since = meta.modified().ok()?.duration_since(SystemTime::UNIX_EPOCH).ok()?;
-    u64::try_from(since.as_nanos()).ok()
-}
 
 /// What a completed artifact holds, and what its stage measured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -458,7 +419,7 @@ impl Staging {
             let (bytes, sha256) = hash_file(&path)?;
             let file = fs::File::open(&path)?;
             file.sync_all()?;
-            let modified_ns = modified_ns(&file.metadata()?);
+            let modified_ns = files::modified_ns(&file.metadata()?);
             files.push(FileEntry { name, bytes, sha256, modified_ns });
         }
         files.sort_by(|a, b| a.name.cmp(&b.name));
@@ -568,19 +529,6 @@ fn sync_dir(dir: &Path) {
     if let Ok(handle) = fs::File::open(dir) {
         let _ = handle.sync_all();
     }
-}
-
-/// Size and hex SHA-256 of a file.
-pub fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
-    hash_open_file(&fs::File::open(path)?)
-}
-
-/// Size and SHA-256 of an open file, read from where it stands; for a
-/// reader that keeps the file open after checking it.
-pub fn hash_open_file(file: &fs::File) -> std::io::Result<(u64, String)> {
-    let mut hasher = Sha256::new();
-    let bytes = std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, file), &mut hasher)?;
-    Ok((bytes, hex::encode(hasher.finalize())))
 }
 
 pub fn unix_now() -> u64 {

@@ -765,7 +765,7 @@ impl Sweep {
     /// Content fingerprints of the model and the dataset files.
     pub fn sources(&self) -> std::io::Result<Sources> {
         let model_digest = match &self.spec.model {
-            ModelSource::File(_) => crate::store::hash_file(&self.model_path)?.1,
+            ModelSource::File(_) => crate::files::hash_file(&self.model_path)?.1,
             // What the training stage is asked for stands for what it writes.
             ModelSource::Trained(trained) => {
                 let text = serde_json::to_string(trained).expect("a spec serializes");
@@ -802,7 +802,7 @@ fn source_digest(source: &Source) -> std::io::Result<String> {
             let (images, labels) = data::split_files(*dataset, dir, *split).map_err(std::io::Error::other)?;
             let mut digest = String::new();
             for file in [images, labels] {
-                digest.push_str(&crate::store::hash_file(&file)?.1[..16]);
+                digest.push_str(&crate::files::hash_file(&file)?.1[..16]);
             }
             Ok(digest)
         }

@@ -134,6 +134,7 @@ fn redis_url_comes_from_the_environment_and_stays_hidden() {
     let (code, err) = run_with_redis_url(dir.path(), Some(secret_url), &["--redis"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("127.0.0.1:1") && !err.contains("s3cret"), "{err}");
+    assert!(!dir.path().join("results").exists(), "an unreachable Redis is a set-up error: nothing may be written");
 
     // A malformed URL (one slash) is not echoed with its password either.
     let output = qsweep(&["status", "quick", "--redis", "redis:/:s3cret@127.0.0.1:1"]);
@@ -341,7 +342,10 @@ fn model_with(
 }
 
 /// A GPU engine on a machine whose ONNX Runtime has no GPU provider is a
-/// set-up error up front, not a silent CPU measurement reported as GPU.
+/// set-up error up front for `run`, not a silent CPU measurement reported
+/// as GPU; `validate` only warns, since specs are often checked away from
+/// the cluster that runs them. On a host that has the provider, neither
+/// complains.
 #[test]
 fn gpu_engine_without_its_provider_is_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
@@ -350,6 +354,18 @@ fn gpu_engine_without_its_provider_is_refused_before_any_work() {
         "spec.json",
         &quick_spec_json("").replace(r#""threads": 1"#, r#""threads": 1, "engine": "tensorrt""#),
     );
+    let provider = qsweep::engine::Provider::for_engine(qsweep::spec::Engine::Tensorrt, false, dir.path());
+    let here = provider.check_available().is_ok();
+
+    let validated = qsweep(&["validate", spec.to_str().unwrap()]);
+    assert_eq!(validated.status.code(), Some(0), "{}", stderr(&validated));
+    let warning = stderr(&validated);
+    assert_eq!(warning.contains("warning:"), !here, "{warning}");
+    if here {
+        return;
+    }
+    assert!(warning.contains("has no TensorrtExecutionProvider"), "{warning}");
+
     let results = dir.path().join("results");
     let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));

@@ -238,6 +238,7 @@ fn missing_permissions_are_named_before_any_job_exists() {
     assert!(text.contains("not allowed in namespace qsweep: delete jobs.batch, get pods/log"), "{text}");
     assert!(text.contains("kubectl apply -k k8s/"), "{text}");
     assert!(cluster.creates().is_empty());
+    assert!(!cluster.results().exists(), "a set-up error wrote the results directory");
 }
 
 #[test]
@@ -246,6 +247,7 @@ fn a_namespace_that_does_not_exist_is_named() {
     let output = cluster.run(&["--namespace", "nope"]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("namespace nope does not exist"), "{}", stderr(&output));
+    assert!(!cluster.results().exists(), "a set-up error wrote the results directory");
 }
 
 #[test]
@@ -271,6 +273,7 @@ fn no_kubeconfig_or_an_unreachable_api_server_exits_2() {
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("cannot reach the Kubernetes API"), "{}", stderr(&output));
     assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(!cluster.results().exists(), "a set-up error wrote the results directory");
 }
 
 /// Against a real cluster, opt-in and never in CI: needs a kubeconfig, the

@@ -145,10 +145,7 @@ fn a_second_redis_coordinator_is_refused() {
     let named = format!("pid {} on host {host}", pids[winner]);
     assert!(texts[loser].contains(&named), "{named:?} not in:\n{}", texts[loser]);
     assert!(holder.contains(&named), "status: {holder}");
-    assert!(
-        !results[loser].join("runs.csv").exists() && !results[loser].join("plan.json").exists(),
-        "the refused coordinator wrote results"
-    );
+    assert!(!results[loser].exists(), "the refused coordinator wrote its results directory");
     let executions = redis.hash("twice:sweep:twice:executions");
     assert_eq!(executions.len(), 9, "{executions:?}");
     assert!(executions.values().all(|n| n == "1"), "some task ran twice: {executions:?}");

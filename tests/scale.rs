@@ -76,7 +76,7 @@ fn cached_artifacts_are_whole(spec: &Path, results: &Path) -> usize {
         let manifest = store.manifest(&qsweep::plan::TaskKey(key.into())).unwrap();
         for file in &manifest.files {
             let path = results.join("artifacts").join(key).join(&file.name);
-            let (bytes, sha256) = qsweep::store::hash_file(&path).unwrap();
+            let (bytes, sha256) = qsweep::files::hash_file(&path).unwrap();
             assert!(bytes == file.bytes && sha256 == file.sha256, "{} is trusted but not whole", path.display());
         }
         cached += 1;

@@ -28,8 +28,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::tensor_file;
+use crate::files::FileEntry;
 use crate::spec::Preprocess;
-use crate::store::FileEntry;
 
 pub const INDEX: &str = "prepared.json";
 pub const LABELS: &str = "labels.npy";
@@ -371,7 +371,7 @@ impl PreparedSet {
             .get_or_init(|| {
                 let file = File::open(&path).map_err(|e| format!("cannot open it: {e}"))?;
                 let (bytes, sha256) =
-                    crate::store::hash_open_file(&file).map_err(|e| format!("cannot read it: {e}"))?;
+                    crate::files::hash_open_file(&file).map_err(|e| format!("cannot read it: {e}"))?;
                 match self.expected.get(name) {
                     Some(entry) if entry.bytes == bytes && entry.sha256 == sha256 => Ok(file),
                     Some(entry) => Err(format!(
@@ -459,7 +459,7 @@ mod tests {
             .unwrap()
             .map(|entry| {
                 let path = entry.unwrap().path();
-                let (bytes, sha256) = crate::store::hash_file(&path).unwrap();
+                let (bytes, sha256) = crate::files::hash_file(&path).unwrap();
                 FileEntry { name: path.file_name().unwrap().to_string_lossy().into(), bytes, sha256, modified_ns: None }
             })
             .collect()

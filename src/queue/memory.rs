@@ -1,8 +1,12 @@
 //! The embedded queue: `jobs` in-process workers, no server.
 //!
-//! Evaluation measures latency, so it runs alone: an evaluate task starts
-//! only when nothing else runs and no other kind of task waits, and nothing
-//! starts beside it.
+//! Evaluation measures latency, so it runs alone: nothing starts beside an
+//! evaluate task. It also turns finished work into a result the user can
+//! read, so a waiting evaluate goes first: no new task starts until the
+//! running ones are done and it has run. Other tasks start nearest-result
+//! first (`StageKind::urgency`), so PTQ runs are reported before QAT's
+//! minutes-long stages run. With `--jobs` above 1 the price is slots idle
+//! while the running tasks finish; with one slot there is none.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -69,17 +73,13 @@ impl MemoryQueue {
     /// Starts what the slots and the evaluate-alone rule allow.
     fn start_ready(&mut self) -> Vec<Event> {
         let mut started = Vec::new();
-        if self.busy.values().any(|&stage| stage == StageKind::Evaluate) {
-            return started;
-        }
         while self.busy.len() < self.jobs {
-            let position = match self.waiting.iter().position(|t| t.stage != StageKind::Evaluate) {
-                Some(work) => work,
-                None if self.busy.is_empty() && !self.waiting.is_empty() => 0,
-                None => break,
+            let waiting: Vec<StageKind> = self.waiting.iter().map(|t| t.stage).collect();
+            let running: Vec<StageKind> = self.busy.values().copied().collect();
+            let Some(position) = next_to_start(&waiting, &running) else {
+                break;
             };
             let task = self.waiting.remove(position).expect("the position is in range");
-            let stage = task.stage;
             let slot = (0..self.jobs).find(|s| !self.busy.contains_key(s)).expect("a slot is free");
             self.busy.insert(slot, task.stage);
             started.push(Event::Started { key: task.key.clone(), slot });
@@ -91,9 +91,6 @@ impl MemoryQueue {
                 let outcome = worker::run_task(task, sweep, results, policy, shutdown, listener).await;
                 (slot, key, outcome)
             });
-            if stage == StageKind::Evaluate {
-                break;
-            }
         }
         started
     }
@@ -107,6 +104,16 @@ impl MemoryQueue {
         };
         Event::Finished { key, slot: Some(slot), worker: format!("worker {}", slot + 1), outcome }
     }
+}
+
+/// Which waiting task starts next, given what runs (a slot is free): the
+/// first of the most urgent, an evaluate only when nothing runs, and
+/// nothing beside an evaluate.
+fn next_to_start(waiting: &[StageKind], running: &[StageKind]) -> Option<usize> {
+    let position = (0..waiting.len()).min_by_key(|&i| (waiting[i].urgency(), i))?;
+    let evaluating = running.contains(&StageKind::Evaluate);
+    let needs_idle = waiting[position] == StageKind::Evaluate;
+    (!evaluating && !(needs_idle && !running.is_empty())).then_some(position)
 }
 
 impl Queue for MemoryQueue {
@@ -156,5 +163,31 @@ impl Queue for MemoryQueue {
             }
         }
         Ok(events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_to_start;
+    use crate::plan::StageKind::{Build, Calibrate, Evaluate, Qat};
+
+    #[test]
+    fn builds_and_evaluates_go_before_qat_so_ptq_results_come_first() {
+        // Calibration is done: two QAT stages were queued before two builds.
+        assert_eq!(next_to_start(&[Qat, Qat, Build, Build], &[]), Some(2));
+        // The build has finished: its evaluate runs before the next build.
+        assert_eq!(next_to_start(&[Qat, Qat, Build, Evaluate], &[]), Some(3));
+        assert_eq!(next_to_start(&[Qat, Calibrate], &[]), Some(1));
+    }
+
+    #[test]
+    fn an_evaluate_runs_alone() {
+        // It waits for the running build rather than share the CPU with it,
+        // and nothing else starts meanwhile.
+        assert_eq!(next_to_start(&[Evaluate, Qat], &[Build]), None);
+        assert_eq!(next_to_start(&[Build, Qat], &[Evaluate]), None);
+        // Without an evaluate waiting, free slots fill.
+        assert_eq!(next_to_start(&[Qat, Build], &[Qat]), Some(1));
+        assert_eq!(next_to_start(&[], &[]), None);
     }
 }

@@ -19,20 +19,10 @@ use crate::plan::{Task, TaskKey};
 /// Why a queue operation failed; the Redis variants carry what to do.
 #[derive(Debug, Error)]
 pub enum QueueError {
-    #[error(
-        "{url} is not a Redis URL: {message}\n  fix: use redis://[user:password@]host:port[/db] or rediss:// for TLS"
-    )]
-    BadUrl { url: String, message: String },
-    #[error("cannot reach Redis at {url} within {}s: {message}\n  fix: check that redis-server runs there and the port is open", crate::redis_queue::connection::CONNECT_TIMEOUT.as_secs())]
-    Unreachable { url: String, message: String },
-    #[error("the TLS certificate of Redis at {url} cannot be verified: {message}\n  fix: if a private CA signed it, point QSWEEP_REDIS_CA at that CA's PEM file")]
-    Certificate { url: String, message: String },
-    #[error("Redis at {url} refused the credentials: {message}\n  fix: put the right password (or ACL user and password) in the URL: redis://user:password@host:port")]
-    Auth { url: String, message: String },
-    #[error("Redis at {url} is version {found}; qsweep needs {}.{} or later (for XAUTOCLAIM)\n  fix: upgrade Redis", crate::redis_queue::connection::MIN_VERSION.0, crate::redis_queue::connection::MIN_VERSION.1)]
-    TooOld { url: String, found: String },
-    #[error("Redis command failed: {0}")]
-    Command(#[from] redis::RedisError),
+    /// The backend (Redis, a cluster's API) failed or cannot be reached;
+    /// the coordinator waits and tries again. Its message says what to do.
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
     #[error("{0}")]
     State(String),
     /// The workers' platform cannot run the sweep (an image that cannot be

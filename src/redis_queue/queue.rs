@@ -46,7 +46,15 @@ pub struct RedisQueue {
 }
 
 impl RedisQueue {
-    /// Takes the sweep's coordinator lease, then publishes the sweep (its
+    /// Takes the sweep's coordinator lease (making the consumer group the
+    /// workers read from, if it is new): the first step, so a second
+    /// coordinator is refused before it writes anything.
+    pub async fn claim(mut connection: ConnectionManager, keys: &Keys, sweep: &str) -> Result<Lease, QueueError> {
+        ensure_group(&mut connection, keys).await?;
+        Lease::acquire(connection, keys, sweep).await
+    }
+
+    /// With the sweep's lease from `claim`, publishes the sweep (its
     /// spec with absolute paths, its results directory, its plan, and the
     /// identity they make) for workers, and clears a previous cancel.
     ///
@@ -55,6 +63,7 @@ impl RedisQueue {
     /// same identity a restarted coordinator keeps what is queued, and
     /// failures are retried unless they were fatal.
     pub async fn publish(
+        lease: Lease,
         mut connection: ConnectionManager,
         keys: Keys,
         sweep: &Sweep,
@@ -62,8 +71,6 @@ impl RedisQueue {
         results: &ResultsDir,
         artifacts: Option<&str>,
     ) -> Result<Self, QueueError> {
-        ensure_group(&mut connection, &keys).await?;
-        let lease = Lease::acquire(connection.clone(), &keys, &plan.sweep).await?;
         let spec =
             sweep.portable_spec().map_err(|e| QueueError::State(format!("cannot resolve the spec's paths: {e}")))?;
         let results_path = std::path::absolute(results.root()).map_err(|e| QueueError::State(e.to_string()))?;
