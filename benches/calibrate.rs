@@ -74,7 +74,8 @@ fn main() {
         });
         let mut tensors = 0;
         let (calibrate_s, calibrate_mb) = measure(|| {
-            let batches = NpyBatches::open(&npy, BATCH).unwrap();
+            let batches =
+                NpyBatches::open(&npy, BATCH).unwrap().map(|read| Ok::<_, qsweep::stages::StageError>(read.unwrap()));
             let stats = calibrate::collect(&model.proto, scratch.path(), threads, batches, &never, |_| {}).unwrap();
             tensors = stats.tensors.len();
         });

@@ -81,7 +81,9 @@ fn main() {
 
     reset_peak_rss();
     let calibrate_started = Instant::now();
-    let batches = NpyBatches::open(&npy, CALIBRATION_BATCH).unwrap();
+    let batches = NpyBatches::open(&npy, CALIBRATION_BATCH)
+        .unwrap()
+        .map(|read| Ok::<_, qsweep::stages::StageError>(read.unwrap()));
     let stats =
         calibrate::collect(&model.proto, scratch.path(), threads, batches, &AtomicBool::new(false), |_| {}).unwrap();
     let calibrate_s = calibrate_started.elapsed().as_secs_f64();

@@ -169,8 +169,14 @@ fn fill_from_build(row: &mut RunRow, metrics: &Value) {
     }
     row.int8_kernel_share = metrics["coverage"]["int8_share"].as_f64();
     row.int8_flop_share = metrics["coverage"]["int8_flop_share"].as_f64();
-    let float_adds: Vec<&str> =
-        metrics["float_residual_adds"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
+    // Counted on the optimized engine where qsweep can read it (CPU
+    // builds); a GPU provider's engine is its own, so there the Q/DQ
+    // graph's count stands in.
+    let counted = match metrics["coverage"]["float_residual_adds"].as_array() {
+        Some(on_engine) => on_engine,
+        None => metrics["float_residual_adds"].as_array().map(Vec::as_slice).unwrap_or_default(),
+    };
+    let float_adds: Vec<&str> = counted.iter().filter_map(|a| a.as_str()).collect();
     row.float_residual_adds = float_adds.join(";");
 }
 

@@ -12,7 +12,7 @@ fn reference() -> Model {
     Model::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/models/fashion-resnet8.onnx")).unwrap()
 }
 
-fn batch(rows: usize, value: f32) -> std::io::Result<ArrayD<f32>> {
+fn batch(rows: usize, value: f32) -> Result<ArrayD<f32>, StageError> {
     Ok(ArrayD::from_elem(IxDyn(&[rows, 1, 28, 28]), value))
 }
 

@@ -253,7 +253,7 @@ impl ShardWriter {
 }
 
 /// Bytes an unprivileged writer may still use on `dir`'s filesystem.
-fn free_bytes(dir: &Path) -> Result<u64, PreparedError> {
+pub fn free_bytes(dir: &Path) -> Result<u64, PreparedError> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| PreparedError::io(dir, std::io::Error::other(e)))?;

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::onnx::graph::{weighted_ops, GraphIndex, WeightedOp};
+use crate::onnx::graph::{residual_adds, weighted_ops, GraphIndex, WeightedOp};
 use crate::onnx::Model;
 
 /// Weighted ops that ONNX Runtime runs with integer kernels.
@@ -29,6 +29,11 @@ pub struct Coverage {
     pub int8_flop_share: Option<f64>,
     /// Weighted ops left in float, by name.
     pub float_ops: Vec<String>,
+    /// Residual Adds of the model, and those the optimized graph still
+    /// runs in float (not fused into a `QLinearAdd`), by name: counted on
+    /// the engine, since a Q/DQ pair around an Add is only a request.
+    pub residual_adds: usize,
+    pub float_residual_adds: Vec<String>,
     /// Op type counts of the optimized graph.
     pub op_types: BTreeMap<String, usize>,
 }
@@ -48,6 +53,12 @@ pub fn of(source: &Model, built: &Model, shapes: &HashMap<String, Vec<usize>>) -
     let graph = source.proto.graph.as_ref().expect("a model has a graph");
     let index = GraphIndex::new(graph);
     let ops = weighted_ops(&index);
+    let adds = residual_adds(&index);
+    // ONNX Runtime's QDQ fusion keeps the Add's name on its QLinearAdd.
+    let int8_adds: Vec<&str> =
+        built_graph.node.iter().filter(|n| n.op_type == "QLinearAdd").map(|n| original_name(&n.name)).collect();
+    let float_residual_adds =
+        adds.iter().filter(|add| !int8_adds.contains(&add.name.as_str())).map(|add| add.name.clone()).collect();
     let (mut total_flops, mut int8_flops, mut known) = (0u64, 0u64, true);
     let mut float_ops = Vec::new();
     for op in &ops {
@@ -70,6 +81,8 @@ pub fn of(source: &Model, built: &Model, shapes: &HashMap<String, Vec<usize>>) -
         int8_share: if ops.is_empty() { 0.0 } else { int8 as f64 / ops.len() as f64 },
         int8_flop_share: (known && total_flops > 0).then(|| int8_flops as f64 / total_flops as f64),
         float_ops,
+        residual_adds: adds.len(),
+        float_residual_adds,
         op_types,
     }
 }

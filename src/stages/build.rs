@@ -90,7 +90,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         Params::Fp32 { .. } => {
             // The graph the other stages see, which may differ from the file.
             let path = out.join(FP32_MODEL);
-            std::fs::write(&path, context.load_model(task)?.proto.encode_to_vec())?;
+            super::write_file(&path, &context.load_model(task)?.proto.encode_to_vec())?;
             (path, json!({"precision": "fp32"}))
         }
         Params::Int8 { quantizer, format, percentile, .. } => {
@@ -99,8 +99,11 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
             let qdq_path = out.join(QDQ_MODEL);
             match task.input("model") {
                 // QAT fine-tuned the PTQ model; its weights are what to build.
-                Some(_) => std::fs::copy(context.input_dir(task, "model")?.join(QDQ_MODEL), &qdq_path).map(drop)?,
-                None => std::fs::write(&qdq_path, ptq.model.encode_to_vec())?,
+                Some(_) => {
+                    let trained = context.input_dir(task, "model")?.join(QDQ_MODEL);
+                    std::fs::copy(&trained, &qdq_path).map(drop).map_err(super::io_at(&qdq_path))?
+                }
+                None => super::write_file(&qdq_path, &ptq.model.encode_to_vec())?,
             }
             let summary = ptq.summary;
             let metrics = json!({
@@ -120,7 +123,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let provider = Provider::for_engine(engine, int8, out);
     let source_model = onnx::Model::load(&source).map_err(|e| StageError::Fatal(e.to_string()))?;
     let mut extra = json!({
-        "model_bytes": std::fs::metadata(&source)?.len(),
+        "model_bytes": std::fs::metadata(&source).map_err(super::io_at(&source))?.len(),
         "nodes_before": source_model.node_count(),
         "provider": provider.name(),
         "provider_options": provider.options().into_iter().collect::<HashMap<_, _>>(),
@@ -132,16 +135,16 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         InferenceSession::open(&source, 1, Some(&built))?;
         let fp32_model = context.load_model(task)?;
         let built_model = onnx::Model::load(&built).map_err(|e| StageError::Retryable(e.to_string()))?;
-        extra["engine_bytes"] = json!(std::fs::metadata(&built)?.len());
+        extra["engine_bytes"] = json!(std::fs::metadata(&built).map_err(super::io_at(&built))?.len());
         extra["nodes_after"] = json!(built_model.node_count());
         extra["coverage"] = json!(coverage::of(&fp32_model, &built_model, &shapes));
     } else {
         // GPU providers compile their own engine: opening the session builds
         // it, and TensorRT caches it beside the model in this artifact.
         // Untested here: no GPU is available to qsweep's CI.
-        std::fs::copy(&source, &built)?;
+        std::fs::copy(&source, &built).map_err(super::io_at(&built))?;
         InferenceSession::open_with(&built, engine::resolve_threads(0), None, &provider)?;
-        extra["engine_bytes"] = json!(directory_bytes(out)?);
+        extra["engine_bytes"] = json!(directory_bytes(out).map_err(super::io_at(out))?);
     }
     metrics.as_object_mut().expect("an object").extend(extra.as_object().expect("an object").clone());
     Ok(metrics)

@@ -54,7 +54,7 @@ pub struct TensorStatistics {
 impl Statistics {
     pub fn read(dir: &Path) -> Result<Self, StageError> {
         let path = dir.join(STATISTICS);
-        let bytes = std::fs::read(&path)?;
+        let bytes = std::fs::read(&path).map_err(super::io_at(&path))?;
         serde_json::from_slice(&bytes).map_err(|e| StageError::Fatal(format!("{} is damaged: {e}", path.display())))
     }
 }
@@ -73,7 +73,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     for warning in &warnings {
         tracing::warn!("{warning}");
     }
-    std::fs::write(out.join(STATISTICS), serde_json::to_vec(&statistics).map_err(std::io::Error::other)?)?;
+    super::write_file(&out.join(STATISTICS), &serde_json::to_vec(&statistics).expect("statistics serialize"))?;
     Ok(json!({
         "samples": statistics.samples,
         "tensors": statistics.tensors.len(),
@@ -111,9 +111,9 @@ where
         }
     }
     let exposed_path = scratch.join(".exposed.onnx");
-    std::fs::write(&exposed_path, exposed.encode_to_vec())?;
+    super::write_file(&exposed_path, &exposed.encode_to_vec())?;
     let session = InferenceSession::open(&exposed_path, threads, None);
-    std::fs::remove_file(&exposed_path)?;
+    std::fs::remove_file(&exposed_path).map_err(super::io_at(&exposed_path))?;
     let mut session = session?;
 
     let slots: Vec<Option<usize>> = session.output_names().iter().map(|o| names.iter().position(|n| n == o)).collect();

@@ -115,8 +115,13 @@ fn against_reference(
     out: &Path,
 ) -> Result<Value, StageError> {
     let mut kept: Option<NpyRowWriter> = None;
+    let ours_path = out.join(LOGITS);
+    // fp32's kept logits, and where they are read from.
     let mut reference = match task.input(REFERENCE) {
-        Some(_) => Some(NpyBatches::open(&context.input_dir(task, REFERENCE)?.join(LOGITS), batch)?),
+        Some(_) => {
+            let path = context.input_dir(task, REFERENCE)?.join(LOGITS);
+            Some((NpyBatches::open(&path, batch).map_err(super::io_at(&path))?, path))
+        }
         None => None,
     };
     let mut agreement = engine::Agreement::default();
@@ -124,12 +129,17 @@ fn against_reference(
         if keep_logits {
             let writer = match &mut kept {
                 Some(writer) => writer,
-                None => kept.insert(NpyRowWriter::create(&out.join(LOGITS), &[count, scores.shape()[1]])?),
+                None => kept.insert(
+                    NpyRowWriter::create(&ours_path, &[count, scores.shape()[1]]).map_err(super::io_at(&ours_path))?,
+                ),
             };
-            writer.append(scores.as_standard_layout().as_slice().expect("standard layout"))?;
+            writer
+                .append(scores.as_standard_layout().as_slice().expect("standard layout"))
+                .map_err(super::io_at(&ours_path))?;
         }
-        if let Some(batches) = &mut reference {
-            let theirs = batches.next().ok_or_else(|| StageError::Fatal("fp32's logits end early".into()))??;
+        if let Some((batches, path)) = &mut reference {
+            let theirs = batches.next().ok_or_else(|| StageError::Fatal(format!("{} ends early", path.display())))?;
+            let theirs = theirs.map_err(super::io_at(path))?;
             if theirs.shape() != scores.shape() {
                 return Err(StageError::Fatal(format!(
                     "fp32's logits are {:?} for this batch, these are {:?}",
@@ -144,7 +154,7 @@ fn against_reference(
         Ok(())
     })?;
     if let Some(writer) = kept {
-        writer.finish()?;
+        writer.finish().map_err(super::io_at(&ours_path))?;
     }
     Ok(match reference {
         Some(_) => json!({"labelled": false, "agreement": agreement.top1(), "logit_sqnr_db": agreement.mean_sqnr_db()}),

@@ -13,6 +13,7 @@ pub mod prepare_data;
 pub mod qat;
 pub mod train;
 
+use std::path::Path;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -64,10 +65,32 @@ impl From<PreparedError> for StageError {
     }
 }
 
-impl From<std::io::Error> for StageError {
-    fn from(e: std::io::Error) -> Self {
-        StageError::Retryable(e.to_string())
+/// Writes one file of a stage's artifact, naming it if that fails.
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
+    std::fs::write(path, bytes).map_err(|e| io_failed(path, e, Some(bytes.len() as u64)))
+}
+
+/// For `map_err`: an I/O error at `path`, named.
+pub(crate) fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> StageError + '_ {
+    move |e| io_failed(path, e, None)
+}
+
+/// An I/O error at `path` as a stage error that names it. A full disk is
+/// fatal, since another attempt would fill it again, and says what was
+/// needed and what is free; other I/O may pass on a retry.
+fn io_failed(path: &Path, error: std::io::Error, needed: Option<u64>) -> StageError {
+    if error.kind() != std::io::ErrorKind::StorageFull {
+        return StageError::Retryable(format!("{}: {error}", path.display()));
     }
+    let dir = path.parent().unwrap_or(path);
+    let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64);
+    let needed = needed.map_or(String::new(), |n| format!("it needed {}, ", mib(n)));
+    let free = crate::data::prepared::free_bytes(dir).map_or("unknown".into(), mib);
+    StageError::Fatal(format!(
+        "cannot write {}: the disk is full ({needed}{free} free in {})\n  fix: free space there, or give `qsweep run` a --results directory on a larger disk, then rerun",
+        path.display(),
+        dir.display()
+    ))
 }
 
 impl From<EngineError> for StageError {
@@ -165,7 +188,7 @@ pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, Stag
     }
     // What the inputs are now is what this artifact will say it was made from.
     let inputs = context.results.input_digests(task).map_err(|e| StageError::Retryable(e.to_string()))?;
-    let staging = context.results.begin(&task.key, task.stage)?;
+    let staging = context.results.begin(&task.key, task.stage).map_err(io_at(context.results.root()))?;
     let started = Instant::now();
     let metrics = match task.stage {
         StageKind::PrepareData => prepare_data::run(task, context, staging.dir())?,
@@ -176,5 +199,33 @@ pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, Stag
         StageKind::Train => train::run(task, context, staging.dir())?,
         StageKind::Noop => unreachable!("no-op tasks return above"),
     };
-    Ok(staging.commit(metrics, started.elapsed().as_secs_f64(), inputs)?)
+    let staged = staging.dir().to_path_buf();
+    staging.commit(metrics, started.elapsed().as_secs_f64(), inputs).map_err(io_at(&staged))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's /dev/full answers every write with ENOSPC, as a full
+    /// disk does: the error names the file, what it needed and what is free,
+    /// and is not retried.
+    #[test]
+    fn a_full_disk_names_the_file_and_what_it_needed() {
+        let error = write_file(Path::new("/dev/full"), &[0; 3 << 20]).unwrap_err();
+        let StageError::Fatal(message) = error else { panic!("a full disk is retried: {error:?}") };
+        assert!(message.starts_with("cannot write /dev/full: the disk is full (it needed 3.0 MiB, "), "{message}");
+        assert!(message.contains("free in /dev") && message.contains("fix: free space there"), "{message}");
+    }
+
+    #[test]
+    fn other_io_errors_name_the_path_and_may_be_retried() {
+        let missing = Path::new("/nonexistent-qsweep-dir/model.onnx");
+        match write_file(missing, b"x").unwrap_err() {
+            StageError::Retryable(message) => {
+                assert!(message.starts_with("/nonexistent-qsweep-dir/model.onnx: "), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

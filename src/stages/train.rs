@@ -53,7 +53,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         checkpoint: fit::checkpoint_dir(context.results.root(), &task.key.0),
     };
     let trained = baseline::train(&options, context.cancel, super::report_steps(context, recipe.epochs))?;
-    std::fs::write(out.join(MODEL), trained.model.encode_to_vec())?;
+    super::write_file(&out.join(MODEL), &trained.model.encode_to_vec())?;
     let _ = std::fs::remove_dir_all(&options.checkpoint);
     Ok(json!({
         "architecture": format!("resnet-{}", train.depth),

@@ -1,0 +1,77 @@
+//! The README's examples are checked against what qsweep prints and what
+//! the committed results hold, so the docs cannot drift from the code.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn readme() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap()
+}
+
+/// The text between `start` (exclusive) and the next line "```".
+fn block_after<'a>(text: &'a str, start: &str) -> &'a str {
+    let at = text.find(start).unwrap_or_else(|| panic!("README has no {start:?}")) + start.len();
+    let rest = &text[at..];
+    &rest[..rest.find("\n```").expect("the block is closed") + 1]
+}
+
+/// The sample error is exactly what `qsweep validate` prints for the
+/// sample spec, so the field list cannot fall behind the schema.
+#[test]
+fn the_readme_sample_error_is_what_validate_prints() {
+    let text = readme();
+    let example = block_after(&text, "```text\n$ cat bad.json\n");
+    let (spec, printed) = example.split_once("$ qsweep validate bad.json\n").expect("the example runs validate");
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "bad.json", spec);
+    std::os::unix::fs::symlink(reference_model().parent().unwrap(), dir.path().join("models")).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_qsweep"))
+        .args(["validate", "bad.json"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(stderr(&output), printed, "README.md's sample error differs from what validate prints");
+}
+
+/// The example output's table is the committed reference results', row
+/// by row, and its run and task counts are the reference spec's plan.
+#[test]
+fn the_readme_example_output_is_the_committed_reference_sweep() {
+    let text = readme();
+    let example = block_after(&text, "```text\n$ cargo run --release -- run experiments/fashion-resnet.json\n");
+    let table: Vec<Vec<&str>> = example
+        .lines()
+        .skip_while(|l| !l.starts_with("run "))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let committed = csv_rows(&Path::new(env!("CARGO_MANIFEST_DIR")).join("results/fashion-resnet"));
+    assert_eq!(table.len(), committed.len(), "README rows: {table:?}");
+    for (shown, row) in table.iter().zip(&committed) {
+        // run, top-1, delta, p50 ms, img/s, status as `print_table` rounds them.
+        let number = |field: usize| row[field].parse::<f64>().unwrap();
+        let delta = if &row[0] == "fp32" { "-".to_string() } else { format!("{:.2}", number(6)) };
+        let expected = [
+            row[0].to_string(),
+            format!("{:.2}", number(5)),
+            delta,
+            format!("{:.3}", number(10)),
+            format!("{:.0}", number(12)),
+            row[4].to_string(),
+        ];
+        assert_eq!(shown, &expected, "README.md's row differs from results/fashion-resnet/runs.csv");
+    }
+
+    let output = qsweep(&["plan", reference_spec().to_str().unwrap(), "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let (runs, tasks) = (plan["runs"].as_array().unwrap().len(), plan["tasks"].as_array().unwrap().len());
+    assert!(example.contains(&format!("runs: {runs} done, 0 failed, 0 remaining")), "{runs} runs:\n{example}");
+    assert!(example.contains(&format!("{tasks} task(s) executed")), "{tasks} tasks:\n{example}");
+    assert_eq!(runs, committed.len());
+}
