@@ -125,26 +125,8 @@ enum Command {
         /// Start from this ONNX model instead of a fresh ResNet.
         #[arg(long)]
         from: Option<PathBuf>,
-        /// ResNet depth, 6n + 2 (8, 20, 32, ...).
-        #[arg(long, default_value_t = 8)]
-        depth: usize,
-        /// Channels of the ResNet's first stage (doubled at each later stage).
-        #[arg(long, default_value_t = 16)]
-        width: usize,
-        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
-        epochs: u32,
-        /// Starting learning rate (SGD with momentum 0.9, half-cosine decay).
-        #[arg(long, default_value_t = 0.1)]
-        learning_rate: f64,
-        #[arg(long, default_value_t = 5e-4)]
-        weight_decay: f64,
-        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
-        batch_size: u32,
-        /// Training images to use (a seeded subset of the training split).
-        #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u32).range(1..))]
-        samples: u32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        recipe: spec::TrainSpec,
         /// fashion-mnist or mnist.
         #[arg(long, default_value = "fashion-mnist")]
         dataset: String,
@@ -156,9 +138,6 @@ enum Command {
         mean: f32,
         #[arg(long, default_value_t = 0.3530)]
         std: f32,
-        /// Train without random shifts and flips.
-        #[arg(long)]
-        no_augment: bool,
     },
     /// Regenerates every report from a results directory.
     Report { dir: PathBuf },
@@ -305,33 +284,8 @@ fn main() -> ExitCode {
         Command::Status { sweep, redis } => status(&sweep, &redis),
         Command::Cancel { sweep, redis, namespace, context } => cancel(&sweep, &redis, namespace, context),
         Command::Report { dir } => regenerate_reports(&dir),
-        Command::Train {
-            out,
-            from,
-            depth,
-            width,
-            epochs,
-            learning_rate,
-            weight_decay,
-            batch_size,
-            samples,
-            seed,
-            dataset,
-            data_dir,
-            mean,
-            std,
-            no_augment,
-        } => {
-            let recipe = qsweep::train::fit::Recipe {
-                epochs,
-                learning_rate,
-                momentum: 0.9,
-                weight_decay,
-                batch_size: batch_size as usize,
-                seed,
-                augment: !no_augment,
-            };
-            train(&out, from.as_deref(), (depth, width), recipe, samples as usize, &dataset, data_dir, (mean, std))
+        Command::Train { out, from, recipe, dataset, data_dir, mean, std } => {
+            train(&out, from.as_deref(), &recipe, &dataset, data_dir, (mean, std))
         }
         Command::Schema => {
             print!("{}", spec::schema_text());
@@ -637,26 +591,19 @@ fn cancel(sweep: &str, redis: &RedisArgs, namespace: Option<String>, context: Op
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn train(
     out: &Path,
     from: Option<&Path>,
-    (depth, width): (usize, usize),
-    recipe: qsweep::train::fit::Recipe,
-    samples: usize,
+    spec: &spec::TrainSpec,
     dataset: &str,
     data_dir: Option<PathBuf>,
     (mean, std): (f32, f32),
 ) -> ExitCode {
     use qsweep::train::baseline::{self, BaselineOptions, Start};
-    if !(recipe.learning_rate > 0.0 && recipe.learning_rate <= 10.0) {
-        return fail(format!(
-            "--learning-rate {} is not a learning rate\n  fix: give a value above 0 and at most 10 (0.1 is usual from scratch)",
-            recipe.learning_rate
-        ));
-    }
-    if !(0.0..=0.1).contains(&recipe.weight_decay) || !(std > 0.0) {
-        return fail("--weight-decay must be within 0 to 0.1 and --std above 0");
+    let recipe = qsweep::train::fit::Recipe::of(spec);
+    let (depth, width) = (spec.depth as usize, spec.width as usize);
+    if !(std > 0.0) {
+        return fail("--std must be above 0");
     }
     let Ok(dataset) = serde_json::from_value::<spec::Dataset>(serde_json::json!(dataset)) else {
         return fail(format!("--dataset {dataset} is not a dataset qsweep reads\n  fix: use fashion-mnist or mnist"));
@@ -691,7 +638,7 @@ fn train(
         dataset,
         data_dir: data_dir.unwrap_or_else(|| PathBuf::from(dataset.default_dir())),
         preprocess: spec::Preprocess { scale: 255.0, mean: vec![mean], std: vec![std], ..Default::default() },
-        samples,
+        samples: spec.samples as usize,
         recipe: recipe.clone(),
         checkpoint: checkpoint.clone(),
     };

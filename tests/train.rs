@@ -271,7 +271,17 @@ fn qsweep_train_refuses_what_cannot_train() {
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("the model cannot take 1x28x28 images"), "{}", stderr(&output));
     assert!(!Path::new(out).exists(), "nothing is written");
-    for bad in [["--learning-rate", "0"], ["--learning-rate", "1e9"], ["--epochs", "0"], ["--depth", "10"]] {
+    // The flags are the spec's `model.train` fields, with its bounds.
+    let bad_flags = [
+        ["--learning-rate", "0"],
+        ["--learning-rate", "1e9"],
+        ["--weight-decay", "0.5"],
+        ["--epochs", "0"],
+        ["--depth", "10"],
+        ["--samples", "0"],
+        ["--samples", "4294967295"],
+    ];
+    for bad in bad_flags {
         let output = qsweep(&["train", "--out", out, bad[0], bad[1]]);
         assert_eq!(output.status.code(), Some(2), "{bad:?}: {}", stderr(&output));
     }

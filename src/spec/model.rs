@@ -89,39 +89,79 @@ pub struct TrainedModel {
 /// The ResNet to train (the CIFAR-style family: resnet-8/20/32 for 28x28
 /// and 32x32 images) and how. SGD with momentum 0.9 and a half-cosine
 /// learning-rate decay.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+///
+/// `qsweep train` takes the same fields as flags, so each default and
+/// range lives here once, for the schema and the command line alike.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSpec {
     /// 6n + 2: 8, 14, 20, 32, ...
     #[serde(default = "default_depth")]
-    #[schemars(range(min = 8, max = 110))]
+    #[schemars(range(min = TRAIN_DEPTH.0, max = TRAIN_DEPTH.1))]
+    #[arg(long, default_value_t = default_depth(), value_parser = clap::value_parser!(u32).range(TRAIN_DEPTH.0 as i64..=TRAIN_DEPTH.1 as i64))]
     pub depth: u32,
     /// Channels of the first stage (doubled at each later stage).
     #[serde(default = "default_width")]
-    #[schemars(range(min = 1, max = 512))]
+    #[schemars(range(min = TRAIN_WIDTH.0, max = TRAIN_WIDTH.1))]
+    #[arg(long, default_value_t = default_width(), value_parser = clap::value_parser!(u32).range(TRAIN_WIDTH.0 as i64..=TRAIN_WIDTH.1 as i64))]
     pub width: u32,
     #[serde(default = "default_train_epochs")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = TRAIN_EPOCHS.0, max = TRAIN_EPOCHS.1))]
+    #[arg(long, default_value_t = default_train_epochs(), value_parser = clap::value_parser!(u32).range(TRAIN_EPOCHS.0 as i64..=TRAIN_EPOCHS.1 as i64))]
     pub epochs: u32,
+    /// Starting learning rate: above 0, at most 10 (0.1 is usual from scratch).
     #[serde(default = "default_train_learning_rate")]
-    #[schemars(range(max = 10.0), extend("exclusiveMinimum" = 0.0))]
+    #[schemars(range(max = TRAIN_LEARNING_RATE_MAX), extend("exclusiveMinimum" = 0.0))]
+    #[arg(long, default_value_t = default_train_learning_rate(), value_parser = learning_rate)]
     pub learning_rate: f64,
     #[serde(default = "default_train_weight_decay")]
-    #[schemars(range(min = 0.0, max = 0.1))]
+    #[schemars(range(min = TRAIN_WEIGHT_DECAY.0, max = TRAIN_WEIGHT_DECAY.1))]
+    #[arg(long, default_value_t = default_train_weight_decay(), value_parser = weight_decay)]
     pub weight_decay: f64,
     #[serde(default = "default_train_batch")]
-    #[schemars(range(min = 1, max = 4096))]
+    #[schemars(range(min = TRAIN_BATCH.0, max = TRAIN_BATCH.1))]
+    #[arg(long, default_value_t = default_train_batch(), value_parser = clap::value_parser!(u32).range(TRAIN_BATCH.0 as i64..=TRAIN_BATCH.1 as i64))]
     pub batch_size: u32,
     /// Training images used: a seeded subset of the training split.
     #[serde(default = "default_train_samples")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = TRAIN_SAMPLES.0, max = TRAIN_SAMPLES.1))]
+    #[arg(long, default_value_t = default_train_samples(), value_parser = clap::value_parser!(u32).range(TRAIN_SAMPLES.0 as i64..=TRAIN_SAMPLES.1 as i64))]
     pub samples: u32,
     /// Seed of the initialization, the subset, the shuffles and the augmentation.
     #[serde(default)]
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Random 2-pixel shifts and horizontal flips of training images.
+    /// Random 2-pixel shifts and horizontal flips of training images
+    /// (`--no-augment` turns them off).
     #[serde(default = "default_true")]
+    #[arg(long = "no-augment", action = clap::ArgAction::SetFalse)]
     pub augment: bool,
+}
+
+/// `TrainSpec`'s bounds, inclusive.
+const TRAIN_DEPTH: (u32, u32) = (8, 110);
+const TRAIN_WIDTH: (u32, u32) = (1, 512);
+const TRAIN_EPOCHS: (u32, u32) = (1, 1000);
+const TRAIN_LEARNING_RATE_MAX: f64 = 10.0;
+const TRAIN_WEIGHT_DECAY: (f64, f64) = (0.0, 0.1);
+const TRAIN_BATCH: (u32, u32) = (1, 4096);
+/// Ten times ImageNet's training split: more is a typo, and each sample's
+/// index is held in memory.
+const TRAIN_SAMPLES: (u32, u32) = (1, 12_811_670);
+
+fn learning_rate(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    (value > 0.0 && value <= TRAIN_LEARNING_RATE_MAX)
+        .then_some(value)
+        .ok_or_else(|| format!("{value} is not above 0 and at most {TRAIN_LEARNING_RATE_MAX}"))
+}
+
+fn weight_decay(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    (TRAIN_WEIGHT_DECAY.0..=TRAIN_WEIGHT_DECAY.1)
+        .contains(&value)
+        .then_some(value)
+        .ok_or_else(|| format!("{value} is outside {} to {}", TRAIN_WEIGHT_DECAY.0, TRAIN_WEIGHT_DECAY.1))
 }
 
 /// Kubernetes settings of the worker pods.

@@ -75,12 +75,21 @@ pub(crate) fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> StageError + 
     move |e| io_failed(path, e, None)
 }
 
-/// An I/O error at `path` as a stage error that names it. A full disk is
-/// fatal, since another attempt would fill it again, and says what was
-/// needed and what is free; other I/O may pass on a retry.
+/// An I/O error at `path` as a stage error that names it, retryable by
+/// its kind: permissions and a read-only or full disk repeat on every
+/// attempt until someone acts (a full disk says what the file needed and
+/// what is free); anything else may pass on another attempt.
 fn io_failed(path: &Path, error: std::io::Error, needed: Option<u64>) -> StageError {
-    if error.kind() != std::io::ErrorKind::StorageFull {
-        return StageError::Retryable(format!("{}: {error}", path.display()));
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {}
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
+            return StageError::Fatal(format!(
+                "{}: {error}\n  fix: make it writable by this user, or give `qsweep run` another --results directory",
+                path.display()
+            ))
+        }
+        _ => return StageError::Retryable(format!("{}: {error}", path.display())),
     }
     let dir = path.parent().unwrap_or(path);
     let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64);
@@ -216,6 +225,21 @@ mod tests {
         let StageError::Fatal(message) = error else { panic!("a full disk is retried: {error:?}") };
         assert!(message.starts_with("cannot write /dev/full: the disk is full (it needed 3.0 MiB, "), "{message}");
         assert!(message.contains("free in /dev") && message.contains("fix: free space there"), "{message}");
+    }
+
+    #[test]
+    fn permissions_and_read_only_disks_are_not_retried() {
+        use std::io::{Error, ErrorKind};
+        for kind in [ErrorKind::PermissionDenied, ErrorKind::ReadOnlyFilesystem] {
+            match io_failed(Path::new("/results/a/model.onnx"), Error::from(kind), None) {
+                StageError::Fatal(message) => {
+                    assert!(message.starts_with("/results/a/model.onnx: ") && message.contains("fix:"))
+                }
+                other => panic!("{kind:?} is retried: {other:?}"),
+            }
+        }
+        let interrupted = io_failed(Path::new("/results/a"), Error::from(ErrorKind::Interrupted), None);
+        assert!(matches!(interrupted, StageError::Retryable(_)), "{interrupted:?}");
     }
 
     #[test]

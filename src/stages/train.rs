@@ -34,15 +34,7 @@ struct DataParams {
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let Params { train, data } = params(task)?;
-    let recipe = Recipe {
-        epochs: train.epochs,
-        learning_rate: train.learning_rate,
-        momentum: 0.9,
-        weight_decay: train.weight_decay,
-        batch_size: train.batch_size as usize,
-        seed: train.seed,
-        augment: train.augment,
-    };
+    let recipe = Recipe::of(&train);
     let options = BaselineOptions {
         start: Start::ResNet { depth: train.depth as usize, width: train.width as usize },
         dataset: data.dataset,

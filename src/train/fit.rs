@@ -33,6 +33,19 @@ pub struct Recipe {
 }
 
 impl Recipe {
+    /// The recipe a spec's `model.train` (or `qsweep train`'s flags) asks for.
+    pub fn of(train: &crate::spec::TrainSpec) -> Self {
+        Recipe {
+            epochs: train.epochs,
+            learning_rate: train.learning_rate,
+            momentum: 0.9,
+            weight_decay: train.weight_decay,
+            batch_size: train.batch_size as usize,
+            seed: train.seed,
+            augment: train.augment,
+        }
+    }
+
     /// The learning rate at `step` of `total`: lr0 * (1 + cos(pi t / T)) / 2.
     pub fn learning_rate_at(&self, step: usize, total: usize) -> f64 {
         let progress = step as f64 / total.max(1) as f64;
