@@ -163,6 +163,12 @@ fn evaluation_counts_have_upper_bounds() {
     for (field, bound) in [("warmup", "10000"), ("iterations", "100000"), ("threads", "1024")] {
         assert!(err.contains(&format!("$.evaluate.{field}")) && err.contains(&format!("at most {bound}")), "{err}");
     }
+    let spec = quick_spec_json("").replace(
+        r#""preprocess": { "mean""#,
+        r#""preprocess": { "resize": [28, 4294967295], "center_crop": 4294967295, "mean""#,
+    );
+    let err = refused(&spec);
+    assert!(err.contains("$.data.preprocess.resize") && err.contains("$.data.preprocess.center_crop"), "{err}");
 }
 
 /// An operator the trainer cannot run is named, with its node, at validation.

@@ -378,8 +378,10 @@ impl Default for Preprocess {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Size {
-    Single(#[schemars(range(min = 1))] u32),
-    Pair(#[schemars(length(min = 2, max = 2))] [u32; 2]),
+    /// Sides above 16384 pixels are refused: a decoded image of that size
+    /// already takes 768 MiB.
+    Single(#[schemars(range(min = 1, max = 16384))] u32),
+    Pair(#[schemars(length(min = 2, max = 2), inner(range(min = 1, max = 16384)))] [u32; 2]),
 }
 
 impl Size {
@@ -537,6 +539,7 @@ pub struct MatrixEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residual_fusion: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000))]
     pub qat_epochs: Option<u32>,
 }
 
