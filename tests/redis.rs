@@ -89,7 +89,7 @@ fn sigkill(child: &mut Child) {
 
 /// Every run finished exactly once: one ok row per run in runs.csv.
 fn assert_all_runs_ok(results: &Path) {
-    let rows = csv_rows(&results);
+    let rows = csv_rows(results);
     let ids: Vec<&str> = rows.iter().map(|r| &r[0]).collect();
     assert_eq!(ids, ["fp32", "max-unfused-ptq", "max-fused-ptq"]);
     assert!(rows.iter().all(|r| &r[4] == "ok"), "{rows:?}");
@@ -123,14 +123,18 @@ fn held_task(redis: &RedisServer, prefix: &str, pid: u32) -> Option<(String, Str
     Some((entry, key))
 }
 
-/// Each artifact's manifest digest, by task key, as the results directory
-/// has them now.
+/// Each committed artifact's manifest digest, by task key, as the results
+/// directory has them now. Only directories named by their key count: a
+/// staging directory holds its manifest before it is renamed, and one left
+/// by a killed worker is never committed.
 fn manifest_digests(results: &Path) -> HashMap<String, String> {
     let Ok(dir) = std::fs::read_dir(results.join("artifacts")) else { return HashMap::new() };
     dir.filter_map(|e| {
-        let path = e.ok()?.path().join("manifest.json");
-        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-        Some((manifest["key"].as_str()?.to_string(), manifest["digest"].as_str()?.to_string()))
+        let path = e.ok()?.path();
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.join("manifest.json")).ok()?).ok()?;
+        let key = manifest["key"].as_str().filter(|key| path.ends_with(key))?;
+        Some((key.to_string(), manifest["digest"].as_str()?.to_string()))
     })
     .collect()
 }
