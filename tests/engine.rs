@@ -6,7 +6,6 @@
 
 mod common;
 
-
 use common::*;
 use ort::ep::ExecutionProvider;
 use qsweep::engine::{self, EngineError, InferenceSession, Provider};
