@@ -36,26 +36,22 @@ fn spec(dir: &Path, name: &str) -> PathBuf {
 }
 
 fn worker(url: &str, prefix: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_qsweep"))
-        .args(["worker", "--redis", url, "--prefix", prefix, "--lease-secs", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    worker_logging_to(url, prefix, Stdio::null())
 }
 
-/// A worker whose log (with each stage's progress) is appended to `log`,
-/// for the messages of the test that kills workers. Its lease is 3 s: with
-/// 1 s (renewed every third of it) a live worker on this loaded 2-core
-/// machine can miss its renewal and lose a running task to another worker,
-/// which then runs it a second time, and this test would count that.
+/// A worker whose log, with each stage's progress, goes to `log`: for the
+/// messages of the test that kills workers.
 fn logged_worker(url: &str, prefix: &str, log: &Path) -> Child {
     let file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    worker_logging_to(url, prefix, file.into())
+}
+
+fn worker_logging_to(url: &str, prefix: &str, log: Stdio) -> Child {
     Command::new(env!("CARGO_BIN_EXE_qsweep"))
-        .args(["worker", "--redis", url, "--prefix", prefix, "--lease-secs", "3"])
+        .args(["worker", "--redis", url, "--prefix", prefix, "--lease-secs", "1"])
         .env("QSWEEP_LOG", "info,ort=error")
         .stdout(Stdio::null())
-        .stderr(file)
+        .stderr(log)
         .spawn()
         .unwrap()
 }
@@ -195,13 +191,13 @@ fn worker_loss_loses_and_duplicates_nothing() {
             }
             let victim = holders[rng.random_range(0..holders.len())];
             let pid = workers[victim].id();
-            let held = held_task(&redis, &prefix, pid);
             sigkill(&mut workers[victim]);
             tried += 1;
-            // Still pending under the dead worker's consumer: it died holding
-            // the task (it could not finish it after its death, and no other
-            // worker can claim it before its lease runs out).
-            if let Some((_, key)) = held.filter(|held| held_task(&redis, &prefix, pid).as_ref() == Some(held)) {
+            // What is still pending under the dead worker's consumer is the
+            // task it held when it died, which may be a newer one than it
+            // held a moment ago: it can no longer finish it, and no other
+            // worker can claim it before its lease runs out.
+            if let Some((_, key)) = held_task(&redis, &prefix, pid) {
                 let committed = results.join("artifacts").join(&key).join("manifest.json").exists();
                 let at = started.elapsed().as_secs_f64();
                 history.push(format!(
