@@ -6,18 +6,23 @@
 #   qsweep time: its one calibrate pass (shared by every method) plus the
 #   method's build (amax, Q/DQ rewrite, ONNX Runtime optimization).
 #   ORT time: quantize_static, which calibrates once per method.
-# usage: bench/ptq_vs_ort.sh        (after scripts/setup and cargo build --release)
+# usage: bench/ptq_vs_ort.sh [--smoke]   (after scripts/setup and cargo build --release)
+#   --smoke: the same steps with 100 calibration samples (ORT's calibrators
+#   need whole batches of 50) and 2 timed runs; the figures mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+smoke=()
+[[ "${1:-}" == "--smoke" ]] && smoke=(-e 's#"samples": 500,#"samples": 100,#' -e 's#"warmup": 20,#"warmup": 1,#' -e 's#"iterations": 300,#"iterations": 2,#')
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-sed -e 's#"models/#"'"$PWD"'/experiments/models/#' \
+sed "${smoke[@]}" -e 's#"models/#"'"$PWD"'/experiments/models/#' \
     -e 's#"calibration": \["max", "mse", "entropy", "percentile"\]#"calibration": ["max", "entropy", "percentile"]#' \
     -e 's#"residual_fusion": \[false, true\]#"residual_fusion": [false]#' \
     -e 's#"qat_epochs": \[0, 2\]#"qat_epochs": [0]#' \
     -e 's#"retries": 1,#"retries": 1, "int8_format": "tensorrt",#' \
     experiments/fashion-resnet.json > "$work/spec.json"
-target/release/qsweep run "$work/spec.json" --results "$work/results" >/dev/null 2>"$work/qsweep.log"
+target/release/qsweep run "$work/spec.json" --results "$work/results" >/dev/null 2>"$work/qsweep.log" ||
+  { cat "$work/qsweep.log" >&2; exit 1; }
 target/release/qsweep plan "$work/spec.json" --json --results "$work/results" > "$work/plan.json"
 .venv/bin/python - "$work" <<'PY'
 import csv, json, os, subprocess, sys
@@ -32,7 +37,8 @@ rows = {r["run"]: r for r in csv.DictReader(open(f"{work}/results/runs.csv"))}
 for key, name in [(calibration, "calibration"), (test, "test")]:
     subprocess.run([".venv/bin/python", "bench/prepared_npy.py", f"{artifacts}/{key}", f"{work}/{name}.npy"], check=True)
 model = os.path.abspath("experiments/models/fashion-resnet8.onnx")
-print("PTQ on the reference model, 500 calibration samples, S8S8 QDQ per-channel, CPU")
+samples = json.load(open(f"{work}/spec.json"))["calibration"]["samples"]
+print(f"PTQ on the reference model, {samples} calibration samples, S8S8 QDQ per-channel, CPU")
 print(f"{'method':<11}{'qsweep s':>10}{'ORT s':>9}{'speed-up':>10}{'qsweep top-1':>14}{'ORT top-1':>11}{'ORT peak RSS':>14}")
 for ours, theirs in [("max", "MinMax"), ("entropy", "Entropy"), ("percentile", "Percentile")]:
     row = rows[f"{ours}-unfused-ptq"]

@@ -8,11 +8,11 @@
 //! Peak RSS is the process high-water mark, reset (via
 //! /proc/self/clear_refs) just before each measured phase.
 //!
-//!     cargo bench --bench calibrate
+//!     cargo bench --bench calibrate            (-- --smoke: 64 and 128 samples, once)
 
 mod common;
 
-use common::{peak_rss_mb, reset_peak_rss};
+use common::{peak_rss_mb, reset_peak_rss, smoke};
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -27,13 +27,12 @@ use qsweep::spec::{Dataset, Preprocess};
 use qsweep::stages::calibrate;
 
 const BATCH: usize = 64;
-const REPEATS: usize = 5;
 
-/// Best time of REPEATS runs of `f`, and the peak RSS (MB) over them.
-fn measure(mut f: impl FnMut()) -> (f64, f64) {
+/// Best time of `repeats` runs of `f`, and the peak RSS (MB) over them.
+fn measure(repeats: usize, mut f: impl FnMut()) -> (f64, f64) {
     reset_peak_rss();
     let mut best = f64::MAX;
-    for _ in 0..REPEATS {
+    for _ in 0..repeats {
         let started = Instant::now();
         f();
         best = best.min(started.elapsed().as_secs_f64());
@@ -48,7 +47,7 @@ fn main() {
     let threads = engine::resolve_threads(0);
     let scratch = tempfile::tempdir().unwrap();
 
-    let sizes = [500usize, 5000];
+    let (sizes, repeats) = if smoke() { ([64usize, 128], 1) } else { ([500, 5000], 5) };
     {
         let raw = data::load_split(Dataset::FashionMnist, Path::new(Dataset::FashionMnist.default_dir()), Split::Train)
             .expect("the Fashion-MNIST training split (run scripts/setup)");
@@ -61,19 +60,19 @@ fn main() {
         }
     }
 
-    println!("calibrate vs plain forward pass, reference model, batch {BATCH}, {threads} threads, best of {REPEATS}");
+    println!("calibrate vs plain forward pass, reference model, batch {BATCH}, {threads} threads, best of {repeats}");
     let never = AtomicBool::new(false);
     let mut peaks = Vec::new();
     for samples in sizes {
         let npy = scratch.path().join(format!("{samples}.npy"));
-        let (forward_s, forward_mb) = measure(|| {
+        let (forward_s, forward_mb) = measure(repeats, || {
             let mut session = InferenceSession::open(&model_path, threads, None).unwrap();
             for batch in NpyBatches::open(&npy, BATCH).unwrap() {
                 session.run(batch.unwrap().into_dimensionality::<Ix4>().unwrap().view()).unwrap();
             }
         });
         let mut tensors = 0;
-        let (calibrate_s, calibrate_mb) = measure(|| {
+        let (calibrate_s, calibrate_mb) = measure(repeats, || {
             let batches =
                 NpyBatches::open(&npy, BATCH).unwrap().map(|read| Ok::<_, qsweep::stages::StageError>(read.unwrap()));
             let stats = calibrate::collect(&model.proto, scratch.path(), threads, batches, &never, |_| {}).unwrap();
@@ -88,7 +87,9 @@ fn main() {
         peaks.push(calibrate_mb);
     }
     println!(
-        "  calibrate peak RSS 500 -> 5,000 samples: {:.0} MB -> {:.0} MB, growth {:+.1}% (target < 10%)",
+        "  calibrate peak RSS {} -> {} samples: {:.0} MB -> {:.0} MB, growth {:+.1}% (target < 10% for 10x)",
+        sizes[0],
+        sizes[1],
         peaks[0],
         peaks[1],
         (peaks[1] / peaks[0] - 1.0) * 100.0

@@ -8,10 +8,11 @@
 //! are compared.
 //!
 //!     cargo bench --bench evaluate            # QSWEEP_BENCH_THREADS=2 QSWEEP_BENCH_REPEATS=15
+//!     cargo bench --bench evaluate -- --smoke # 640 images, one pass each side
 
 mod common;
 
-use common::env_usize;
+use common::{env_usize, smoke};
 
 use std::path::Path;
 use std::process::Command;
@@ -30,15 +31,17 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let threads = env_usize("QSWEEP_BENCH_THREADS", 2);
-    let repeats = env_usize("QSWEEP_BENCH_REPEATS", 15);
+    let threads = env_usize("QSWEEP_BENCH_THREADS", 2, 2);
+    let repeats = env_usize("QSWEEP_BENCH_REPEATS", 15, 1);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("experiments/models/fashion-resnet8.onnx");
 
     let raw = data::load_split(Dataset::FashionMnist, Path::new(Dataset::FashionMnist.default_dir()), Split::Test)
         .expect("the Fashion-MNIST test split (run scripts/setup)");
     let preprocess = Preprocess { scale: 255.0, mean: vec![0.2860], std: vec![0.3530], ..Default::default() };
-    let tensors = raw.preprocess(&preprocess, None);
+    let first: Vec<usize> = (0..640).collect();
+    let tensors = raw.preprocess(&preprocess, smoke().then_some(first.as_slice()));
+    let images = tensors.labels.len();
     let scratch = tempfile::tempdir().unwrap();
     let (images_path, labels_path) = (scratch.path().join("images.npy"), scratch.path().join("labels.npy"));
     tensor_file::write_npy(&images_path, &tensors.images.view().into_dyn()).unwrap();
@@ -71,7 +74,7 @@ fn main() {
 
     let (rust, python) = (median(&mut rust_seconds), median(&mut python_seconds));
     println!(
-        "evaluate fp32 reference model, 10,000 images, batch {BATCH}, {threads} intra-op threads, median of {repeats}"
+        "evaluate fp32 reference model, {images} images, batch {BATCH}, {threads} intra-op threads, median of {repeats}"
     );
     println!("  qsweep (ort crate)      {:>8.1} ms  top-1 {:.2}%", rust * 1e3, rust_accuracy * 100.0);
     println!("  onnxruntime Python API  {:>8.1} ms  top-1 {:.2}%", python * 1e3, python_accuracy * 100.0);

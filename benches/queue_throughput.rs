@@ -13,20 +13,21 @@
 //!     scripts/setup --with-test-services
 //!     python3 -m venv .venv-ray && .venv-ray/bin/pip install "ray[tune]==2.60.*"
 //!     cargo bench --bench queue_throughput     # QSWEEP_BENCH_TASKS, RAY_TRIALS
+//!     cargo bench --bench queue_throughput -- --smoke   # 200 tasks, 100 chained runs, 16 trials
 
 mod common;
 
-use common::{env_usize, peak_rss_mb, reset_peak_rss};
+use common::redis_server::RedisServer;
+use common::{env_usize, peak_rss_mb, peer_missing, reset_peak_rss, smoke};
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use qsweep::artifacts::Artifacts;
 use qsweep::coordinator;
-use qsweep::plan::Plan;
+use qsweep::plan::{Plan, Sources};
 use qsweep::redis_queue::queue::RedisQueue;
 use qsweep::redis_queue::{connection, Keys};
 use qsweep::store::ResultsDir;
@@ -50,7 +51,7 @@ fn noop_plan(name: &str, runs: usize, chain: usize) -> Plan {
     }
     let mut plan: Plan = serde_json::from_value(serde_json::json!({
         "sweep": name,
-        "sources": {"model_digest": "", "data_digest": ""},
+        "sources": Sources::idx("", ""),
         "tasks": tasks,
         "runs": planned,
     }))
@@ -60,20 +61,13 @@ fn noop_plan(name: &str, runs: usize, chain: usize) -> Plan {
 }
 
 fn main() {
-    let tasks = env_usize("QSWEEP_BENCH_TASKS", 20_000);
-    let trials = env_usize("RAY_TRIALS", 256);
+    let tasks = env_usize("QSWEEP_BENCH_TASKS", 20_000, 200);
+    let trials = env_usize("RAY_TRIALS", 256, 16);
+    let chained_runs = if smoke() { 100 } else { 10_000 };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let scratch = tempfile::tempdir().unwrap();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut redis = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server (scripts/setup --with-test-services)");
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let url = format!("redis://127.0.0.1:{port}");
+    let redis = RedisServer::start(scratch.path(), &["--appendonly", "no"]);
+    let url = redis.url();
     let mut workers: Vec<Child> = (0..2)
         .map(|_| {
             Command::new(env!("CARGO_BIN_EXE_qsweep"))
@@ -106,43 +100,46 @@ fn main() {
     let per_second = tasks as f64 / seconds;
 
     reset_peak_rss();
-    let chained = run(noop_plan("ten-thousand-runs", 10_000, 3));
+    let chained = run(noop_plan("chained", chained_runs, 3));
     let coordinator_mb = peak_rss_mb();
 
     workers.iter_mut().for_each(|w| {
         let _ = w.kill();
         let _ = w.wait();
     });
-    let _ = redis.kill();
-    let _ = redis.wait();
+    drop(redis);
+    let overhead_ms = 1e3 / per_second;
 
-    let peer = Command::new(root.join(".venv-ray/bin/python"))
+    println!("Redis queue, loopback, 2 qsweep workers (1 slot each), no-op tasks");
+    println!("  qsweep: {tasks} tasks in {seconds:.2} s = {per_second:.0} tasks/s (target >= 5,000)");
+    println!(
+        "  {chained_runs} runs x 3 chained tasks: {chained:.1} s; coordinator peak RSS {coordinator_mb:.0} MB (target < 300 MB with 10,000)"
+    );
+    let ray_python = root.join(".venv-ray/bin/python");
+    if !ray_python.exists() {
+        peer_missing(
+            "Ray (.venv-ray)",
+            r#"python3 -m venv .venv-ray && .venv-ray/bin/pip install "ray[tune]==2.60.*""#,
+        );
+        return;
+    }
+    let peer = Command::new(ray_python)
         .arg(root.join("bench/ray_peer.py"))
         .args([tasks.min(20_000).to_string(), trials.to_string()])
         .stderr(Stdio::null())
         .output()
-        .expect(".venv-ray with ray[tune] 2.60 (see the command above)");
+        .expect("bench/ray_peer.py runs");
     let line = String::from_utf8_lossy(&peer.stdout).lines().last().unwrap_or_default().to_string();
     let ray: serde_json::Value = serde_json::from_str(&line).expect("ray_peer.py's JSON line");
     let ray_tasks = ray["tasks_per_s"].as_f64().unwrap();
     let tune_ms = ray["tune_ms_per_trial"].as_f64().unwrap();
-    let overhead_ms = 1e3 / per_second;
-
     println!(
-        "Redis queue, loopback, 2 qsweep workers (1 slot each), no-op tasks; Ray {} on the same machine",
-        ray["ray"]
-    );
-    println!("  qsweep: {tasks} tasks in {seconds:.2} s = {per_second:.0} tasks/s (target >= 5,000)");
-    println!(
-        "  Ray core: {ray_tasks:.0} trivial remote tasks/s; qsweep / Ray = {:.2}x (target >= 5x)",
+        "  Ray {} core: {ray_tasks:.0} trivial remote tasks/s; qsweep / Ray = {:.2}x (target >= 5x)",
+        ray["ray"],
         per_second / ray_tasks
     );
     println!(
         "  per task: qsweep {overhead_ms:.3} ms vs Ray Tune {tune_ms:.1} ms per trial ({trials} trials, reuse_actors) = {:.0}x lower (target >= 100x)",
         tune_ms / overhead_ms
-    );
-    println!(
-        "  10,000 runs x 3 chained tasks: {:.1} s; coordinator peak RSS {coordinator_mb:.0} MB (target < 300 MB)",
-        chained
     );
 }

@@ -13,10 +13,14 @@
 //! ```
 //!
 //! QSWEEP_BENCH_SAMPLES (default 500) and QSWEEP_BENCH_ITERATIONS (20).
+//! `-- --smoke` runs every step, the peer's included, on 64 samples and 2
+//! iterations, on the reference model when QSWEEP_RESNET18 is not set
+//! (exporting ResNet-18 needs PyTorch, which scripts/setup does not
+//! install).
 
 mod common;
 
-use common::{env_usize, peak_rss_mb, reset_peak_rss};
+use common::{env_usize, peak_rss_mb, reset_peak_rss, smoke};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -55,18 +59,23 @@ fn logit_similarity(fp32: &Path, int8: &Path, images: &Array4<f32>) -> f64 {
 }
 
 fn main() {
-    let Some(model_path) = std::env::var_os("QSWEEP_RESNET18").map(PathBuf::from) else {
-        eprintln!("set QSWEEP_RESNET18 to a ResNet-18 ONNX (python3 bench/export_resnet18.py OUT.onnx)");
-        return;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (model_path, shape) = match std::env::var_os("QSWEEP_RESNET18").map(PathBuf::from) {
+        Some(path) => (path, (3, 224, 224)),
+        None if smoke() => {
+            println!("  (smoke: QSWEEP_RESNET18 is not set, so the reference model stands in for ResNet-18)");
+            (root.join("experiments/models/fashion-resnet8.onnx"), (1, 28, 28))
+        }
+        None => panic!("set QSWEEP_RESNET18 to a ResNet-18 ONNX (python3 bench/export_resnet18.py OUT.onnx)"),
     };
-    let samples = env_usize("QSWEEP_BENCH_SAMPLES", 500);
-    let iterations = env_usize("QSWEEP_BENCH_ITERATIONS", 20);
+    let samples = env_usize("QSWEEP_BENCH_SAMPLES", 500, 64);
+    let iterations = env_usize("QSWEEP_BENCH_ITERATIONS", 20, 2);
     let threads = engine::resolve_threads(0);
     let scratch = tempfile::tempdir().unwrap();
     let model = Model::load(&model_path).unwrap();
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let images = Array4::from_shape_simple_fn((samples, 3, 224, 224), || rng.random_range(-2.0f32..2.0));
+    let images = Array4::from_shape_simple_fn((samples, shape.0, shape.1, shape.2), || rng.random_range(-2.0f32..2.0));
     let npy = scratch.path().join("calibration.npy");
     tensor_file::write_npy(&npy, &images.view().into_dyn()).unwrap();
 
@@ -101,8 +110,8 @@ fn main() {
     let int8_path = scratch.path().join("int8.onnx");
     std::fs::write(&int8_path, quantized.encode_to_vec()).unwrap();
 
-    let peer = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/ort_resnet18.py"))
+    let peer = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("bench/ort_resnet18.py"))
         .args([&model_path, &npy, &scratch.path().join("ort.onnx")])
         .args([threads.to_string(), iterations.to_string()])
         .output()
@@ -110,7 +119,11 @@ fn main() {
     assert!(peer.status.success(), "{}", String::from_utf8_lossy(&peer.stderr));
     let peer: serde_json::Value = serde_json::from_slice(&peer.stdout).unwrap();
 
-    println!("ResNet-18 224x224, {threads} threads, {samples} calibration samples, p50 of {iterations} runs");
+    let name = model_path.file_name().unwrap_or_default().to_string_lossy();
+    println!(
+        "{name} {}x{}, {threads} threads, {samples} calibration samples, p50 of {iterations} runs",
+        shape.1, shape.2
+    );
     println!(
         "  calibrate: {calibrate_s:.1} s against a plain forward pass of {forward_s:.1} s ({:.2}x, target 1.3x), peak RSS {calibrate_peak:.0} MB (target < 1024 MB)",
         calibrate_s / forward_s

@@ -182,8 +182,10 @@ impl Provider {
         }
     }
 
-    /// The provider options qsweep sets, by ONNX Runtime's names, for the
-    /// record (build metrics) and for tests of the wiring.
+    /// The provider options qsweep sets, by ONNX Runtime's names. They are
+    /// what `dispatch` registers, what the build records in its metrics,
+    /// and what the wiring tests check: one list, so none of those can
+    /// drift from the others.
     pub fn options(&self) -> Vec<(&'static str, String)> {
         match self {
             Provider::Cpu => Vec::new(),
@@ -227,26 +229,21 @@ impl Provider {
         }
     }
 
-    /// The registration, built from the same fields as `options`.
+    /// The registration: `options`, key by key, on this provider, failing
+    /// the session rather than falling back to the CPU. None for the CPU,
+    /// which ONNX Runtime always has.
     fn dispatch(&self) -> Option<ort::ep::ExecutionProviderDispatch> {
-        match self {
-            Provider::Cpu => None,
-            Provider::Cuda => Some(ort::ep::CUDA::default().with_device_id(0).build().error_on_failure()),
-            Provider::TensorRt { int8, cache_dir } => {
-                let dir = cache_dir.display().to_string();
-                Some(
-                    ort::ep::TensorRT::default()
-                        .with_device_id(0)
-                        .with_int8(*int8)
-                        .with_engine_cache(true)
-                        .with_engine_cache_path(&dir)
-                        .with_timing_cache(true)
-                        .with_timing_cache_path(&dir)
-                        .build()
-                        .error_on_failure(),
-                )
-            }
+        use ort::ep::ArbitrarilyConfigurableExecutionProvider;
+        fn configured<E: ArbitrarilyConfigurableExecutionProvider>(ep: E, options: &[(&str, String)]) -> E {
+            options.iter().fold(ep, |ep, (key, value)| ep.with_arbitrary_config(key, value))
         }
+        let options = self.options();
+        let dispatch = match self {
+            Provider::Cpu => return None,
+            Provider::Cuda => configured(ort::ep::CUDA::default(), &options).build(),
+            Provider::TensorRt { .. } => configured(ort::ep::TensorRT::default(), &options).build(),
+        };
+        Some(dispatch.error_on_failure())
     }
 }
 
@@ -604,6 +601,21 @@ mod tests {
         assert!(fp32.contains(&("trt_int8_enable", "0".to_string())));
         assert_eq!(Provider::for_engine(Engine::Cuda, true, dir).options(), [("device_id", "0".to_string())]);
         assert_eq!(Provider::for_engine(Engine::Cpu, true, dir), Provider::Cpu);
+    }
+
+    /// What `dispatch` registers is the provider each engine names: the
+    /// CPU registers nothing (ONNX Runtime's default), and a GPU engine
+    /// registers its own provider, whose options are `options` (it has no
+    /// other source).
+    #[test]
+    fn dispatch_registers_each_engines_own_provider() {
+        let dir = Path::new("/results/artifacts/abc");
+        for engine in [Engine::Cpu, Engine::Cuda, Engine::Tensorrt] {
+            let provider = Provider::for_engine(engine, true, dir);
+            let registered = provider.dispatch().map(|d| d.name());
+            let expected = (provider != Provider::Cpu).then_some(provider.name());
+            assert_eq!(registered, expected, "{engine:?}");
+        }
     }
 
     #[test]

@@ -347,13 +347,12 @@ fn model_with(
     .encode_to_vec()
 }
 
-/// A GPU engine on a machine whose ONNX Runtime has no GPU provider is a
-/// set-up error up front for `run`, not a silent CPU measurement reported
-/// as GPU; `validate` only warns, since specs are often checked away from
-/// the cluster that runs them. On a host that has the provider, neither
-/// complains.
+/// `validate` only warns about a GPU engine this machine's ONNX Runtime
+/// cannot run, since specs are often checked away from the cluster that
+/// runs them (`run` refuses it: tests/engine.rs). Where the provider
+/// exists, there is nothing to warn about.
 #[test]
-fn gpu_engine_without_its_provider_is_refused_before_any_work() {
+fn validate_warns_of_a_gpu_engine_this_machine_lacks() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write(
         dir.path(),
@@ -362,22 +361,11 @@ fn gpu_engine_without_its_provider_is_refused_before_any_work() {
     );
     let provider = qsweep::engine::Provider::for_engine(qsweep::spec::Engine::Tensorrt, false, dir.path());
     let here = provider.check_available().is_ok();
-
     let validated = qsweep(&["validate", spec.to_str().unwrap()]);
     assert_eq!(validated.status.code(), Some(0), "{}", stderr(&validated));
     let warning = stderr(&validated);
     assert_eq!(warning.contains("warning:"), !here, "{warning}");
-    if here {
-        return;
-    }
-    assert!(warning.contains("has no TensorrtExecutionProvider"), "{warning}");
-
-    let results = dir.path().join("results");
-    let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
-    assert_eq!(output.status.code(), Some(2));
-    let err = stderr(&output);
-    assert!(err.contains("has no TensorrtExecutionProvider") && err.contains("onnxruntime-gpu"), "{err}");
-    assert!(!results.exists());
+    assert_eq!(warning.contains("has no TensorrtExecutionProvider"), !here, "{warning}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -35,10 +36,22 @@ fn spec(dir: &Path, name: &str) -> PathBuf {
 }
 
 fn worker(url: &str, prefix: &str) -> Child {
+    worker_logging_to(url, prefix, Stdio::null())
+}
+
+/// A worker whose log, with each stage's progress, goes to `log`: for the
+/// messages of the test that kills workers.
+fn logged_worker(url: &str, prefix: &str, log: &Path) -> Child {
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    worker_logging_to(url, prefix, file.into())
+}
+
+fn worker_logging_to(url: &str, prefix: &str, log: Stdio) -> Child {
     Command::new(env!("CARGO_BIN_EXE_qsweep"))
         .args(["worker", "--redis", url, "--prefix", prefix, "--lease-secs", "1"])
+        .env("QSWEEP_LOG", "info,ort=error")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap()
 }
@@ -72,7 +85,7 @@ fn sigkill(child: &mut Child) {
 
 /// Every run finished exactly once: one ok row per run in runs.csv.
 fn assert_all_runs_ok(results: &Path) {
-    let rows = csv_rows(&results);
+    let rows = csv_rows(results);
     let ids: Vec<&str> = rows.iter().map(|r| &r[0]).collect();
     assert_eq!(ids, ["fp32", "max-unfused-ptq", "max-fused-ptq"]);
     assert!(rows.iter().all(|r| &r[4] == "ok"), "{rows:?}");
@@ -90,44 +103,136 @@ fn assert_recorded_once(redis: &RedisServer, prefix: &str, sweep: &str) {
     }
 }
 
-/// Workers are killed with SIGKILL at random moments, over and over; their
-/// tasks are taken over when the lease runs out, and every task completes
-/// once.
+/// The queue entry (id, task key) that a live worker process holds: one
+/// pending under any of its consumers, which are named
+/// `{host}-{pid}-{slot}`.
+fn held_task(redis: &RedisServer, prefix: &str, pid: u32) -> Option<(String, String)> {
+    let queue = format!("{prefix}:queue");
+    let pending = redis.cli(&["XPENDING", &queue, "workers", "-", "+", "100"]);
+    let lines: Vec<&str> = pending.lines().collect();
+    // Raw replies: id, consumer, idle ms, deliveries, for each entry.
+    let suffix = format!("-{pid}-");
+    let entry = lines.chunks(4).find(|e| e.len() == 4 && e[1].contains(&suffix))?[0].to_string();
+    let fields = redis.cli(&["XRANGE", &queue, &entry, &entry]);
+    let fields: Vec<&str> = fields.lines().collect();
+    let key = fields.iter().position(|f| *f == "key").and_then(|i| fields.get(i + 1))?.to_string();
+    Some((entry, key))
+}
+
+/// Each committed artifact's manifest digest, by task key, as the results
+/// directory has them now. Only directories named by their key count: a
+/// staging directory holds its manifest before it is renamed, and one left
+/// by a killed worker is never committed.
+fn manifest_digests(results: &Path) -> HashMap<String, String> {
+    let Ok(dir) = std::fs::read_dir(results.join("artifacts")) else { return HashMap::new() };
+    dir.filter_map(|e| {
+        let path = e.ok()?.path();
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.join("manifest.json")).ok()?).ok()?;
+        let key = manifest["key"].as_str().filter(|key| path.ends_with(key))?;
+        Some((key.to_string(), manifest["digest"].as_str()?.to_string()))
+    })
+    .collect()
+}
+
+/// Kills that must land on a running task, over all rounds.
+const KILLS: usize = 20;
+
+/// Workers are killed with SIGKILL while they hold a task, over and over;
+/// their tasks are taken over when the lease runs out. Every task's result
+/// is recorded once, its artifact is written once, and it is executed
+/// again only as often as kills interrupted it.
 #[test]
 fn worker_loss_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(dir.path(), &[]);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let mut kills = 0;
+    let (mut landed, mut tried) = (0, 0);
     let mut round = 0;
-    while kills < 20 {
+    // Bounded, so that kills which never find a task fail the test
+    // instead of looping forever.
+    while landed < KILLS && round < 8 {
         round += 1;
         let (prefix, sweep) = (format!("loss{round}"), format!("loss{round}"));
         let results = dir.path().join(format!("results{round}"));
-        let mut workers = [worker(&redis.url(), &prefix), worker(&redis.url(), &prefix)];
+        let log = dir.path().join(format!("workers{round}.log"));
+        let mut workers = [logged_worker(&redis.url(), &prefix, &log), logged_worker(&redis.url(), &prefix, &log)];
         let mut coordinator = coordinator(&redis.url(), &prefix, &spec(dir.path(), &sweep), &results);
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // Kills that interrupted each task, and the first manifest seen of each.
+        let mut interrupted: HashMap<String, u64> = HashMap::new();
+        let mut written = HashMap::new();
+        // What happened when, for the failure messages.
+        let started = Instant::now();
+        let mut history = Vec::new();
+        let deadline = started + Duration::from_secs(120);
         let status = loop {
+            for (key, digest) in manifest_digests(&results) {
+                if !written.contains_key(&key) {
+                    history.push(format!("{:.2}s artifact {}", started.elapsed().as_secs_f64(), &key[..12]));
+                }
+                let first = written.entry(key.clone()).or_insert_with(|| digest.clone());
+                assert!(
+                    *first == digest,
+                    "round {round}: the artifact of {key} was written twice\n{}\nthe events:\n{}\nthe workers' log:\n{}",
+                    history.join("\n"),
+                    redis.cli(&["XRANGE", &format!("{prefix}:sweep:{sweep}:events"), "-", "+"]),
+                    fs_text(&log)
+                );
+            }
             if let Some(status) = coordinator.try_wait().unwrap() {
                 break status;
             }
             assert!(Instant::now() < deadline, "the sweep did not finish");
             std::thread::sleep(Duration::from_millis(rng.random_range(100..600)));
-            if kills < 20 + 5 * (round - 1) && coordinator.try_wait().unwrap().is_none() {
-                let victim = rng.random_range(0..workers.len());
-                sigkill(&mut workers[victim]);
-                workers[victim] = worker(&redis.url(), &prefix);
-                kills += 1;
+            let holders: Vec<usize> =
+                (0..workers.len()).filter(|&w| held_task(&redis, &prefix, workers[w].id()).is_some()).collect();
+            if landed >= KILLS || holders.is_empty() {
+                continue;
             }
+            let victim = holders[rng.random_range(0..holders.len())];
+            let pid = workers[victim].id();
+            sigkill(&mut workers[victim]);
+            tried += 1;
+            // What is still pending under the dead worker's consumer is the
+            // task it held when it died, which may be a newer one than it
+            // held a moment ago: it can no longer finish it, and no other
+            // worker can claim it before its lease runs out.
+            if let Some((_, key)) = held_task(&redis, &prefix, pid) {
+                let committed = results.join("artifacts").join(&key).join("manifest.json").exists();
+                let at = started.elapsed().as_secs_f64();
+                history.push(format!(
+                    "{at:.2}s killed {pid} holding {} (its artifact committed: {committed})",
+                    &key[..12]
+                ));
+                *interrupted.entry(key).or_default() += 1;
+                landed += 1;
+            }
+            workers[victim] = logged_worker(&redis.url(), &prefix, &log);
         };
         workers.iter_mut().for_each(sigkill);
         assert!(status.success(), "coordinator failed in round {round}");
         assert_all_runs_ok(&results);
         assert_recorded_once(&redis, &prefix, &sweep);
+        assert_eq!(manifest_digests(&results), written, "round {round}: an artifact was replaced at the end");
+        // A kill may interrupt a stage (one more execution) or land before
+        // or after it; nothing else runs a task again.
+        let executions = redis.hash(&format!("{prefix}:sweep:{sweep}:executions"));
+        assert_eq!(executions.len(), 9, "round {round}: {executions:?}");
+        for (key, count) in &executions {
+            let count: u64 = count.parse().unwrap();
+            let allowed = 1 + interrupted.get(key).copied().unwrap_or(0);
+            assert!(
+                (1..=allowed).contains(&count),
+                "round {round}: {key} executed {count} times, {} kills landed on it\n{}\nthe workers' log:\n{}",
+                allowed - 1,
+                history.join("\n"),
+                fs_text(&log)
+            );
+        }
         // Each kill left its stage's staging directory; none outlives the sweep.
         assert_eq!(staging_dirs(&results), Vec::<String>::new(), "round {round}");
     }
-    assert!(kills >= 20);
+    assert!(landed >= KILLS, "only {landed} of {tried} kills landed while the worker held a task, in {round} rounds");
 }
 
 /// The coordinator is killed mid-sweep and started again: it resumes, and
@@ -194,6 +299,19 @@ fn redis_restart_with_aof_loses_no_result() {
             "task {key} was recorded before the restart and is gone"
         );
     }
+}
+
+/// A port that another redis-server holds is seen as taken (ours exits on
+/// its bind failure and says so in its log), not mistaken for ours because
+/// a server answers there: tests running in parallel can pick the same
+/// free port.
+#[test]
+fn a_taken_port_is_detected_not_mistaken_for_our_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = RedisServer::start(dir.path(), &[]);
+    let second = tempfile::tempdir().unwrap();
+    assert!(RedisServer::start_at(second.path(), first.port, &[]).is_none(), "port {} was taken", first.port);
+    assert_eq!(first.cli(&["PING"]).trim(), "PONG");
 }
 
 /// Each bad connection setting is a clear error and exit code 2, fast.
@@ -375,16 +493,13 @@ fn rediss_verifies_the_server_against_a_private_ca() {
         "-extfile",
         "san.ext",
     ]);
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut server = Command::new("redis-server")
-        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-        .args(["--tls-cert-file", "server.pem", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.pem"])
-        .args(["--tls-auth-clients", "no"])
-        .current_dir(d)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_port(port);
+    let path = |name: &str| d.join(name).to_str().unwrap().to_string();
+    let (cert, key, ca) = (path("server.pem"), path("server.key"), path("ca.pem"));
+    let server = RedisServer::start_tls(
+        d,
+        &["--tls-cert-file", &cert, "--tls-key-file", &key, "--tls-ca-cert-file", &ca, "--tls-auth-clients", "no"],
+    );
+    let port = server.port;
     let url = format!("rediss://localhost:{port}");
     let status = |ca: Option<&Path>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_qsweep"));
@@ -405,6 +520,4 @@ fn rediss_verifies_the_server_against_a_private_ca() {
         "{}",
         stderr(&untrusted)
     );
-    let _ = server.kill();
-    let _ = server.wait();
 }

@@ -11,52 +11,91 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// The flag that names the port: `--port`, or `--tls-port` for TLS.
+    port_flag: &'static str,
     extra: Vec<String>,
 }
 
+/// Why a launch did not give us a server.
+enum Launch {
+    Started(Child),
+    /// Another process bound the port first.
+    PortTaken,
+}
+
 impl RedisServer {
-    /// Tests run in parallel and each picks a free port, so another server
-    /// may take the port between the pick and redis-server's bind: then
-    /// redis-server exits, and a new port is tried.
+    /// A plain server; `extra` are more redis-server flags.
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        for _ in 0..5 {
+        Self::start_on("--port", dir, extra)
+    }
+
+    /// A TLS-only server (no plaintext port); `extra` names its
+    /// certificates.
+    pub fn start_tls(dir: &Path, extra: &[&str]) -> Self {
+        let mut flags = vec!["--port", "0"];
+        flags.extend_from_slice(extra);
+        Self::start_on("--tls-port", dir, &flags)
+    }
+
+    /// redis-server cannot be handed a bound socket, so the port is picked
+    /// free and then released, and another test's server may bind it
+    /// before ours does. Ours then exits saying so, and a new port is
+    /// tried. Readiness is read from our server's own log, never from a
+    /// PING, which the other test's server on the port would answer.
+    fn start_on(port_flag: &'static str, dir: &Path, extra: &[&str]) -> Self {
+        for _ in 0..10 {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut server = Self { port, dir: dir.to_path_buf(), child: None, extra: extra.clone() };
-            if server.launch() {
+            if let Some(server) = Self::try_start(port_flag, dir, port, extra) {
                 return server;
             }
         }
-        panic!("redis-server did not start on any of 5 free ports");
+        panic!("redis-server found 10 free ports in a row taken before it could bind them");
     }
 
-    /// Starts redis-server on `self.port`; false if it could not bind it.
-    fn launch(&mut self) -> bool {
+    /// A plain server on `port`, or None if another process holds it.
+    pub fn start_at(dir: &Path, port: u16, extra: &[&str]) -> Option<Self> {
+        Self::try_start("--port", dir, port, extra)
+    }
+
+    fn try_start(port_flag: &'static str, dir: &Path, port: u16, extra: &[&str]) -> Option<Self> {
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut server = Self { port, dir: dir.to_path_buf(), child: None, port_flag, extra };
+        match server.launch() {
+            Launch::Started(child) => server.child = Some(child),
+            Launch::PortTaken => return None,
+        }
+        Some(server)
+    }
+
+    /// Starts redis-server on `self.port` and waits until its log says it
+    /// accepts connections, or that the port was taken.
+    fn launch(&self) -> Launch {
+        let log = self.dir.join(format!("redis-{}.log", self.port));
         let mut child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([self.port_flag, &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.extra)
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (apt-get install redis-server; .ci/run installs it)");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if child.try_wait().unwrap().is_some() {
-                return false;
+            // Asked before the log is read, so that the log of a server
+            // that has exited is read whole.
+            let exited = child.try_wait().unwrap().is_some();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if exited {
+                assert!(text.contains("Address already in use"), "redis-server exited on port {}:\n{text}", self.port);
+                return Launch::PortTaken;
             }
-            // Our server answers PING (asking for the password, if it has
-            // one); another process on the port would not.
-            let ping = Command::new("redis-cli").args(["-p", &self.port.to_string(), "ping"]).output().unwrap();
-            let answer = String::from_utf8_lossy(&ping.stdout).to_string() + &String::from_utf8_lossy(&ping.stderr);
-            if answer.trim() == "PONG" || answer.contains("NOAUTH") {
-                break;
+            if text.contains("Ready to accept connections") {
+                return Launch::Started(child);
             }
-            assert!(Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            assert!(Instant::now() < deadline, "redis-server did not start on port {} within 10 s:\n{text}", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.child = Some(child);
-        true
     }
 
     /// Stops the server the way an operator restart does (SIGTERM: Redis
@@ -65,7 +104,10 @@ impl RedisServer {
         let mut child = self.child.take().unwrap();
         Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
         child.wait().unwrap();
-        assert!(self.launch(), "redis-server could not bind port {} again", self.port);
+        match self.launch() {
+            Launch::Started(child) => self.child = Some(child),
+            Launch::PortTaken => panic!("redis-server could not bind port {} again", self.port),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -92,14 +134,5 @@ impl Drop for RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-}
-
-/// Waits until a freshly started redis-server accepts connections.
-pub fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
