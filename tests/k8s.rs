@@ -90,7 +90,19 @@ fn the_dry_run_job_validates_and_carries_the_spec_resources() {
     assert_eq!(container["resources"]["limits"]["nvidia.com/gpu"], "1");
     assert_eq!(container["resources"]["limits"]["memory"], "16Gi");
     assert_eq!(container["envFrom"][0]["secretRef"]["name"], "qsweep-redis");
-    assert_eq!(pod["volumes"][0]["persistentVolumeClaim"]["claimName"], "qsweep-data");
+    assert_eq!(pod["volumes"][1]["persistentVolumeClaim"]["claimName"], "qsweep-data");
+    // The worker (UID 65532, k8s/Dockerfile) can write the volume, and
+    // only it and its /tmp.
+    let security = &pod["securityContext"];
+    assert_eq!(
+        (&security["runAsNonRoot"], &security["runAsUser"], &security["fsGroup"]),
+        (&serde_json::json!(true), &serde_json::json!(65532), &serde_json::json!(65532))
+    );
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(container["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert_eq!(pod["volumes"][0], serde_json::json!({"name": "tmp", "emptyDir": {}}));
+    assert_eq!(container["volumeMounts"][0]["mountPath"], "/tmp");
     assert!(!yaml.contains("redis://") && !yaml.to_lowercase().contains("password"), "credentials leaked:\n{yaml}");
 }
 

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::redis_server::RedisServer;
 use common::*;
-use stand_in_api::{wait_until, Scenario, StandInApi, NAMESPACE};
+use serde_json::{json, Value};
+use stand_in_api::{judge, restricted_violations, wait_until, Judgement, Scenario, StandInApi, NAMESPACE};
 
 const PREFIX: &str = "k8stest";
 
@@ -83,8 +84,10 @@ impl Cluster {
         self.coordinator_command().args(extra).spawn().unwrap()
     }
 
+    /// Runs the coordinator to its end; one that hangs is killed and
+    /// fails the test instead of stalling it.
     fn run(&self, extra: &[&str]) -> Output {
-        self.coordinator(extra).wait_with_output().unwrap()
+        finish_within(Duration::from_secs(150), self.coordinator(extra))
     }
 
     fn runs_csv(&self) -> Vec<csv::StringRecord> {
@@ -100,6 +103,25 @@ impl Cluster {
     fn creates(&self) -> Vec<String> {
         self.api.calls().into_iter().filter(|c| c.starts_with("POST /apis/batch/v1/")).collect()
     }
+
+    /// Pods the namespace's Pod Security admission refused.
+    fn assert_no_pod_refused(&self) {
+        let refused = self.api.world.lock().unwrap().rejected_pods.clone();
+        assert!(refused.is_empty(), "{refused:?}");
+    }
+}
+
+fn finish_within(limit: Duration, mut child: Child) -> Output {
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            child.kill().unwrap();
+            let output = child.wait_with_output().unwrap();
+            panic!("the coordinator still ran after {limit:?}:\n{}", stderr(&output));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
 }
 
 #[test]
@@ -124,6 +146,7 @@ fn a_sweep_runs_end_to_end_on_pods_and_parallelism_falls_as_work_runs_out() {
         "parallelism was never lowered: {patches:?}"
     );
     assert!(cluster.api.pods_created() >= 2, "max_parallel 2 should start two pods");
+    cluster.assert_no_pod_refused();
 }
 
 #[test]
@@ -158,7 +181,7 @@ fn an_image_that_cannot_be_pulled_fails_the_sweep_quickly_naming_it() {
     let text = stderr(&output);
     assert!(text.contains("cannot pull image qsweep:test"), "{text}");
     assert!(text.contains("fix:"), "{text}");
-    assert!(cluster.api.jobs().is_empty(), "the Job is deleted");
+    wait_until(10, "the Job to be deleted", || cluster.api.jobs().is_empty());
     let deletes: Vec<String> = cluster.api.calls().into_iter().filter(|c| c.starts_with("DELETE")).collect();
     assert!(deletes.iter().all(|d| d.contains("Foreground")), "{deletes:?}");
 }
@@ -225,12 +248,13 @@ fn a_restarted_coordinator_adopts_its_job_and_cancel_deletes_it() {
     let deletes: Vec<String> = cluster.api.calls().into_iter().filter(|c| c.starts_with("DELETE")).collect();
     assert_eq!(deletes.len(), 1, "{deletes:?}");
     assert!(deletes[0].contains(r#""propagationPolicy":"Foreground""#), "{deletes:?}");
-    assert!(cluster.api.jobs().is_empty());
+    wait_until(10, "the Job to be deleted", || cluster.api.jobs().is_empty());
 }
 
 #[test]
 fn missing_permissions_are_named_before_any_job_exists() {
-    let scenario = Scenario { denied: vec!["delete jobs.batch".into(), "get pods/log".into()], ..Default::default() };
+    let denied = ["delete jobs.batch", "get pods/log"].map(|access| (NAMESPACE.to_string(), access.to_string()));
+    let scenario = Scenario { denied: denied.to_vec(), ..Default::default() };
     let cluster = Cluster::start("rbac", scenario, 1);
     let output = cluster.run(&[]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
@@ -239,6 +263,223 @@ fn missing_permissions_are_named_before_any_job_exists() {
     assert!(text.contains("kubectl apply -k k8s/"), "{text}");
     assert!(cluster.creates().is_empty());
     assert!(!cluster.results().exists(), "a set-up error wrote the results directory");
+}
+
+#[test]
+fn access_is_reviewed_in_the_namespace_the_sweep_uses() {
+    // The Role is bound in two namespaces, each lacking something else;
+    // a third has no binding at all.
+    let scenario = Scenario {
+        role_namespaces: vec![NAMESPACE.into(), "elsewhere".into()],
+        denied: vec![(NAMESPACE.into(), "get pods/log".into()), ("elsewhere".into(), "delete jobs.batch".into())],
+        ..Default::default()
+    };
+    let cluster = Cluster::start("rbacns", scenario, 1);
+    for (extra, missing) in [
+        (&[][..], "not allowed in namespace qsweep: get pods/log\n"),
+        (&["--namespace", "elsewhere"][..], "not allowed in namespace elsewhere: delete jobs.batch\n"),
+        (&["--namespace", "third"][..], "not allowed in namespace third: create jobs.batch, get jobs.batch, list"),
+    ] {
+        let namespace = extra.get(1).copied().unwrap_or(NAMESPACE);
+        cluster.api.world.lock().unwrap().reviews.clear();
+        let output = cluster.run(extra);
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(stderr(&output).contains(missing), "{}", stderr(&output));
+        let reviews = cluster.api.world.lock().unwrap().reviews.clone();
+        assert_eq!(reviews.len(), qsweep::k8s::cluster::REQUIRED_ACCESS.len());
+        assert!(reviews.iter().all(|r| r.starts_with(&format!("{namespace}: "))), "{reviews:?}");
+    }
+    assert!(cluster.creates().is_empty());
+}
+
+#[test]
+fn a_missing_secret_fails_the_sweep_within_seconds_naming_it_and_the_fix() {
+    let cluster = Cluster::start("nosecret", Scenario { missing_secret: true, ..Default::default() }, 1);
+    let started = Instant::now();
+    let output = finish_within(Duration::from_secs(60), cluster.coordinator(&[]));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    let text = stderr(&output);
+    assert!(text.contains(r#"(CreateContainerConfigError): secret "qsweep-redis" not found"#), "{text}");
+    assert!(text.contains("fix: create the Secret: kubectl -n qsweep create secret generic qsweep-redis"), "{text}");
+    assert!(text.contains("--secret NAME"), "{text}");
+    wait_until(10, "the Job to be deleted", || cluster.api.jobs().is_empty());
+}
+
+#[test]
+fn a_secret_created_while_the_pods_wait_for_it_is_found() {
+    let cluster = Cluster::start("latesecret", Scenario { missing_secret: true, ..Default::default() }, 1);
+    let coordinator = cluster.coordinator(&[]);
+    wait_until(30, "a pod waiting for its Secret", || cluster.api.pods_created() > 0);
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.api.create_secret(stand_in_api::SECRET);
+    let output = finish_within(Duration::from_secs(150), coordinator);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    cluster.assert_all_runs_ok();
+}
+
+#[test]
+fn a_job_being_deleted_is_not_adopted() {
+    // The garbage collector is slow: the old Job lingers, being deleted,
+    // while the second coordinator starts.
+    let scenario = Scenario { foreground_delay: Duration::from_secs(8), ..Default::default() };
+    let cluster = Cluster::start("deleting", scenario, 1);
+    let mut first = cluster.coordinator(&[]);
+    wait_until(30, "the Job", || !cluster.api.jobs().is_empty());
+    first.kill().unwrap();
+    first.wait().unwrap();
+    cluster.api.delete_job("qsweep-deleting-1", "Foreground");
+    let lingering = cluster.api.job("qsweep-deleting-1").expect("a Job deleted in the foreground stays a while");
+    assert_eq!(lingering["metadata"]["finalizers"], json!(["foregroundDeletion"]));
+    assert!(lingering["metadata"]["deletionTimestamp"].is_string());
+
+    let second = cluster.run(&[]);
+    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
+    let text = stderr(&second);
+    assert!(text.contains("Job qsweep-deleting-1 is being deleted; it is not adopted"), "{text}");
+    assert!(!text.contains("adopting"), "{text}");
+    assert!(cluster.creates()[1].contains("qsweep-deleting-2"), "{:?}", cluster.creates());
+    cluster.assert_all_runs_ok();
+    wait_until(15, "the old Job to go", || cluster.api.job("qsweep-deleting-1").is_none());
+}
+
+#[test]
+fn a_job_deleted_under_the_coordinator_is_followed_by_the_next_generation() {
+    let cluster = Cluster::start("deleted", Scenario::default(), 1);
+    let coordinator = cluster.coordinator(&[]);
+    wait_until(30, "a pod", || cluster.api.pods_created() > 0);
+    // As `kubectl delete job` does: the Job is gone at once, its pods after.
+    cluster.api.delete_job("qsweep-deleted-1", "Background");
+    let output = finish_within(Duration::from_secs(150), coordinator);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(stderr(&output).contains("Job qsweep-deleted-1 was deleted with"), "{}", stderr(&output));
+    assert!(cluster.api.job("qsweep-deleted-2").is_some());
+    cluster.assert_all_runs_ok();
+}
+
+#[test]
+fn a_sweep_completes_across_watch_timeouts_and_expired_history() {
+    // Every watch ends after a second, and the server keeps no history:
+    // resuming a watch after any change finds its resourceVersion
+    // compacted (410), so the watcher lists again; the OOM kill and every
+    // pod's end must still be seen.
+    let scenario = Scenario {
+        watch_timeout: Some(Duration::from_secs(1)),
+        history_kept: Some(0),
+        oom_pods: vec![0],
+        ..Default::default()
+    };
+    let cluster = Cluster::start("expiry", scenario, 1);
+    let started = Instant::now();
+    let output = cluster.run(&[]);
+    // A pod deleted during a gap (the Job controller scales down) is seen
+    // missing from the relist; unseen, its task would wait for its lease.
+    assert!(started.elapsed() < Duration::from_secs(25), "took {:?}", started.elapsed());
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(stderr(&output).contains("out of memory (pod qsweep-expiry-1-p0 was OOMKilled)"), "{}", stderr(&output));
+    cluster.assert_all_runs_ok();
+    let (expired, lists) = {
+        let world = cluster.api.world.lock().unwrap();
+        (world.expired_watches, world.pod_lists)
+    };
+    assert!(expired > 0 && lists > 1, "{expired} watch(es) expired, {lists} list(s) of pods\n{}", stderr(&output));
+}
+
+/// qsweep's Job, as the stand-in receives it.
+fn worker_job_json() -> Value {
+    let resources: qsweep::spec::Resources =
+        serde_json::from_value(json!({"memory": "2Gi", "max_parallel": 2, "volume_claim": "qsweep-data"})).unwrap();
+    let options = qsweep::k8s::JobOptions {
+        namespace: NAMESPACE.into(),
+        image: "qsweep:test".into(),
+        secret: stand_in_api::SECRET.into(),
+        prefix: "p".into(),
+    };
+    serde_json::to_value(qsweep::k8s::worker_job("s", Some(&resources), 2, &options, 1).unwrap()).unwrap()
+}
+
+/// A failed worker pod: its container's exit, and a DisruptionTarget
+/// condition if it was evicted.
+fn failed_pod(exit_code: i64, reason: &str, evicted: bool) -> Value {
+    let conditions = if evicted { json!([{"type": "DisruptionTarget", "status": "True"}]) } else { json!([]) };
+    json!({"metadata": {"name": "w", "namespace": NAMESPACE}, "status": {"phase": "Failed", "conditions": conditions,
+        "containerStatuses": [{"name": "worker", "state": {"terminated": {"exitCode": exit_code, "reason": reason}}}]}})
+}
+
+/// What qsweep's Job must make the Job controller do with failed pods.
+fn failure_policy_holds(job: &Value) -> Result<(), String> {
+    let expect = |pods: &[Value], wanted: &dyn Fn(&Judgement) -> bool, what: &str| {
+        let judged = judge(job, &pods.iter().collect::<Vec<_>>());
+        if wanted(&judged) {
+            Ok(())
+        } else {
+            Err(format!("{what}: {judged:?}"))
+        }
+    };
+    let evicted = failed_pod(137, "Error", true);
+    expect(&[evicted.clone(), evicted], &|j| *j == Judgement { counted: 0, failed: None }, "evictions are ignored")?;
+    expect(
+        &[failed_pod(2, "Error", false)],
+        &|j| {
+            j.failed
+                .as_ref()
+                .is_some_and(|(reason, message)| reason == "PodFailurePolicy" && message.contains("exit code 2"))
+        },
+        "a configuration error fails the Job",
+    )?;
+    expect(&[failed_pod(1, "Error", false)], &|j| *j == Judgement { counted: 1, failed: None }, "a crash counts")?;
+    expect(
+        &[failed_pod(137, "OOMKilled", false)],
+        &|j| *j == Judgement { counted: 1, failed: None },
+        "an OOM kill counts",
+    )?;
+    let crashes = vec![failed_pod(1, "Error", false); 7];
+    expect(
+        &crashes,
+        &|j| j.failed.as_ref().is_some_and(|(reason, _)| reason == "BackoffLimitExceeded"),
+        "7 crashes exceed the backoff limit",
+    )
+}
+
+/// A mistake one could make in the Job's failure policy: what, and how.
+type Mistake<'a> = (&'a str, &'a dyn Fn(&mut Value));
+
+#[test]
+fn the_stand_in_job_controller_applies_the_jobs_own_failure_policy() {
+    let job = worker_job_json();
+    failure_policy_holds(&job).unwrap();
+    // Each of these mistakes in src/k8s/job.rs would be caught.
+    let rules = "/spec/podFailurePolicy/rules";
+    let wrong: [Mistake; 5] = [
+        ("no Ignore rule for disruptions", &|j| drop(j.pointer_mut(rules).unwrap().as_array_mut().unwrap().remove(0))),
+        ("NotIn instead of In", &|j| {
+            *j.pointer_mut(&format!("{rules}/1/onExitCodes/operator")).unwrap() = json!("NotIn")
+        }),
+        ("another container's name", &|j| {
+            *j.pointer_mut(&format!("{rules}/1/onExitCodes/containerName")).unwrap() = json!("main")
+        }),
+        ("Count instead of FailJob", &|j| *j.pointer_mut(&format!("{rules}/1/action")).unwrap() = json!("Count")),
+        ("a backoffLimit of 0", &|j| *j.pointer_mut("/spec/backoffLimit").unwrap() = json!(0)),
+    ];
+    for (mistake, make) in wrong {
+        let mut broken = job.clone();
+        make(&mut broken);
+        assert!(failure_policy_holds(&broken).is_err(), "the stand-in missed: {mistake}");
+    }
+}
+
+#[test]
+fn the_worker_pods_meet_the_restricted_pod_security_standard() {
+    let job = worker_job_json();
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(restricted_violations(pod), Vec::<String>::new());
+    let mut bare = pod.clone();
+    bare.as_object_mut().unwrap().remove("securityContext");
+    bare["containers"][0].as_object_mut().unwrap().remove("securityContext");
+    let violations = restricted_violations(&bare).join(", ");
+    for rule in ["allowPrivilegeEscalation", "capabilities", "runAsNonRoot", "seccompProfile"] {
+        assert!(violations.contains(rule), "{violations}");
+    }
 }
 
 #[test]

@@ -8,17 +8,23 @@
 //! - a pod the scheduler cannot place: the scheduler's message goes to the
 //!   progress display and `qsweep status` (never a silent hang);
 //! - an image that cannot be pulled: the sweep fails at once, naming it;
+//! - a container the kubelet cannot set up (its Secret or ConfigMap is
+//!   missing): the sweep fails within seconds, naming what is missing and
+//!   how to create it;
 //! - a pod killed for memory: its task's attempt counts as "out of memory"
 //!   and the task is queued again at once, until the spec's retries are
 //!   spent;
-//! - an evicted or preempted pod: its task is queued again, not counted;
+//! - an evicted, preempted or deleted pod: its task is queued again, not
+//!   counted;
 //! - a Job that failed (a configuration error in every pod): the sweep
 //!   fails with the pod's last log lines.
 //!
 //! Pods leave by themselves once the sweep has no work left for them; the
 //! coordinator lowers the Job's parallelism as the work runs out, so no
 //! new pod is scheduled for nothing. A restarted coordinator finds the
-//! sweep's running Job by its labels and adopts it.
+//! sweep's running Job by its labels and adopts it, unless it is being
+//! deleted; a Job deleted under the coordinator is followed by the next
+//! generation if tasks are still queued.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -33,7 +39,7 @@ use kube::Api;
 use redis::AsyncCommands;
 use tokio::sync::mpsc;
 
-use super::cluster::{generation, job_ended, Cluster, ClusterError};
+use super::cluster::{being_deleted, generation, job_ended, Cluster, ClusterError};
 use super::job::{parallelism_for, selector, worker_job, JobOptions};
 use super::pods::{scheduled, trouble, PodTrouble};
 use crate::plan::Task;
@@ -44,6 +50,10 @@ use crate::spec::Resources;
 
 /// How often the Job itself is read (the pods are watched).
 const JOB_CHECK: Duration = Duration::from_secs(2);
+/// How long a container the kubelet cannot set up may stay so before the
+/// sweep fails: the kubelet retries, so a Secret created a moment after
+/// the Job is still found, but a missing one never appears by itself.
+const CONTAINER_CONFIG_GRACE: Duration = Duration::from_secs(5);
 
 /// Settings of the pods' side of a sweep.
 #[derive(Debug, Clone)]
@@ -78,8 +88,17 @@ pub struct KubernetesQueue {
     watch: tokio::task::JoinHandle<()>,
     /// Pods not yet placed, since when, and whether the user was told.
     unscheduled: HashMap<String, (Instant, String, bool)>,
+    /// Pods whose container the kubelet cannot set up: since when, and
+    /// the kubelet's reason and message.
+    unstartable: HashMap<String, (Instant, String, String)>,
     /// Pods whose end (OOM, eviction, failure) was handled already.
     handled: HashSet<String>,
+    /// The sweep's pods as the watch last showed them, and those a relist
+    /// in progress has shown: after a 410 Gone the watcher lists again
+    /// instead of reporting deletions, so a pod missing from the new list
+    /// was deleted in the gap.
+    known_pods: HashSet<String>,
+    relisted: HashSet<String>,
     /// Failed pods' names, newest last, for their logs if the Job fails.
     failed_pods: Vec<String>,
     last_job_check: Instant,
@@ -99,7 +118,13 @@ impl KubernetesQueue {
     ) -> Result<Self, QueueError> {
         let jobs = cluster.sweep_jobs(sweep).await?;
         let mut notes = Vec::new();
-        let running = jobs.iter().rev().find(|job| job_ended(job).is_none());
+        // A Job being deleted starts no more pods and is gone soon: the
+        // sweep needs a new one.
+        let running = jobs.iter().rev().find(|job| job_ended(job).is_none() && !being_deleted(job));
+        for job in jobs.iter().filter(|job| being_deleted(job)) {
+            let name = job.metadata.name.as_deref().unwrap_or_default();
+            notes.push(Event::Note { message: format!("Job {name} is being deleted; it is not adopted") });
+        }
         let (job, generation, parallelism) = match running {
             Some(job) => {
                 let name = job.metadata.name.clone().unwrap_or_default();
@@ -134,7 +159,10 @@ impl KubernetesQueue {
             pods,
             watch,
             unscheduled: HashMap::new(),
+            unstartable: HashMap::new(),
             handled: HashSet::new(),
+            known_pods: HashSet::new(),
+            relisted: HashSet::new(),
             failed_pods: Vec::new(),
             last_job_check: Instant::now(),
             queued: pending,
@@ -148,7 +176,11 @@ impl KubernetesQueue {
         if scheduled(pod) {
             self.placed(&name).await?;
         }
-        let Some(trouble) = trouble(pod) else { return Ok(()) };
+        let trouble = trouble(pod);
+        if !matches!(trouble, Some(PodTrouble::ContainerConfig { .. })) {
+            self.unstartable.remove(&name);
+        }
+        let Some(trouble) = trouble else { return Ok(()) };
         match trouble {
             PodTrouble::Unschedulable { message } => {
                 let entry = self.unscheduled.entry(name).or_insert_with(|| (Instant::now(), String::new(), false));
@@ -158,6 +190,10 @@ impl KubernetesQueue {
             }
             PodTrouble::ImagePullRetrying { image, message } => {
                 self.note(format!("pod {name} is retrying the pull of image {image}: {message}"));
+            }
+            PodTrouble::ContainerConfig { reason, message } => {
+                let since = self.unstartable.get(&name).map_or_else(Instant::now, |(since, ..)| *since);
+                self.unstartable.insert(name, (since, reason, message));
             }
             PodTrouble::ImagePull { image, message } => {
                 let deleted = self.cluster.delete_sweep_jobs(&self.sweep).await?;
@@ -201,6 +237,25 @@ impl KubernetesQueue {
         Ok(())
     }
 
+    /// Ends the sweep once a pod's container could not be set up for
+    /// longer than the grace: every pod of the Job would wait the same way.
+    async fn fail_unstartable(&mut self) -> Result<(), QueueError> {
+        let Some((pod, (_, reason, message))) =
+            self.unstartable.iter().find(|(_, (since, ..))| since.elapsed() >= CONTAINER_CONFIG_GRACE)
+        else {
+            return Ok(());
+        };
+        let (pod, reason, message) = (pod.clone(), reason.clone(), message.clone());
+        let fix = container_config_fix(&message, &self.cluster.namespace, &pod);
+        let deleted = self.cluster.delete_sweep_jobs(&self.sweep).await?;
+        Err(QueueError::Fatal(format!(
+            "pod {pod} cannot start its container ({reason}): {message}\n  \
+             the sweep stops (deleted Job {}); results recorded so far are kept\n  \
+             fix: {fix}",
+            deleted.join(", ")
+        )))
+    }
+
     /// Tells the user about pods unschedulable for longer than the threshold.
     async fn report_unschedulable(&mut self) -> Result<(), QueueError> {
         let threshold = self.options.unschedulable_after;
@@ -220,12 +275,14 @@ impl KubernetesQueue {
 
     /// The tasks a dead pod's workers held go back on the queue now. An
     /// out-of-memory kill counts as an attempt; once the retries are spent
-    /// the task fails with that reason.
-    async fn requeue_tasks_of(&mut self, pod: &str, counted_as: Option<&str>) -> Result<(), QueueError> {
+    /// the task fails with that reason. Returns how many tasks it held.
+    async fn requeue_tasks_of(&mut self, pod: &str, counted_as: Option<&str>) -> Result<usize, QueueError> {
         let mut connection = self.inner.connection();
         let keys = self.inner.keys().clone();
-        let held = pending_on_host(&mut connection, &keys, pod).await?;
-        for task in held.into_iter().filter(|t| t.sweep == self.sweep) {
+        let held: Vec<PendingTask> =
+            pending_on_host(&mut connection, &keys, pod).await?.into_iter().filter(|t| t.sweep == self.sweep).collect();
+        let count = held.len();
+        for task in held {
             let Some(reason) = counted_as else {
                 requeue(&mut connection, &keys, &task).await?;
                 continue;
@@ -243,14 +300,39 @@ impl KubernetesQueue {
                 self.notes.push(retrying(&task, attempt, format!("{reason} (pod {pod} was OOMKilled)")));
             }
         }
+        Ok(count)
+    }
+
+    /// A pod is gone (its Job deleted, scaled down, or `kubectl delete`):
+    /// a worker that was killed before it handed its tasks back still holds
+    /// them, and nothing else would free them until their lease ran out.
+    async fn pod_deleted(&mut self, name: &str) -> Result<(), QueueError> {
+        self.placed(name).await?;
+        self.unstartable.remove(name);
+        if self.handled.insert(name.to_string()) && self.requeue_tasks_of(name, None).await? > 0 {
+            self.note(format!("pod {name} was deleted while it held a task; it is queued again, not counted"));
+        }
         Ok(())
     }
 
-    /// Reads the Job: a failed one ends the sweep; one whose pods all left
-    /// while tasks are still queued is followed by a new one.
+    /// Reads the Job: a failed one ends the sweep; one whose pods all left,
+    /// or that was deleted, while tasks are still queued is followed by a
+    /// new one.
     async fn check_job(&mut self) -> Result<(), QueueError> {
         self.last_job_check = Instant::now();
-        let job = self.cluster.job(&self.job).await?;
+        let job = match self.cluster.job(&self.job).await {
+            Ok(job) if !being_deleted(&job) => job,
+            // Someone deleted it (kubectl, a TTL, a cancel from another
+            // shell): its pods are gone or going, and with them the only
+            // workers; their tasks come back as the pods' deletions arrive.
+            Ok(_) | Err(ClusterError::JobGone { .. }) => {
+                if self.queued > 0 {
+                    self.next_generation("was deleted").await?;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         match job_ended(&job) {
             Some(Err(reason)) => {
                 let logs = self.last_failed_pod_logs().await;
@@ -260,18 +342,20 @@ impl KubernetesQueue {
                     self.job
                 )));
             }
-            Some(Ok(())) if self.queued > 0 => self.next_generation().await?,
-            None if all_pods_left(&job) && self.queued > 0 => self.next_generation().await?,
+            Some(Ok(())) if self.queued > 0 => self.next_generation("has no pods left").await?,
+            None if all_pods_left(&job) && self.queued > 0 => self.next_generation("has no pods left").await?,
             _ => {}
         }
         Ok(())
     }
 
-    async fn next_generation(&mut self) -> Result<(), QueueError> {
+    /// Starts the next generation of the Job because the current one
+    /// `happened` (has no pods left, was deleted) with tasks still queued.
+    async fn next_generation(&mut self, happened: &str) -> Result<(), QueueError> {
         self.generation += 1;
         let created = create(&self.cluster, &self.sweep, self.queued, &self.options, self.generation).await?;
         self.note(format!(
-            "every pod of Job {} has left with {} task(s) still queued; created Job {created}",
+            "Job {} {happened} with {} task(s) still queued; created Job {created}",
             self.job, self.queued
         ));
         self.job = created;
@@ -326,15 +410,32 @@ impl Queue for KubernetesQueue {
         let mut events = self.inner.events().await?;
         while let Ok(change) = self.pods.try_recv() {
             match change {
-                watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => self.pod_changed(&pod).await?,
+                watcher::Event::Apply(pod) => {
+                    self.known_pods.insert(pod.metadata.name.clone().unwrap_or_default());
+                    self.pod_changed(&pod).await?;
+                }
+                watcher::Event::InitApply(pod) => {
+                    self.relisted.insert(pod.metadata.name.clone().unwrap_or_default());
+                    self.pod_changed(&pod).await?;
+                }
                 watcher::Event::Delete(pod) => {
                     let name = pod.metadata.name.unwrap_or_default();
-                    self.placed(&name).await?;
+                    self.known_pods.remove(&name);
+                    self.pod_deleted(&name).await?;
                 }
-                watcher::Event::Init | watcher::Event::InitDone => {}
+                watcher::Event::Init => self.relisted.clear(),
+                watcher::Event::InitDone => {
+                    let listed = std::mem::take(&mut self.relisted);
+                    let gone: Vec<String> = self.known_pods.difference(&listed).cloned().collect();
+                    self.known_pods = listed;
+                    for name in gone {
+                        self.pod_deleted(&name).await?;
+                    }
+                }
             }
         }
         self.report_unschedulable().await?;
+        self.fail_unstartable().await?;
         if self.last_job_check.elapsed() >= JOB_CHECK {
             self.check_job().await?;
         }
@@ -360,8 +461,11 @@ impl Queue for KubernetesQueue {
         self.queued = queued;
         let wanted = parallelism_for(waiting + queued, &self.options.resources);
         if wanted < self.parallelism {
-            self.cluster.set_parallelism(&self.job, wanted).await?;
-            self.parallelism = wanted;
+            match self.cluster.set_parallelism(&self.job, wanted).await {
+                // The next look at the Job starts another if work is left.
+                Ok(()) | Err(ClusterError::JobGone { .. }) => self.parallelism = wanted,
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }
@@ -390,6 +494,27 @@ async fn create(
         .map_err(|e| QueueError::Fatal(e.to_string()))?;
     let created = cluster.create_job(&job).await?;
     Ok(created.metadata.name.unwrap_or_default())
+}
+
+/// What to do about a container the kubelet cannot set up, from its
+/// message (`secret "NAME" not found`, `configmap "NAME" not found`).
+fn container_config_fix(message: &str, namespace: &str, pod: &str) -> String {
+    let missing = |kind: &str| {
+        let rest = message.split(&format!("{kind} \"")).nth(1)?;
+        let (name, after) = rest.split_once('"')?;
+        after.trim_start().starts_with("not found").then_some(name)
+    };
+    if let Some(secret) = missing("secret") {
+        format!(
+            "create the Secret: kubectl -n {namespace} create secret generic {secret} \
+             --from-literal=REDIS_URL=redis://:PASSWORD@HOST:6379 (k8s/secret.example.yaml is a template), \
+             or name an existing one with --secret NAME"
+        )
+    } else if let Some(config_map) = missing("configmap") {
+        format!("create ConfigMap {config_map} in namespace {namespace}, or drop the reference to it")
+    } else {
+        format!("`kubectl -n {namespace} describe pod {pod}` shows what the kubelet could not set up")
+    }
 }
 
 /// A Job with pods that all ended, at least one well: the Job controller
@@ -421,5 +546,21 @@ async fn watch_pods(pods: Api<Pod>, selector: String, sender: mpsc::UnboundedSen
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_secret_or_config_map_is_named_with_the_command_that_creates_it() {
+        let secret = container_config_fix(r#"secret "qsweep-redis" not found"#, "ns", "p");
+        assert!(secret.starts_with("create the Secret: kubectl -n ns create secret generic qsweep-redis "), "{secret}");
+        assert!(secret.contains("--secret NAME"), "{secret}");
+        let config_map = container_config_fix(r#"configmap "settings" not found"#, "ns", "p");
+        assert_eq!(config_map, "create ConfigMap settings in namespace ns, or drop the reference to it");
+        let other = container_config_fix("failed to create containerd task", "ns", "p");
+        assert_eq!(other, "`kubectl -n ns describe pod p` shows what the kubelet could not set up");
     }
 }

@@ -43,6 +43,8 @@ pub enum ClusterError {
     Forbidden { namespace: String, missing: Vec<String> },
     #[error("namespace {namespace} does not exist\n  fix: create it (`kubectl apply -k k8s/` does) or name another with --namespace")]
     NamespaceMissing { namespace: String },
+    #[error("Job {name} is gone from namespace {namespace}: something other than this coordinator deleted it\n  fix: run the sweep again; it resumes from what is recorded")]
+    JobGone { name: String, namespace: String },
     #[error("the Kubernetes API refused to {action}: {message}")]
     Api { action: String, message: String },
 }
@@ -134,8 +136,11 @@ impl Cluster {
         self.jobs().create(&PostParams::default(), job).await.map_err(|e| self.error(e, "create", "jobs.batch"))
     }
 
+    /// The Job named `name`; `JobGone` once it was deleted (a 404 on a
+    /// Job this coordinator created means exactly that: reads of one's own
+    /// writes are consistent).
     pub async fn job(&self, name: &str) -> Result<Job, ClusterError> {
-        self.jobs().get(name).await.map_err(|e| self.error(e, "get", "jobs.batch"))
+        self.jobs().get(name).await.map_err(|e| self.job_error(e, name, "get"))
     }
 
     pub async fn set_parallelism(&self, name: &str, parallelism: i32) -> Result<(), ClusterError> {
@@ -144,7 +149,7 @@ impl Cluster {
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map(drop)
-            .map_err(|e| self.error(e, "patch", "jobs.batch"))
+            .map_err(|e| self.job_error(e, name, "patch"))
     }
 
     /// Deletes the sweep's Jobs and, because propagation is foreground,
@@ -160,6 +165,17 @@ impl Cluster {
             }
         }
         Ok(deleted)
+    }
+
+    /// An error from `verb` on the Job `name`, where a 404 means the Job is
+    /// gone rather than a namespace that is missing.
+    fn job_error(&self, error: kube::Error, name: &str, verb: &str) -> ClusterError {
+        match error {
+            kube::Error::Api(status) if status.code == 404 && !status.message.starts_with("namespaces ") => {
+                ClusterError::JobGone { name: name.to_string(), namespace: self.namespace.clone() }
+            }
+            other => self.error(other, verb, "jobs.batch"),
+        }
     }
 
     /// Turns an API error from `verb` on `resource` into what to do.
@@ -209,6 +225,12 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 /// A Job's generation label (0 if it has none).
 pub fn generation(job: &Job) -> u32 {
     job.metadata.labels.as_ref().and_then(|l| l.get(GENERATION_LABEL)).and_then(|g| g.parse().ok()).unwrap_or(0)
+}
+
+/// Whether a Job is being deleted: with foreground propagation it stays,
+/// with a deletionTimestamp, until its pods are gone, and starts no more.
+pub fn being_deleted(job: &Job) -> bool {
+    job.metadata.deletion_timestamp.is_some()
 }
 
 /// Whether a Job has ended, and how: (complete, failed with this message).

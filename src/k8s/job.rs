@@ -14,9 +14,9 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Container, EnvFromSource, EnvVar, EnvVarSource, LocalObjectReference, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, ResourceRequirements, SecretEnvSource, Toleration,
-    Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, LocalObjectReference,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -27,6 +27,12 @@ use crate::spec::Resources;
 
 /// Where the `volume_claim` is mounted in every pod.
 pub const DATA_MOUNT: &str = "/data";
+/// The user and group the worker runs as: k8s/Dockerfile's `USER`.
+pub const WORKER_UID: i64 = 65532;
+/// The only place a worker writes outside the data volume: its artifact
+/// cache, under the temp dir. The root filesystem is read-only, so this is
+/// a volume of its own.
+pub const TMP_MOUNT: &str = "/tmp";
 /// Pod failures before the Job gives up (disruptions do not count).
 pub const BACKOFF_LIMIT: i32 = 6;
 /// How long a finished Job stays for `kubectl logs` before it is deleted.
@@ -127,11 +133,17 @@ pub fn worker_job(
             requests.insert(name.to_string(), Quantity(quantity.clone()));
         }
     }
-    let volume = resources.volume_claim.as_ref().map(|claim| Volume {
+    let data = resources.volume_claim.as_ref().map(|claim| Volume {
         name: "data".into(),
         persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource { claim_name: claim.clone(), read_only: None }),
         ..Default::default()
     });
+    let tmp = Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() };
+    let mut volume_mounts =
+        vec![VolumeMount { name: "tmp".into(), mount_path: TMP_MOUNT.into(), ..Default::default() }];
+    if data.is_some() {
+        volume_mounts.push(VolumeMount { name: "data".into(), mount_path: DATA_MOUNT.into(), ..Default::default() });
+    }
     let container = Container {
         name: "worker".into(),
         image: Some(options.image.clone()),
@@ -167,9 +179,15 @@ pub fn worker_job(
             requests: (!requests.is_empty()).then_some(requests),
             ..Default::default()
         }),
-        volume_mounts: volume
-            .as_ref()
-            .map(|_| vec![VolumeMount { name: "data".into(), mount_path: DATA_MOUNT.into(), ..Default::default() }]),
+        volume_mounts: Some(volume_mounts),
+        // What the "restricted" Pod Security Standard asks of a container
+        // (k8s/namespace.yaml enforces it).
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let pod = PodSpec {
@@ -198,7 +216,19 @@ pub fn worker_job(
         image_pull_secrets: (!resources.image_pull_secrets.is_empty()).then(|| {
             resources.image_pull_secrets.iter().map(|name| LocalObjectReference { name: name.clone() }).collect()
         }),
-        volumes: volume.map(|v| vec![v]),
+        volumes: Some(std::iter::once(tmp).chain(data).collect()),
+        // A fresh volume is root's: fsGroup gives it to the worker's group,
+        // or the worker, not root, could not write its results there.
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(WORKER_UID),
+            run_as_group: Some(WORKER_UID),
+            fs_group: Some(WORKER_UID),
+            // Ownership is set once, not on every mount of a large volume.
+            fs_group_change_policy: Some("OnRootMismatch".into()),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let parallelism = parallelism_for(pending, resources);

@@ -13,6 +13,10 @@ pub enum PodTrouble {
     ImagePull { image: String, message: String },
     /// The kubelet is pulling the image again after a failure.
     ImagePullRetrying { image: String, message: String },
+    /// The kubelet cannot set the container up (a Secret or ConfigMap it
+    /// names is missing, a bad mount); it retries, but only a change to
+    /// the cluster or the Job can fix it.
+    ContainerConfig { reason: String, message: String },
     /// The container exceeded its memory limit and was killed.
     OutOfMemory,
     /// Evicted, preempted or drained: not the task's fault.
@@ -56,6 +60,9 @@ fn container_trouble(container: &ContainerStatus) -> Option<PodTrouble> {
                 Some(PodTrouble::ImagePull { image, message })
             }
             Some("ErrImagePull") => Some(PodTrouble::ImagePullRetrying { image, message }),
+            Some(reason @ ("CreateContainerConfigError" | "CreateContainerError")) => {
+                Some(PodTrouble::ContainerConfig { reason: reason.to_string(), message })
+            }
             _ => None,
         };
     }
@@ -101,6 +108,17 @@ mod tests {
             "name": "worker", "image": "qsweep:nope", "imageID": "", "ready": false, "restartCount": 0,
             "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"qsweep:nope\""}}}]}));
         assert!(matches!(trouble(&backoff), Some(PodTrouble::ImagePull { image, .. }) if image == "qsweep:nope"));
+
+        let no_secret = pod(serde_json::json!({"phase": "Pending", "containerStatuses": [{
+            "name": "worker", "image": "i:1", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "CreateContainerConfigError", "message": "secret \"qsweep-redis\" not found"}}}]}));
+        assert_eq!(
+            trouble(&no_secret),
+            Some(PodTrouble::ContainerConfig {
+                reason: "CreateContainerConfigError".into(),
+                message: "secret \"qsweep-redis\" not found".into()
+            })
+        );
 
         let oom = pod(serde_json::json!({"phase": "Failed", "containerStatuses": [{
             "name": "worker", "image": "i:1", "imageID": "", "ready": false, "restartCount": 0,

@@ -7,14 +7,31 @@
 //! API's pod name), so a sweep really passes coordinator -> API -> pods ->
 //! Redis -> results.
 //!
+//! It keeps the rules a real cluster keeps, so that a Job or a client that
+//! breaks them fails here too: the Job controller applies the Job's own
+//! `podFailurePolicy` and `backoffLimit`; the namespace enforces the
+//! "restricted" Pod Security Standard (as k8s/namespace.yaml has it do),
+//! so a pod that breaks it is never created; a pod's envFrom Secret must
+//! exist; a container with `readOnlyRootFilesystem` can write its /tmp
+//! (TMPDIR) only if an emptyDir is mounted there; deletion follows the
+//! propagation policy (Foreground: the Job stays, with a deletionTimestamp
+//! and the foregroundDeletion finalizer, until its pods are gone;
+//! Background: the Job goes at once and its pods after it; none or Orphan,
+//! batch/v1's default: the pods stay); watches end after the client's
+//! timeoutSeconds or the server's own limit, and one resumed from a
+//! compacted resourceVersion gets an ERROR event with a 410 Expired Status;
+//! access reviews are answered for the namespace they name.
+//!
 //! A `Scenario` injects the failures real clusters have: a pod the
 //! scheduler cannot place for a while, an image that cannot be pulled, a
 //! pod killed at its memory limit (exit 137, OOMKilled) or evicted while it
-//! holds a task, and permissions the coordinator lacks.
+//! holds a task, a missing Secret, permissions the coordinator lacks in a
+//! namespace, watches cut short with their history compacted, and a
+//! garbage collector slow to remove a Job deleted in the foreground.
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,12 +56,29 @@ pub struct Scenario {
     pub oom_pods: Vec<usize>,
     /// Pods with these numbers are evicted once they hold a task.
     pub evicted_pods: Vec<usize>,
-    /// Accesses the coordinator lacks, e.g. "delete jobs.batch".
-    pub denied: Vec<String>,
+    /// The Secret the pods' environment comes from (`SECRET`) does not
+    /// exist: they wait in CreateContainerConfigError, as the kubelet
+    /// keeps them, until it is created (`StandInApi::create_secret`).
+    pub missing_secret: bool,
+    /// Namespaces where the tester's Role is bound (k8s/rbac.yaml binds it
+    /// in qsweep); empty means a ClusterRole binding: every namespace.
+    pub role_namespaces: Vec<String>,
+    /// Accesses the tester lacks in a namespace, e.g. ("qsweep", "delete jobs.batch").
+    pub denied: Vec<(String, String)>,
+    /// The server's own limit on a watch, below the client's timeoutSeconds.
+    pub watch_timeout: Option<Duration>,
+    /// How many changes the server keeps for watches to resume from; a
+    /// watch from an older resourceVersion gets 410 Gone (etcd compaction).
+    pub history_kept: Option<usize>,
+    /// How long the garbage collector takes to remove a Job deleted in the
+    /// foreground once its pods are gone.
+    pub foreground_delay: Duration,
 }
 
 pub const NAMESPACE: &str = "qsweep";
 pub const SECRET: &str = "qsweep-redis";
+/// A real API server ends a watch after a random 30 to 60 minutes.
+const SERVER_WATCH_LIMIT: Duration = Duration::from_secs(1800);
 
 pub struct StandInApi {
     pub port: u16,
@@ -55,11 +89,24 @@ pub struct StandInApi {
 pub struct World {
     resource_version: u64,
     jobs: BTreeMap<String, Value>,
+    /// Jobs deleted in the foreground, and since when their pods are gone.
+    deleting: BTreeMap<String, Option<Instant>>,
     pods: BTreeMap<String, SimulatedPod>,
+    secrets: BTreeSet<String>,
     history: Vec<(u64, &'static str, &'static str, Value)>,
+    /// The newest resourceVersion dropped from `history`.
+    compacted: u64,
     watchers: Vec<Watcher>,
     /// Every mutating call, "VERB path body", for the tests to inspect.
     pub calls: Vec<String>,
+    /// Every access review, "namespace: verb resource".
+    pub reviews: Vec<String>,
+    /// Lists of pods (the watcher's initial list and every relist).
+    pub pod_lists: usize,
+    /// Watches answered 410 Gone.
+    pub expired_watches: usize,
+    /// Why pod creation was refused (Pod Security admission).
+    pub rejected_pods: BTreeSet<String>,
     scenario: Scenario,
     pods_created: usize,
     redis: redis::Connection,
@@ -96,10 +143,17 @@ impl StandInApi {
         let world = Arc::new(Mutex::new(World {
             resource_version: 1,
             jobs: BTreeMap::new(),
+            deleting: BTreeMap::new(),
             pods: BTreeMap::new(),
+            secrets: if scenario.missing_secret { BTreeSet::new() } else { BTreeSet::from([SECRET.to_string()]) },
             history: Vec::new(),
+            compacted: 0,
             watchers: Vec::new(),
             calls: Vec::new(),
+            reviews: Vec::new(),
+            pod_lists: 0,
+            expired_watches: 0,
+            rejected_pods: BTreeSet::new(),
             scenario,
             pods_created: 0,
             redis: redis::Client::open(redis_url).unwrap().get_connection().unwrap(),
@@ -160,11 +214,23 @@ impl StandInApi {
     pub fn pods_created(&self) -> usize {
         self.world.lock().unwrap().pods_created
     }
+
+    /// `kubectl delete job NAME --cascade=foreground|background|orphan`,
+    /// as someone other than the coordinator would.
+    pub fn delete_job(&self, name: &str, propagation: &str) {
+        self.world.lock().unwrap().delete_job(name, propagation);
+    }
+
+    /// `kubectl create secret generic NAME --from-literal=REDIS_URL=...`.
+    pub fn create_secret(&self, name: &str) {
+        self.world.lock().unwrap().secrets.insert(name.to_string());
+    }
 }
 
 impl Drop for StandInApi {
     fn drop(&mut self) {
-        let mut world = self.world.lock().unwrap();
+        // A test that failed holding the lock must still end the pods.
+        let mut world = self.world.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for pod in world.pods.values_mut() {
             if let Some(mut child) = pod.child.take() {
                 let _ = child.kill();
@@ -204,7 +270,11 @@ async fn handle(world: Arc<Mutex<World>>, request: Request<Incoming>) -> Result<
                     (&Method::POST, []) => world.create_job(body),
                     (&Method::GET, [name]) => world.jobs.get(*name).map_or_else(|| not_found(name), |j| ok(j.clone())),
                     (&Method::PATCH, [name]) => world.patch_job(name, body),
-                    (&Method::DELETE, [name]) => world.delete_job(name),
+                    (&Method::DELETE, [name]) => {
+                        let policy =
+                            body["propagationPolicy"].as_str().or(query.get("propagationPolicy").map(String::as_str));
+                        world.delete_job(name, policy.unwrap_or("Orphan"))
+                    }
                     _ => status(405, "MethodNotAllowed", "not in the stand-in"),
                 }
             }
@@ -270,7 +340,14 @@ impl World {
         if !field("subresource").is_empty() {
             name = format!("{name}/{}", field("subresource"));
         }
-        review["status"] = json!({"allowed": !self.scenario.denied.contains(&name)});
+        // A Role grants only in its own namespace; a review without one
+        // asks about every namespace, which only a ClusterRole grants.
+        let namespace = field("namespace");
+        let roles = &self.scenario.role_namespaces;
+        let bound = roles.is_empty() || roles.contains(&namespace);
+        let allowed = bound && !self.scenario.denied.contains(&(namespace.clone(), name.clone()));
+        self.reviews.push(format!("{namespace}: {name}"));
+        review["status"] = json!({"allowed": allowed});
         ok(review)
     }
 
@@ -278,6 +355,9 @@ impl World {
         let selector = parse_selector(query);
         let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
         if !watching {
+            if kind == "pods" {
+                self.pod_lists += 1;
+            }
             let items: Vec<Value> = match kind {
                 "jobs" => self.jobs.values().filter(|j| matches(j, &selector)).cloned().collect(),
                 _ => self.pods.values().map(|p| &p.object).filter(|p| matches(p, &selector)).cloned().collect(),
@@ -285,16 +365,30 @@ impl World {
             return list(if kind == "jobs" { "JobList" } else { "PodList" }, items, self.resource_version);
         }
         let since: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let asked = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).map(Duration::from_secs);
+        let limit = [asked, self.scenario.watch_timeout, Some(SERVER_WATCH_LIMIT)].into_iter().flatten().min().unwrap();
         let (sender, mut receiver) = mpsc::unbounded_channel::<Bytes>();
-        for (version, event, of_kind, object) in &self.history {
-            if *version > since && *of_kind == kind && matches(object, &selector) {
-                let _ = sender.send(event_line(event, object));
+        if since < self.compacted {
+            // The changes since `since` are gone: the client must list again.
+            self.expired_watches += 1;
+            let message = format!("too old resource version: {since} ({})", self.compacted);
+            let gone = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                              "message": message, "reason": "Expired", "code": 410});
+            let _ = sender.send(event_line("ERROR", &gone));
+        } else {
+            for (version, event, of_kind, object) in &self.history {
+                if *version > since && *of_kind == kind && matches(object, &selector) {
+                    let _ = sender.send(event_line(event, object));
+                }
             }
+            self.watchers.push(Watcher { kind, selector, sender });
         }
-        self.watchers.push(Watcher { kind, selector, sender });
-        let stream = futures::stream::poll_fn(move |cx| {
+        let lines = futures::stream::poll_fn(move |cx| {
             receiver.poll_recv(cx).map(|line| line.map(|l| Ok::<_, Infallible>(Frame::data(l))))
         });
+        // Ending the body ends the watch, as the server does at its limit;
+        // the watcher in the world then finds its receiver gone.
+        let stream = futures::StreamExt::take_until(lines, tokio::time::sleep(limit));
         Response::builder()
             .header("content-type", "application/json")
             .body(BodyExt::boxed(StreamBody::new(stream)))
@@ -306,6 +400,12 @@ impl World {
         self.resource_version += 1;
         object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
         self.history.push((self.resource_version, event, kind, object.clone()));
+        if let Some(kept) = self.scenario.history_kept {
+            let dropped = self.history.len().saturating_sub(kept);
+            if let Some((newest_dropped, ..)) = self.history.drain(..dropped).next_back() {
+                self.compacted = newest_dropped;
+            }
+        }
         let line = event_line(event, object);
         self.watchers
             .retain(|w| w.kind != kind || !matches(object, &w.selector) || w.sender.send(line.clone()).is_ok());
@@ -315,6 +415,14 @@ impl World {
         let name = job["metadata"]["name"].as_str().unwrap_or_default().to_string();
         if self.jobs.contains_key(&name) {
             return status(409, "AlreadyExists", &format!("jobs.batch \"{name}\" already exists"));
+        }
+        let restart = &job["spec"]["template"]["spec"]["restartPolicy"];
+        if !job["spec"]["podFailurePolicy"].is_null() && restart != "Never" {
+            return status(
+                422,
+                "Invalid",
+                &format!("Job.batch \"{name}\" is invalid: spec.podFailurePolicy: Invalid value: only \"Never\" is supported when podFailurePolicy is specified"),
+            );
         }
         job["metadata"]["uid"] = json!(format!("uid-{name}"));
         job["status"] = json!({});
@@ -333,14 +441,56 @@ impl World {
         ok(job)
     }
 
-    fn delete_job(&mut self, name: &str) -> Response<Body> {
-        let Some(mut job) = self.jobs.remove(name) else { return not_found(name) };
+    /// Deletes a Job as the garbage collector would for `propagation`.
+    fn delete_job(&mut self, name: &str, propagation: &str) -> Response<Body> {
+        let Some(mut job) = self.jobs.get(name).cloned() else { return not_found(name) };
         let pods: Vec<String> = self.pods.iter().filter(|(_, p)| p.job == name).map(|(n, _)| n.clone()).collect();
-        for pod in pods {
-            self.remove_pod(&pod);
+        match propagation {
+            "Foreground" => {
+                if job["metadata"]["deletionTimestamp"].is_null() {
+                    let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+                    job["metadata"]["deletionTimestamp"] = json!(now);
+                    job["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+                    self.changed("MODIFIED", "jobs", &mut job);
+                    self.jobs.insert(name.to_string(), job.clone());
+                    self.deleting.insert(name.to_string(), None);
+                }
+                // The Job goes in `reconcile`, once these are gone.
+                for pod in pods {
+                    self.remove_pod(&pod);
+                }
+            }
+            background_or_orphan => {
+                self.jobs.remove(name);
+                self.changed("DELETED", "jobs", &mut job);
+                if background_or_orphan == "Background" {
+                    for pod in pods {
+                        self.remove_pod(&pod);
+                    }
+                }
+            }
         }
-        self.changed("DELETED", "jobs", &mut job);
         ok(job)
+    }
+
+    /// The garbage collector's last step of a foreground deletion: the
+    /// finalizer comes off, and the Job goes, once its pods are gone.
+    fn finish_deletions(&mut self) {
+        let delay = self.scenario.foreground_delay;
+        let names: Vec<String> = self.deleting.keys().cloned().collect();
+        for name in names {
+            if self.pods.values().any(|p| p.job == name) {
+                continue;
+            }
+            let since = *self.deleting.get_mut(&name).unwrap().get_or_insert_with(Instant::now);
+            if since.elapsed() >= delay {
+                self.deleting.remove(&name);
+                if let Some(mut job) = self.jobs.remove(&name) {
+                    job["metadata"]["finalizers"] = json!([]);
+                    self.changed("DELETED", "jobs", &mut job);
+                }
+            }
+        }
     }
 
     fn remove_pod(&mut self, name: &str) {
@@ -372,6 +522,7 @@ impl World {
         for name in jobs {
             self.step_job(&name);
         }
+        self.finish_deletions();
     }
 
     fn update_pod(&mut self, name: &str, change: impl FnOnce(&mut Value)) {
@@ -412,6 +563,19 @@ impl World {
                     }
                     return;
                 }
+                if let Some(secret) = self.missing_secret(name) {
+                    let reason = "CreateContainerConfigError";
+                    if pod.object["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] != reason {
+                        self.update_pod(name, |p| {
+                            p["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "True"}]);
+                            p["status"]["containerStatuses"] = json!([container_status(
+                                &image,
+                                json!({"waiting": {"reason": reason, "message": format!("secret \"{secret}\" not found")}})
+                            )]);
+                        });
+                    }
+                    return;
+                }
                 self.run_pod(name, &image);
             }
             Some("Running") => {
@@ -430,6 +594,17 @@ impl World {
             }
             _ => {}
         }
+    }
+
+    /// A Secret the pod's envFrom needs that does not exist; the kubelet
+    /// looks again on each pass, as it retries.
+    fn missing_secret(&self, pod: &str) -> Option<String> {
+        let container = &self.pods[pod].object["spec"]["containers"][0];
+        container["envFrom"].as_array().into_iter().flatten().find_map(|source| {
+            let name = source["secretRef"]["name"].as_str()?;
+            let optional = source["secretRef"]["optional"] == true;
+            (!optional && !self.secrets.contains(name)).then(|| name.to_string())
+        })
     }
 
     /// Whether a worker of this pod has taken a queue entry.
@@ -471,9 +646,13 @@ impl World {
             process.env(variable["name"].as_str().unwrap(), value);
         }
         for source in container["envFrom"].as_array().into_iter().flatten() {
-            assert_eq!(source["secretRef"]["name"], SECRET, "the Job's Secret");
-            process.env("REDIS_URL", &self.redis_url);
+            let secret = source["secretRef"]["name"].as_str().expect("the stand-in resolves only secretRef in envFrom");
+            // Every Secret the stand-in holds is a qsweep-redis one: REDIS_URL.
+            if self.secrets.contains(secret) {
+                process.env("REDIS_URL", &self.redis_url);
+            }
         }
+        process.env("TMPDIR", self.tmp_dir(name));
         let log = std::fs::File::create(&pod.log).unwrap();
         let child = process.stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().unwrap();
         self.pods.get_mut(name).unwrap().child = Some(child);
@@ -483,6 +662,29 @@ impl World {
             p["status"]["containerStatuses"] =
                 json!([container_status(image, json!({"running": {"startedAt": "2026-11-27T00:00:00Z"}}))]);
         });
+    }
+
+    /// The pod's /tmp, as TMPDIR: an emptyDir of its own where one is
+    /// mounted there; else the image's root filesystem, which is the test
+    /// machine's temp dir unless `readOnlyRootFilesystem` makes it
+    /// unwritable (a path no write succeeds under).
+    fn tmp_dir(&self, pod: &str) -> PathBuf {
+        let spec = &self.pods[pod].object["spec"];
+        let container = &spec["containers"][0];
+        let mounted = container["volumeMounts"].as_array().into_iter().flatten().find(|m| m["mountPath"] == "/tmp");
+        let empty_dir = mounted.is_some_and(|mount| {
+            let volumes = spec["volumes"].as_array().into_iter().flatten();
+            volumes.filter(|v| v["name"] == mount["name"]).any(|v| v["emptyDir"].is_object())
+        });
+        if empty_dir {
+            let dir = self.logs.join(format!("{pod}-tmp"));
+            std::fs::create_dir_all(&dir).unwrap();
+            dir
+        } else if container["securityContext"]["readOnlyRootFilesystem"] == true {
+            PathBuf::from("/proc/read-only-root-filesystem/tmp")
+        } else {
+            std::env::temp_dir()
+        }
     }
 
     fn end_pod(&mut self, name: &str, exit_code: i32, reason: &str, evicted: Option<&str>) {
@@ -503,11 +705,13 @@ impl World {
     }
 
     /// The Job controller for the work-queue pattern: keep `parallelism`
-    /// pods until one succeeds; disruptions are ignored, exit code 2 fails
-    /// the Job, other failures count against backoffLimit.
+    /// pods until one succeeds; judge the failed ones by the Job's own
+    /// podFailurePolicy and backoffLimit (`judge`). A Job being deleted is
+    /// left to the garbage collector.
     fn step_job(&mut self, name: &str) {
         let job = self.jobs[name].clone();
-        if job["status"]["conditions"].as_array().is_some_and(|c| !c.is_empty()) {
+        let finished = job["status"]["conditions"].as_array().is_some_and(|c| !c.is_empty());
+        if finished || !job["metadata"]["deletionTimestamp"].is_null() {
             return;
         }
         let pods: Vec<&SimulatedPod> = self.pods.values().filter(|p| p.job == name).collect();
@@ -518,27 +722,15 @@ impl World {
             .map(|p| p.object["metadata"]["name"].as_str().unwrap().to_string())
             .collect();
         let succeeded = pods.iter().filter(|p| phase(p) == "Succeeded").count();
-        let disrupted = |p: &SimulatedPod| p.object["status"]["reason"] == "Evicted";
-        let failed: Vec<&&SimulatedPod> = pods.iter().filter(|p| phase(p) == "Failed" && !disrupted(p)).collect();
-        let config_error = failed
-            .iter()
-            .any(|p| p.object["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == json!(2));
+        let failed: Vec<&Value> = pods.iter().filter(|p| phase(p) == "Failed").map(|p| &p.object).collect();
+        let judgement = judge(&job, &failed);
         let parallelism = job["spec"]["parallelism"].as_u64().unwrap_or(1) as usize;
-        let backoff_limit = job["spec"]["backoffLimit"].as_u64().unwrap_or(6) as usize;
-        let condition = if config_error {
-            Some((
-                "Failed",
-                "PodFailurePolicy",
-                "Container worker for failed pod exited with code 2 matching FailJob rule",
-            ))
-        } else if failed.len() > backoff_limit {
-            Some(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"))
-        } else if succeeded > 0 && active.is_empty() {
-            Some(("Complete", "", ""))
-        } else {
-            None
+        let condition = match &judgement.failed {
+            Some((reason, message)) => Some(("Failed", reason.clone(), message.clone())),
+            None if succeeded > 0 && active.is_empty() => Some(("Complete", String::new(), String::new())),
+            None => None,
         };
-        let mut status = json!({"active": active.len(), "succeeded": succeeded, "failed": failed.len()});
+        let mut status = json!({"active": active.len(), "succeeded": succeeded, "failed": judgement.counted});
         if let Some((kind, reason, message)) = condition {
             status["conditions"] = json!([{"type": kind, "status": "True", "reason": reason, "message": message}]);
             for pod in &active {
@@ -563,10 +755,20 @@ impl World {
     }
 
     fn create_pod(&mut self, job_name: &str, job: &Value) {
+        let name = format!("{job_name}-p{}", self.pods_created);
+        let template = &job["spec"]["template"];
+        let violations = restricted_violations(&template["spec"]);
+        if !violations.is_empty() {
+            // Admission refuses the pod; the Job controller records a
+            // FailedCreate event and tries again.
+            self.rejected_pods.insert(format!(
+                "pods \"{name}\" is forbidden: violates PodSecurity \"restricted:latest\": {}",
+                violations.join(", ")
+            ));
+            return;
+        }
         let number = self.pods_created;
         self.pods_created += 1;
-        let name = format!("{job_name}-p{number}");
-        let template = &job["spec"]["template"];
         let mut labels = template["metadata"]["labels"].clone();
         labels["job-name"] = json!(job_name);
         let mut object = json!({
@@ -599,4 +801,152 @@ pub fn wait_until(seconds: u64, what: &str, mut condition: impl FnMut() -> bool)
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// What the Job controller makes of a Job's failed pods.
+#[derive(Debug, PartialEq)]
+pub struct Judgement {
+    /// Failures counted against backoffLimit.
+    pub counted: usize,
+    /// The Job fails: (reason, message) of its Failed condition.
+    pub failed: Option<(String, String)>,
+}
+
+/// The Job controller's reading of `failed` pods: each is judged by the
+/// first podFailurePolicy rule that matches it (Ignore: not counted, and
+/// the pod is replaced; FailJob: the Job fails; Count, or no rule: it
+/// counts); more counted failures than backoffLimit fail the Job.
+pub fn judge(job: &Value, failed: &[&Value]) -> Judgement {
+    // The API server's default backoffLimit.
+    let backoff_limit = job["spec"]["backoffLimit"].as_u64().unwrap_or(6) as usize;
+    let rules = job["spec"]["podFailurePolicy"]["rules"].as_array().cloned().unwrap_or_default();
+    let mut counted = 0;
+    for pod in failed {
+        let matched = rules.iter().enumerate().find_map(|(index, rule)| Some((index, rule, rule_matches(rule, pod)?)));
+        match matched {
+            Some((index, rule, why)) if rule["action"] == "FailJob" => {
+                let message = format!("{why} matching FailJob rule at index {index}");
+                return Judgement { counted, failed: Some(("PodFailurePolicy".into(), message)) };
+            }
+            Some((_, rule, _)) if rule["action"] == "Ignore" => {}
+            _ => counted += 1,
+        }
+    }
+    let failed = (counted > backoff_limit)
+        .then(|| ("BackoffLimitExceeded".into(), "Job has reached the specified backoff limit".into()));
+    Judgement { counted, failed }
+}
+
+/// Whether a podFailurePolicy rule matches a failed pod, and how (the Job
+/// controller's words); onExitCodes looks only at containers that exited
+/// non-zero, and only at `containerName` if it is set.
+fn rule_matches(rule: &Value, pod: &Value) -> Option<String> {
+    let pod_name = format!(
+        "{}/{}",
+        pod["metadata"]["namespace"].as_str().unwrap_or(NAMESPACE),
+        pod["metadata"]["name"].as_str().unwrap_or("")
+    );
+    let codes = &rule["onExitCodes"];
+    if codes.is_object() {
+        let values: Vec<i64> = codes["values"].as_array().into_iter().flatten().filter_map(Value::as_i64).collect();
+        let wanted = |code: i64| match codes["operator"].as_str() {
+            Some("In") => values.contains(&code),
+            Some("NotIn") => !values.contains(&code),
+            _ => false,
+        };
+        let containers = pod["status"]["containerStatuses"].as_array().into_iter().flatten();
+        return containers
+            .filter(|c| codes["containerName"].as_str().is_none_or(|name| c["name"] == name))
+            .filter_map(|c| Some((c["name"].as_str()?, c["state"]["terminated"]["exitCode"].as_i64()?)))
+            .find(|(_, code)| *code != 0 && wanted(*code))
+            .map(|(container, code)| format!("Container {container} for pod {pod_name} failed with exit code {code}"));
+    }
+    let conditions = pod["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    rule["onPodConditions"].as_array().into_iter().flatten().find_map(|pattern| {
+        let status = pattern["status"].as_str().unwrap_or("True");
+        conditions
+            .iter()
+            .any(|c| c["type"] == pattern["type"] && c["status"] == status)
+            .then(|| format!("Pod {pod_name} has condition {}", pattern["type"].as_str().unwrap_or("")))
+    })
+}
+
+/// Why the "restricted" Pod Security Standard refuses a pod spec, in the
+/// admission controller's words; empty if it admits it.
+pub fn restricted_violations(spec: &Value) -> Vec<String> {
+    let mut violations = Vec::new();
+    let containers: Vec<&Value> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|field| spec[*field].as_array().into_iter().flatten())
+        .collect();
+    let failing = |test: &dyn Fn(&Value) -> bool| -> Vec<String> {
+        containers.iter().filter(|c| !test(&c["securityContext"])).map(|c| format!("{}", c["name"])).collect()
+    };
+    for host in ["hostNetwork", "hostPID", "hostIPC"] {
+        if spec[host] == true {
+            violations.push(format!("host namespaces ({host}=true)"));
+        }
+    }
+    let privileged = failing(&|sc| sc["privileged"] != true);
+    if !privileged.is_empty() {
+        violations.push(format!(
+            "privileged (containers {} must not set securityContext.privileged=true)",
+            privileged.join(", ")
+        ));
+    }
+    let escalating = failing(&|sc| sc["allowPrivilegeEscalation"] == false);
+    if !escalating.is_empty() {
+        violations.push(format!(
+            "allowPrivilegeEscalation != false (containers {} must set securityContext.allowPrivilegeEscalation=false)",
+            escalating.join(", ")
+        ));
+    }
+    let capable = failing(&|sc| {
+        let caps = &sc["capabilities"];
+        caps["drop"].as_array().is_some_and(|d| d.iter().any(|c| c == "ALL"))
+            && caps["add"].as_array().into_iter().flatten().all(|c| c == "NET_BIND_SERVICE")
+    });
+    if !capable.is_empty() {
+        violations.push(format!(
+            "unrestricted capabilities (containers {} must set securityContext.capabilities.drop=[\"ALL\"])",
+            capable.join(", ")
+        ));
+    }
+    let pod_non_root = spec["securityContext"]["runAsNonRoot"] == true;
+    let root = failing(&|sc| sc["runAsNonRoot"] == true || (pod_non_root && sc["runAsNonRoot"] != false));
+    if !root.is_empty() {
+        violations.push(format!(
+            "runAsNonRoot != true (pod or containers {} must set securityContext.runAsNonRoot=true)",
+            root.join(", ")
+        ));
+    }
+    let uid_zero = spec["securityContext"]["runAsUser"] == 0 || !failing(&|sc| sc["runAsUser"] != 0).is_empty();
+    if uid_zero {
+        violations.push("runAsUser=0 (pod and containers must not set runAsUser=0)".into());
+    }
+    let allowed_profile = |profile: &Value| matches!(profile["type"].as_str(), Some("RuntimeDefault" | "Localhost"));
+    let pod_profile = allowed_profile(&spec["securityContext"]["seccompProfile"]);
+    let unconfined = failing(&|sc| {
+        let profile = &sc["seccompProfile"];
+        if profile.is_null() {
+            pod_profile
+        } else {
+            allowed_profile(profile)
+        }
+    });
+    if !unconfined.is_empty() {
+        violations.push(format!(
+            "seccompProfile (pod or containers {} must set securityContext.seccompProfile.type to \"RuntimeDefault\" or \"Localhost\")",
+            unconfined.join(", ")
+        ));
+    }
+    const VOLUME_KINDS: [&str; 8] =
+        ["configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"];
+    for volume in spec["volumes"].as_array().into_iter().flatten() {
+        let kinds = volume.as_object().into_iter().flat_map(|v| v.keys()).filter(|k| *k != "name");
+        if let Some(kind) = kinds.into_iter().find(|k| !VOLUME_KINDS.contains(&k.as_str())) {
+            violations.push(format!("restricted volume types (volume {} uses {kind})", volume["name"]));
+        }
+    }
+    violations
 }
