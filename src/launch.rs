@@ -102,7 +102,8 @@ pub fn run(launch: Launch) -> Result<Outcome, SetupError> {
     let target = match target {
         Target::Local { jobs } => Reached::Local { jobs },
         Target::Redis { url, prefix, artifacts, cluster } => {
-            Reached::Redis { connected: tokio.block_on(connect(&url, &prefix, &plan, cluster))?, artifacts }
+            let connected = tokio.block_on(connect(&url, &prefix, &plan, &sweep.spec.name, cluster))?;
+            Reached::Redis { connected, artifacts }
         }
     };
 
@@ -181,13 +182,15 @@ struct Connected {
     cluster: Option<(Cluster, ClusterOptions)>,
 }
 
-/// Reaches Redis (and the cluster, whose permissions are reviewed), then
-/// takes the sweep's coordinator lease, so a second coordinator is
-/// refused before it writes.
+/// Reaches Redis (and the cluster, whose permissions are reviewed and
+/// which checks the worker Job in a dry run, so a missing namespace or a
+/// Job admission refuses is named now), then takes the sweep's
+/// coordinator lease, so a second coordinator is refused before it writes.
 async fn connect(
     url: &str,
     prefix: &str,
     plan: &Plan,
+    sweep: &str,
     cluster: Option<ClusterTarget>,
 ) -> Result<Connected, QueueError> {
     let connection = redis_queue::connection::connect(url).await?;
@@ -196,6 +199,9 @@ async fn connect(
         Some(target) => {
             let cluster = Cluster::connect(target.context.as_deref(), &target.namespace).await?;
             cluster.check_access().await?;
+            let job = crate::k8s::worker_job(sweep, Some(&target.options.resources), 1, &target.options.job, 1)
+                .map_err(|e| QueueError::Fatal(e.to_string()))?;
+            cluster.check_job(&job).await?;
             Some((cluster, target.options))
         }
         None => None,

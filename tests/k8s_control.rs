@@ -101,7 +101,9 @@ impl Cluster {
     }
 
     fn creates(&self) -> Vec<String> {
-        self.api.calls().into_iter().filter(|c| c.starts_with("POST /apis/batch/v1/")).collect()
+        // A dry run (the coordinator's up-front check) creates nothing.
+        let created = |c: &String| c.starts_with("POST /apis/batch/v1/") && !c.contains("dryRun=All");
+        self.api.calls().into_iter().filter(created).collect()
     }
 
     /// Pods the namespace's Pod Security admission refused.

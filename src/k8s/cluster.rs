@@ -132,6 +132,19 @@ impl Cluster {
         Ok(jobs)
     }
 
+    /// Creates `job` as a dry run (`dryRun=All`): the API server checks
+    /// the namespace, validates the Job and runs admission, and stores
+    /// nothing. A Job of that name already there (one to adopt) passes.
+    /// So a run that would fail at its first write fails before any.
+    pub async fn check_job(&self, job: &Job) -> Result<(), ClusterError> {
+        let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+        match self.jobs().create(&dry_run, job).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+            Err(e) => Err(self.error(e, "create", "jobs.batch")),
+        }
+    }
+
     pub async fn create_job(&self, job: &Job) -> Result<Job, ClusterError> {
         self.jobs().create(&PostParams::default(), job).await.map_err(|e| self.error(e, "create", "jobs.batch"))
     }

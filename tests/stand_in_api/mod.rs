@@ -267,7 +267,7 @@ async fn handle(world: Arc<Mutex<World>>, request: Request<Incoming>) -> Result<
             } else {
                 match (method, rest) {
                     (&Method::GET, []) => world.list_or_watch("jobs", &query),
-                    (&Method::POST, []) => world.create_job(body),
+                    (&Method::POST, []) => world.create_job(body, query.get("dryRun").is_some_and(|v| v == "All")),
                     (&Method::GET, [name]) => world.jobs.get(*name).map_or_else(|| not_found(name), |j| ok(j.clone())),
                     (&Method::PATCH, [name]) => world.patch_job(name, body),
                     (&Method::DELETE, [name]) => {
@@ -411,7 +411,9 @@ impl World {
             .retain(|w| w.kind != kind || !matches(object, &w.selector) || w.sender.send(line.clone()).is_ok());
     }
 
-    fn create_job(&mut self, mut job: Value) -> Response<Body> {
+    /// Validates and stores a Job; a dry run (`dryRun=All`) validates
+    /// alike and stores nothing, as the API server does.
+    fn create_job(&mut self, mut job: Value, dry_run: bool) -> Response<Body> {
         let name = job["metadata"]["name"].as_str().unwrap_or_default().to_string();
         if self.jobs.contains_key(&name) {
             return status(409, "AlreadyExists", &format!("jobs.batch \"{name}\" already exists"));
@@ -423,6 +425,9 @@ impl World {
                 "Invalid",
                 &format!("Job.batch \"{name}\" is invalid: spec.podFailurePolicy: Invalid value: only \"Never\" is supported when podFailurePolicy is specified"),
             );
+        }
+        if dry_run {
+            return respond(StatusCode::CREATED, job);
         }
         job["metadata"]["uid"] = json!(format!("uid-{name}"));
         job["status"] = json!({});
