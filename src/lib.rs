@@ -14,6 +14,7 @@
 //! - [`data`]: data sources (IDX, image folders, tensor files), PIL-exact preprocessing.
 //! - [`plan`]: runs into a DAG of tasks named by content keys.
 //! - [`owner`]: which process owns shared state, and whether it is gone.
+//! - [`shutdown`]: SIGINT, SIGTERM and SIGHUP, handled alike by every command.
 //! - [`store`]: the results directory, with atomically completed artifacts.
 //! - [`artifacts`]: the object-store copy of artifacts, for workers without a shared directory.
 //! - [`onnx`]: ONNX protobuf models and questions about their graphs.
@@ -29,7 +30,6 @@
 //! - [`coordinator`]: walks a plan's DAG against any queue.
 //! - [`redis_queue`]: the Redis queue, `qsweep worker`, status and cancel.
 //! - [`k8s`]: a Kubernetes Job of workers on the Redis queue.
-//! - [`shutdown`]: SIGINT, SIGTERM and SIGHUP, handled alike by every command.
 //! - [`report`]: runs.csv, runs.jsonl, summary.md and the accuracy/latency plot.
 //! - [`launch`]: `qsweep run` from set-up to outcome, checks before the first write.
 

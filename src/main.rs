@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -12,7 +11,7 @@ use qsweep::k8s::backend::ClusterOptions;
 use qsweep::k8s::cluster::Cluster;
 use qsweep::plan::Plan;
 use qsweep::queue::QueueError;
-use qsweep::shutdown::{Signal, Signals};
+use qsweep::shutdown::Signal;
 use qsweep::store::ResultsDir;
 use qsweep::{launch, redis_queue, report, spec, sweep};
 
@@ -284,9 +283,15 @@ fn main() -> ExitCode {
         Command::Status { sweep, redis } => status(&sweep, &redis),
         Command::Cancel { sweep, redis, namespace, context } => cancel(&sweep, &redis, namespace, context),
         Command::Report { dir } => regenerate_reports(&dir),
-        Command::Train { out, from, recipe, dataset, data_dir, mean, std } => {
-            train(&out, from.as_deref(), &recipe, &dataset, data_dir, (mean, std))
-        }
+        Command::Train { out, from, recipe, dataset, data_dir, mean, std } => train(&qsweep::train::command::Request {
+            out: &out,
+            from: from.as_deref(),
+            spec: &recipe,
+            dataset: &dataset,
+            data_dir,
+            mean,
+            std,
+        }),
         Command::Schema => {
             print!("{}", spec::schema_text());
             ExitCode::SUCCESS
@@ -519,38 +524,8 @@ fn kubernetes_job(spec: &Path, results: Option<PathBuf>, prefix: &str, args: &Ku
     }
 }
 
-/// `qsweep worker`: the first stop signal stops it taking tasks and
-/// starts the drain; the drain's end, or a second signal, abandons what
-/// still runs (handed back to the queue).
 fn work(options: redis_queue::consumer::WorkerOptions) -> ExitCode {
-    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime starts");
-    let mut signals = match tokio.block_on(async { Signals::install() }) {
-        Ok(signals) => signals,
-        Err(e) => return fail(format!("cannot handle signals: {e}")),
-    };
-    let drain = options.drain;
-    let result = tokio.block_on(async {
-        let (stop, stop_seen) = tokio::sync::watch::channel(false);
-        let (abandon, abandon_seen) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            let signal = signals.recv().await;
-            tracing::warn!(
-                "{}: taking no more tasks; running stages have {}s to finish",
-                signal.name(),
-                drain.as_secs()
-            );
-            let _ = stop.send(true);
-            tokio::select! {
-                _ = tokio::time::sleep(drain) => {}
-                _ = signals.recv() => {}
-            }
-            let _ = abandon.send(true);
-        });
-        let stop = redis_queue::consumer::Stop { stop: stop_seen, abandon: abandon_seen };
-        redis_queue::consumer::run(options, stop).await
-    });
-    tokio.shutdown_timeout(qsweep::worker::STOP_GRACE);
-    match result {
+    match redis_queue::consumer::run_until_stopped(options) {
         Ok(summary) => {
             eprintln!("worker done: {} task(s) executed, {} skipped", summary.executed, summary.skipped);
             ExitCode::SUCCESS
@@ -591,119 +566,23 @@ fn cancel(sweep: &str, redis: &RedisArgs, namespace: Option<String>, context: Op
     }
 }
 
-fn train(
-    out: &Path,
-    from: Option<&Path>,
-    spec: &spec::TrainSpec,
-    dataset: &str,
-    data_dir: Option<PathBuf>,
-    (mean, std): (f32, f32),
-) -> ExitCode {
-    use qsweep::train::baseline::{self, BaselineOptions, Start};
-    let recipe = qsweep::train::fit::Recipe::of(spec);
-    let (depth, width) = (spec.depth as usize, spec.width as usize);
-    if !(std > 0.0) {
-        return fail("--std must be above 0");
-    }
-    let Ok(dataset) = serde_json::from_value::<spec::Dataset>(serde_json::json!(dataset)) else {
-        return fail(format!("--dataset {dataset} is not a dataset qsweep reads\n  fix: use fashion-mnist or mnist"));
-    };
-    let start = match from {
-        Some(path) => match qsweep::onnx::Model::load(path) {
-            Ok(model) => Start::Model(model.proto),
-            Err(e) => return fail(e),
-        },
-        None => Start::ResNet { depth, width },
-    };
-    if let Start::ResNet { depth, width } = start {
-        let probe =
-            qsweep::train::resnet::Architecture { depth, width, channels: 1, height: 28, width_px: 28, classes: 10 };
-        if let Err(e) = probe.check() {
-            return fail(format!("{e}\n  fix: pick --depth 8, 20 or 32 and a --width such as 16"));
+fn train(request: &qsweep::train::command::Request<'_>) -> ExitCode {
+    use qsweep::train::command::{self, Outcome};
+    match command::run(request) {
+        Ok(Outcome::Written(line)) => {
+            println!("{line}");
+            ExitCode::SUCCESS
         }
-    }
-    let Some(parent) = out.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }) else {
-        return fail(format!("--out {} names no file", out.display()));
-    };
-    if !parent.is_dir() {
-        return fail(format!(
-            "cannot write {}: {} is not a directory\n  fix: create it first",
-            out.display(),
-            parent.display()
-        ));
-    }
-    let checkpoint = parent.join(format!(".{}.checkpoint", out.file_name().unwrap_or_default().to_string_lossy()));
-    let options = BaselineOptions {
-        start,
-        dataset,
-        data_dir: data_dir.unwrap_or_else(|| PathBuf::from(dataset.default_dir())),
-        preprocess: spec::Preprocess { scale: 255.0, mean: vec![mean], std: vec![std], ..Default::default() },
-        samples: spec.samples as usize,
-        recipe: recipe.clone(),
-        checkpoint: checkpoint.clone(),
-    };
-    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let caught = Arc::new(std::sync::OnceLock::new());
-    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime starts");
-    let mut signals = match tokio.block_on(async { Signals::install() }) {
-        Ok(signals) => signals,
-        Err(e) => return fail(format!("cannot handle signals: {e}")),
-    };
-    let (flag, signal) = (cancel.clone(), caught.clone());
-    std::thread::spawn(move || {
-        let _ = signal.set(tokio.block_on(signals.recv()));
-        flag.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "epoch {prefix} {bar:30.cyan/blue} {pos}/{len} steps  {msg}  [ETA {eta}]",
-        )
-        .expect("a valid template"),
-    );
-    let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let trained = baseline::train(&options, &cancel, |step| {
-        bar.set_length(step.steps_per_epoch as u64);
-        bar.set_position(step.step as u64);
-        bar.set_prefix(format!("{}/{}", step.epoch, recipe.epochs));
-        bar.set_message(format!(
-            "loss {:.4}  lr {:.2e}  {:.0} img/s",
-            step.loss, step.learning_rate, step.images_per_s
-        ));
-        if plain && step.step == step.steps_per_epoch {
-            eprintln!("epoch {}/{}: loss {:.4}, {:.0} img/s", step.epoch, recipe.epochs, step.loss, step.images_per_s);
-        }
-    });
-    bar.finish_and_clear();
-    let trained = match trained {
-        Ok(trained) => trained,
-        Err(qsweep::train::TrainError::Cancelled) => {
-            let signal = caught.get().copied().unwrap_or(Signal::Interrupt);
+        Ok(Outcome::Stopped { signal, checkpoint }) => {
             eprintln!(
                 "stopped by {}; the same command resumes from the last finished epoch ({})",
                 signal.name(),
                 checkpoint.display()
             );
-            return ExitCode::from(signal.exit_code());
+            ExitCode::from(signal.exit_code())
         }
-        Err(e) => return fail(e),
-    };
-    let staged = out.with_extension("onnx.partial");
-    if let Err(e) = std::fs::write(&staged, prost::Message::encode_to_vec(&trained.model))
-        .and_then(|_| std::fs::rename(&staged, out))
-    {
-        return fail(format!("cannot write {}: {e}", out.display()));
+        Err(message) => fail(message),
     }
-    let _ = std::fs::remove_dir_all(&checkpoint);
-    println!(
-        "wrote {}: top-1 {:.2}% on the {} test images; {:.0} img/s; epoch losses {:?}",
-        out.display(),
-        trained.test_accuracy * 100.0,
-        dataset.name(),
-        trained.outcome.images_per_s,
-        trained.outcome.epoch_losses.iter().map(|l| (l * 1e4).round() / 1e4).collect::<Vec<_>>()
-    );
-    ExitCode::SUCCESS
 }
 
 fn regenerate_reports(dir: &Path) -> ExitCode {

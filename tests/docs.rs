@@ -75,3 +75,59 @@ fn the_readme_example_output_is_the_committed_reference_sweep() {
     assert!(example.contains(&format!("{tasks} task(s) executed")), "{tasks} tasks:\n{example}");
     assert_eq!(runs, committed.len());
 }
+
+/// ARCHITECTURE.md's module table is in dependency order: each module's
+/// `crate::` imports (tests and comments aside) name only modules listed
+/// above it, except `plan` reading each stage's `VERSION`.
+#[test]
+fn the_module_table_lists_each_module_below_what_it_uses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let architecture = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let order: Vec<String> = architecture
+        .lines()
+        .skip_while(|l| !l.starts_with("| module |"))
+        .skip(2)
+        .take_while(|l| l.starts_with("| `"))
+        .map(|l| l.split('`').nth(1).unwrap().to_string())
+        .filter(|m| m != "main.rs")
+        .collect();
+    let source_files = |module: &str| -> Vec<std::path::PathBuf> {
+        let mut files = vec![root.join(format!("src/{module}.rs"))];
+        let mut dirs = vec![root.join(format!("src/{module}"))];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        files.into_iter().filter(|f| f.exists()).collect()
+    };
+    let mut problems = Vec::new();
+    for (at, module) in order.iter().enumerate() {
+        let files = source_files(module);
+        assert!(!files.is_empty(), "ARCHITECTURE.md lists `{module}`, which src/ does not have");
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap();
+            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for used in line.split("crate::").skip(1) {
+                    let names: Vec<&str> = match used.strip_prefix('{') {
+                        Some(group) => group.split([',', '}']).map(|n| n.trim().split("::").next().unwrap()).collect(),
+                        None => vec![used.split(|c: char| !c.is_alphanumeric() && c != '_').next().unwrap()],
+                    };
+                    for name in names.into_iter().filter(|n| !n.is_empty() && *n != module) {
+                        let below = order.iter().position(|m| m == name).is_none_or(|p| p > at);
+                        if below && !(module == "plan" && name == "stages") {
+                            problems.push(format!("{} uses {name}", file.strip_prefix(root).unwrap().display()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "modules that use one listed below them (or not listed):\n{}", problems.join("\n"));
+}

@@ -68,6 +68,39 @@ pub struct WorkerSummary {
     pub skipped: usize,
 }
 
+/// `qsweep worker` as a process: the first SIGINT, SIGTERM or SIGHUP
+/// stops it taking tasks and starts the drain; the drain's end, or a
+/// second signal, abandons what still runs (handed back to the queue).
+/// Returns once the worker has stopped and its stages had their grace.
+pub fn run_until_stopped(options: WorkerOptions) -> Result<WorkerSummary, QueueError> {
+    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime starts");
+    let mut signals = tokio
+        .block_on(async { crate::shutdown::Signals::install() })
+        .map_err(|e| QueueError::Fatal(format!("cannot handle signals: {e}")))?;
+    let drain = options.drain;
+    let result = tokio.block_on(async {
+        let (stop, stop_seen) = watch::channel(false);
+        let (abandon, abandon_seen) = watch::channel(false);
+        tokio::spawn(async move {
+            let signal = signals.recv().await;
+            tracing::warn!(
+                "{}: taking no more tasks; running stages have {}s to finish",
+                signal.name(),
+                drain.as_secs()
+            );
+            let _ = stop.send(true);
+            tokio::select! {
+                _ = tokio::time::sleep(drain) => {}
+                _ = signals.recv() => {}
+            }
+            let _ = abandon.send(true);
+        });
+        run(options, Stop { stop: stop_seen, abandon: abandon_seen }).await
+    });
+    tokio.shutdown_timeout(worker::STOP_GRACE);
+    result
+}
+
 /// Runs until told to stop (or, with `exit_when_idle`, until the queue is
 /// empty). Connection errors are retried, so a Redis restart is survived.
 pub async fn run(options: WorkerOptions, stop: Stop) -> Result<WorkerSummary, QueueError> {

@@ -6,9 +6,11 @@
 //! - `network`: an ONNX graph as a differentiable computation, and back;
 //! - `fit`: the training loop, checkpoints and resumption;
 //! - `resnet`: the ResNets `qsweep train` writes as ONNX to start from;
-//! - `baseline`: `qsweep train`, the fp32 baseline trained end to end.
+//! - `baseline`: the fp32 baseline trained end to end;
+//! - `command`: `qsweep train`: flags to a model file, with progress and stop signals.
 
 pub mod baseline;
+pub mod command;
 pub mod fit;
 pub mod kernels;
 pub mod network;
