@@ -27,6 +27,7 @@ use crate::store::ResultsDir;
 use crate::sweep::Sweep;
 
 /// Where a sweep's tasks run.
+#[allow(clippy::large_enum_variant)] // one per process, moved once
 pub enum Target {
     /// In this process, `jobs` stages at once.
     Local { jobs: usize },
@@ -169,6 +170,7 @@ pub fn run(launch: Launch) -> Result<Outcome, SetupError> {
 }
 
 /// A target whose checks have passed.
+#[allow(clippy::large_enum_variant)] // one per process, moved once
 enum Reached {
     Local { jobs: usize },
     Redis { connected: Connected, artifacts: Option<String> },

@@ -113,7 +113,7 @@ fn next_to_start(waiting: &[StageKind], running: &[StageKind]) -> Option<usize> 
     let position = (0..waiting.len()).min_by_key(|&i| (waiting[i].urgency(), i))?;
     let evaluating = running.contains(&StageKind::Evaluate);
     let needs_idle = waiting[position] == StageKind::Evaluate;
-    (!evaluating && !(needs_idle && !running.is_empty())).then_some(position)
+    (!evaluating && (!needs_idle || running.is_empty())).then_some(position)
 }
 
 impl Queue for MemoryQueue {

@@ -38,7 +38,7 @@ pub enum Outcome {
 pub fn run(request: &Request<'_>) -> Result<Outcome, String> {
     let (spec, out) = (request.spec, request.out);
     let recipe = Recipe::of(spec);
-    if !(request.std > 0.0) {
+    if request.std.is_nan() || request.std <= 0.0 {
         return Err("--std must be above 0".into());
     }
     let Ok(dataset) = serde_json::from_value::<spec::Dataset>(serde_json::json!(request.dataset)) else {
