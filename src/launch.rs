@@ -109,16 +109,16 @@ pub fn run(launch: Launch) -> Result<Outcome, SetupError> {
     };
 
     // Every check passed: from here on the run writes.
-    let results = ResultsDir::create(&dir).map_err(|e| {
-        SetupError(format!(
-            "cannot write results to {}: {e}\n  fix: choose a writable directory with --results DIR",
-            dir.display()
-        ))
-    })?;
-    let _lock = results.lock(&command).map_err(|e| SetupError(e.to_string()))?;
-    results
-        .remove_abandoned_staging(|_| false)
-        .map_err(|e| SetupError(format!("cannot write to {}: {e}", dir.display())))?;
+    let (results, _lock) = match open_results(&dir, &command) {
+        Ok(opened) => opened,
+        Err(e) => {
+            if let Reached::Redis { connected, .. } = target {
+                // Let the next coordinator in now, not when the lease expires.
+                tokio.block_on(connected.lease.release());
+            }
+            return Err(e);
+        }
+    };
     let save_plan =
         || results.save_plan(&plan).map_err(|e| QueueError::State(format!("cannot write to {}: {e}", dir.display())));
     let artifacts = match &store {
@@ -165,8 +165,30 @@ pub fn run(launch: Launch) -> Result<Outcome, SetupError> {
     if let Err(e) = results.remove_own_staging().and_then(|_| results.remove_abandoned_staging(|_| false)) {
         warnings.push(format!("cannot remove staging directories in {}: {e}", dir.display()));
     }
-    let summary = coordinated?;
+    let summary = coordinated.map_err(|e| {
+        let mut message = e.to_string();
+        for warning in &warnings {
+            message.push_str(&format!("\nwarning: {warning}"));
+        }
+        SetupError(message)
+    })?;
     Ok(Outcome { summary, signal: caught.get().copied(), reported: report::write_all(&results), warnings })
+}
+
+/// The results directory, made if need be, locked, with abandoned
+/// staging removed: the run's first writes.
+fn open_results(dir: &std::path::Path, command: &str) -> Result<(ResultsDir, crate::store::ResultsLock), SetupError> {
+    let results = ResultsDir::create(dir).map_err(|e| {
+        SetupError(format!(
+            "cannot write results to {}: {e}\n  fix: choose a writable directory with --results DIR",
+            dir.display()
+        ))
+    })?;
+    let lock = results.lock(command).map_err(|e| SetupError(e.to_string()))?;
+    results
+        .remove_abandoned_staging(|_| false)
+        .map_err(|e| SetupError(format!("cannot write to {}: {e}", dir.display())))?;
+    Ok((results, lock))
 }
 
 /// A target whose checks have passed.

@@ -113,21 +113,46 @@ fn the_module_table_lists_each_module_below_what_it_uses() {
         for file in files {
             let text = std::fs::read_to_string(&file).unwrap();
             let code = text.split("#[cfg(test)]").next().unwrap();
-            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
-                for used in line.split("crate::").skip(1) {
-                    let names: Vec<&str> = match used.strip_prefix('{') {
-                        Some(group) => group.split([',', '}']).map(|n| n.trim().split("::").next().unwrap()).collect(),
-                        None => vec![used.split(|c: char| !c.is_alphanumeric() && c != '_').next().unwrap()],
-                    };
-                    for name in names.into_iter().filter(|n| !n.is_empty() && *n != module) {
-                        let below = order.iter().position(|m| m == name).is_none_or(|p| p > at);
-                        if below && !(module == "plan" && name == "stages") {
-                            problems.push(format!("{} uses {name}", file.strip_prefix(root).unwrap().display()));
-                        }
+            let code: String =
+                code.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+            for used in code.split("crate::").skip(1) {
+                for name in used_modules(used).into_iter().filter(|n| *n != module) {
+                    let below = order.iter().position(|m| m == name).is_none_or(|p| p > at);
+                    if below && !(module == "plan" && name == "stages") {
+                        problems.push(format!("{} uses {name}", file.strip_prefix(root).unwrap().display()));
                     }
                 }
             }
         }
     }
     assert!(problems.is_empty(), "modules that use one listed below them (or not listed):\n{}", problems.join("\n"));
+}
+
+/// The modules named right after a `crate::`: one path, or each
+/// top-level entry of a `{...}` group (which may span lines and nest).
+fn used_modules(after: &str) -> Vec<&str> {
+    let Some(group) = after.strip_prefix('{') else {
+        return vec![after.split(|c: char| !c.is_alphanumeric() && c != '_').next().unwrap()];
+    };
+    let (mut depth, mut start, mut names) = (0, 0, Vec::new());
+    for (at, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                names.push(&group[start..at]);
+                break;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                names.push(&group[start..at]);
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    names
+        .into_iter()
+        .map(|n| n.trim().split("::").next().unwrap_or_default().trim())
+        .filter(|n| !n.is_empty())
+        .collect()
 }

@@ -133,14 +133,22 @@ impl Cluster {
     }
 
     /// Creates `job` as a dry run (`dryRun=All`): the API server checks
-    /// the namespace, validates the Job and runs admission, and stores
-    /// nothing. A Job of that name already there (one to adopt) passes.
-    /// So a run that would fail at its first write fails before any.
+    /// the namespace, validates the Job and runs admission (a quota, a
+    /// webhook), and stores nothing. So a run that would fail at its first
+    /// write fails before any. The Job is sent under a generated name, so
+    /// a Job already there under its own name cannot answer for it. Pod
+    /// Security applies to pods, not Jobs: that is seen only when pods start.
     pub async fn check_job(&self, job: &Job) -> Result<(), ClusterError> {
+        let mut unnamed = job.clone();
+        unnamed.metadata.generate_name = unnamed.metadata.name.take().map(|name| format!("{name}-"));
         let dry_run = PostParams { dry_run: true, ..PostParams::default() };
-        match self.jobs().create(&dry_run, job).await {
+        match self.jobs().create(&dry_run, &unnamed).await {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+            // The access review allowed the call: a refusal now is the
+            // server's own (admission, validation), in its own words.
+            Err(kube::Error::Api(status)) if matches!(status.code, 400 | 403 | 422) => {
+                Err(ClusterError::Api { action: "create jobs.batch (dry run)".into(), message: status.message })
+            }
             Err(e) => Err(self.error(e, "create", "jobs.batch")),
         }
     }

@@ -5,8 +5,9 @@
 //! read, so a waiting evaluate goes first: no new task starts until the
 //! running ones are done and it has run. Other tasks start nearest-result
 //! first (`StageKind::urgency`), so PTQ runs are reported before QAT's
-//! minutes-long stages run. With `--jobs` above 1 the price is slots idle
-//! while the running tasks finish; with one slot there is none.
+//! minutes-long stages run, and a QAT stage starts only once no shorter
+//! work runs. With `--jobs` above 1 the price is slots idle while the
+//! running tasks finish; with one slot there is none.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -107,13 +108,17 @@ impl MemoryQueue {
 }
 
 /// Which waiting task starts next, given what runs (a slot is free): the
-/// first of the most urgent, an evaluate only when nothing runs, and
-/// nothing beside an evaluate.
+/// first of the most urgent, an evaluate only when nothing runs, nothing
+/// beside an evaluate, and a long stage (training, QAT) only once no
+/// shorter work runs, so that with several slots a build's evaluate is
+/// not held up for minutes by a QAT stage started beside it.
 fn next_to_start(waiting: &[StageKind], running: &[StageKind]) -> Option<usize> {
     let position = (0..waiting.len()).min_by_key(|&i| (waiting[i].urgency(), i))?;
+    let long = |stage: &StageKind| stage.urgency() >= StageKind::Train.urgency();
     let evaluating = running.contains(&StageKind::Evaluate);
     let needs_idle = waiting[position] == StageKind::Evaluate;
-    (!evaluating && (!needs_idle || running.is_empty())).then_some(position)
+    let held_back = long(&waiting[position]) && running.iter().any(|stage| !long(stage));
+    (!evaluating && (!needs_idle || running.is_empty()) && !held_back).then_some(position)
 }
 
 impl Queue for MemoryQueue {
@@ -186,8 +191,11 @@ mod tests {
         // and nothing else starts meanwhile.
         assert_eq!(next_to_start(&[Evaluate, Qat], &[Build]), None);
         assert_eq!(next_to_start(&[Build, Qat], &[Evaluate]), None);
-        // Without an evaluate waiting, free slots fill.
+        // Without an evaluate waiting, free slots fill, but QAT waits for
+        // a running build, whose evaluate would otherwise wait for the QAT.
         assert_eq!(next_to_start(&[Qat, Build], &[Qat]), Some(1));
+        assert_eq!(next_to_start(&[Qat, Qat], &[Qat]), Some(0));
+        assert_eq!(next_to_start(&[Qat], &[Build]), None);
         assert_eq!(next_to_start(&[], &[]), None);
     }
 }

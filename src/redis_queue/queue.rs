@@ -71,6 +71,9 @@ impl RedisQueue {
         results: &ResultsDir,
         artifacts: Option<&str>,
     ) -> Result<Self, QueueError> {
+        // Lost since `claim` (the results directory took its time)? Then
+        // another coordinator's published sweep must not be overwritten.
+        lease.check()?;
         let spec =
             sweep.portable_spec().map_err(|e| QueueError::State(format!("cannot resolve the spec's paths: {e}")))?;
         let results_path = std::path::absolute(results.root()).map_err(|e| QueueError::State(e.to_string()))?;

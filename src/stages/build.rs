@@ -101,7 +101,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
                 // QAT fine-tuned the PTQ model; its weights are what to build.
                 Some(_) => {
                     let trained = context.input_dir(task, "model")?.join(QDQ_MODEL);
-                    std::fs::copy(&trained, &qdq_path).map(drop).map_err(super::io_at(&qdq_path))?
+                    super::write_file(&qdq_path, &std::fs::read(&trained).map_err(super::io_at(&trained))?)?
                 }
                 None => super::write_file(&qdq_path, &ptq.model.encode_to_vec())?,
             }
@@ -142,7 +142,8 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         // GPU providers compile their own engine: opening the session builds
         // it, and TensorRT caches it beside the model in this artifact.
         // Untested here: no GPU is available to qsweep's CI.
-        std::fs::copy(&source, &built).map_err(super::io_at(&built))?;
+        let bytes = std::fs::read(&source).map_err(super::io_at(&source))?;
+        super::write_file(&built, &bytes)?;
         InferenceSession::open_with(&built, engine::resolve_threads(0), None, &provider)?;
         extra["engine_bytes"] = json!(directory_bytes(out).map_err(super::io_at(out))?);
     }

@@ -85,7 +85,7 @@ fn io_failed(path: &Path, error: std::io::Error, needed: Option<u64>) -> StageEr
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {}
         ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
             return StageError::Fatal(format!(
-                "{}: {error}\n  fix: make it writable by this user, or give `qsweep run` another --results directory",
+                "{}: {error}\n  fix: let this user read and write it (a results directory: or give `qsweep run` another --results)",
                 path.display()
             ))
         }
@@ -197,7 +197,8 @@ pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, Stag
     }
     // What the inputs are now is what this artifact will say it was made from.
     let inputs = context.results.input_digests(task).map_err(|e| StageError::Retryable(e.to_string()))?;
-    let staging = context.results.begin(&task.key, task.stage).map_err(io_at(context.results.root()))?;
+    let artifacts = context.results.root().join("artifacts");
+    let staging = context.results.begin(&task.key, task.stage).map_err(io_at(&artifacts))?;
     let started = Instant::now();
     let metrics = match task.stage {
         StageKind::PrepareData => prepare_data::run(task, context, staging.dir())?,

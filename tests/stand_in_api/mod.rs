@@ -414,6 +414,10 @@ impl World {
     /// Validates and stores a Job; a dry run (`dryRun=All`) validates
     /// alike and stores nothing, as the API server does.
     fn create_job(&mut self, mut job: Value, dry_run: bool) -> Response<Body> {
+        if let (Value::Null, Some(prefix)) = (&job["metadata"]["name"], job["metadata"]["generateName"].as_str()) {
+            let name = format!("{prefix}{:05}", self.resource_version);
+            job["metadata"]["name"] = json!(name);
+        }
         let name = job["metadata"]["name"].as_str().unwrap_or_default().to_string();
         if self.jobs.contains_key(&name) {
             return status(409, "AlreadyExists", &format!("jobs.batch \"{name}\" already exists"));
