@@ -67,6 +67,13 @@ pub fn runtime() -> Result<&'static Runtime, EngineError> {
     RUNTIME.get_or_init(load_runtime).as_ref().map_err(Clone::clone)
 }
 
+/// Fails when this machine cannot run `engine`: ONNX Runtime does not
+/// load, or lacks the engine's provider (the cache directory only matters
+/// to sessions, not to the question).
+pub fn check_engine(engine: Engine) -> Result<(), EngineError> {
+    Provider::for_engine(engine, false, Path::new(".")).check_available()
+}
+
 fn load_runtime() -> Result<Runtime, EngineError> {
     let library = find_library()?;
     let load_error = |reason: String| EngineError::Load { path: library.clone(), reason };

@@ -77,7 +77,7 @@ pub struct Outcome {
     pub signal: Option<Signal>,
     pub reported: std::io::Result<Vec<RunResult>>,
     /// Cleanup that failed after the sweep; the results stand.
-    pub warnings: Vec<String>,
+    pub cleanup_warning: Option<String>,
 }
 
 /// Runs the sweep: set-up checks, then the results directory, then the
@@ -88,8 +88,7 @@ pub fn run(launch: Launch) -> Result<Outcome, SetupError> {
         // The stages run here (or on workers that load the same library),
         // so a missing library or GPU provider is said before any work
         // rather than as the failure of every build. Pods bring their own.
-        let provider = engine::Provider::for_engine(sweep.spec.evaluate.engine, false, std::path::Path::new("."));
-        engine::runtime().and_then(|_| provider.check_available()).map_err(|e| SetupError(e.to_string()))?;
+        engine::check_engine(sweep.spec.evaluate.engine).map_err(|e| SetupError(e.to_string()))?;
     }
     let store = match &target {
         Target::Redis { artifacts: Some(url), .. } => {
@@ -161,18 +160,17 @@ pub fn run(launch: Launch) -> Result<Outcome, SetupError> {
     // A stage left running by a signal must not hold the exit up; what it
     // had in staging goes with it.
     tokio.shutdown_timeout(crate::worker::STOP_GRACE);
-    let mut warnings = Vec::new();
-    if let Err(e) = results.remove_own_staging().and_then(|_| results.remove_abandoned_staging(|_| false)) {
-        warnings.push(format!("cannot remove staging directories in {}: {e}", dir.display()));
-    }
-    let summary = coordinated.map_err(|e| {
-        let mut message = e.to_string();
-        for warning in &warnings {
-            message.push_str(&format!("\nwarning: {warning}"));
-        }
-        SetupError(message)
+    let cleanup_warning = results
+        .remove_own_staging()
+        .and_then(|_| results.remove_abandoned_staging(|_| false))
+        .err()
+        .map(|e| format!("cannot remove staging directories in {}: {e}", dir.display()));
+    let summary = coordinated.map_err(|e| match &cleanup_warning {
+        Some(warning) => SetupError(format!("{e}\nwarning: {warning}")),
+        None => SetupError(e.to_string()),
     })?;
-    Ok(Outcome { summary, signal: caught.get().copied(), reported: report::write_all(&results), warnings })
+    let reported = report::write_all(&results);
+    Ok(Outcome { summary, signal: caught.get().copied(), reported, cleanup_warning })
 }
 
 /// The results directory, made if need be, locked, with abandoned

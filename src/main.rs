@@ -356,8 +356,7 @@ fn validate(spec: &Path) -> ExitCode {
             // Specs are often checked away from the machines that run them,
             // so an engine this machine cannot run is a warning here; `run`
             // refuses it.
-            let provider = qsweep::engine::Provider::for_engine(sweep.spec.evaluate.engine, false, Path::new("."));
-            if let Err(e) = qsweep::engine::runtime().and_then(|_| provider.check_available()) {
+            if let Err(e) = qsweep::engine::check_engine(sweep.spec.evaluate.engine) {
                 eprintln!("warning: `qsweep run` on this machine would refuse this spec: {e}");
                 eprintln!("  (fine if it runs elsewhere, e.g. with --backend k8s on GPU nodes)");
             }
@@ -458,7 +457,7 @@ fn run(
         Ok(outcome) => outcome,
         Err(e) => return fail(e),
     };
-    for warning in &outcome.warnings {
+    if let Some(warning) = &outcome.cleanup_warning {
         eprintln!("warning: {warning}");
     }
     let summary = &outcome.summary;

@@ -354,13 +354,8 @@ fn model_with(
 #[test]
 fn validate_warns_of_a_gpu_engine_this_machine_lacks() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write(
-        dir.path(),
-        "spec.json",
-        &quick_spec_json("").replace(r#""threads": 1"#, r#""threads": 1, "engine": "tensorrt""#),
-    );
-    let provider = qsweep::engine::Provider::for_engine(qsweep::spec::Engine::Tensorrt, false, dir.path());
-    let here = provider.check_available().is_ok();
+    let spec = write(dir.path(), "spec.json", &quick_spec_on("tensorrt"));
+    let here = library_has(&qsweep::engine::Provider::TensorRt { int8: false, cache_dir: dir.path().to_path_buf() });
     let validated = qsweep(&["validate", spec.to_str().unwrap()]);
     assert_eq!(validated.status.code(), Some(0), "{}", stderr(&validated));
     let warning = stderr(&validated);

@@ -7,19 +7,7 @@
 mod common;
 
 use common::*;
-use ort::ep::ExecutionProvider;
-use qsweep::engine::{self, EngineError, InferenceSession, Provider};
-
-/// Whether the loaded ONNX Runtime library has `provider`, asked of ONNX
-/// Runtime itself (its list of available providers).
-fn library_has(provider: &Provider) -> bool {
-    engine::runtime().expect("ONNX Runtime (run scripts/setup)");
-    match provider {
-        Provider::Cpu => true,
-        Provider::Cuda => ort::ep::CUDA::is_available().unwrap(),
-        Provider::TensorRt { .. } => ort::ep::TensorRT::is_available().unwrap(),
-    }
-}
+use qsweep::engine::{EngineError, InferenceSession, Provider};
 
 /// A session on each provider opens and classifies a batch as the CPU does
 /// where the library has the provider, and fails naming it where it does
@@ -57,11 +45,7 @@ fn argmax(row: &[f32]) -> usize {
 #[test]
 fn a_gpu_sweep_runs_on_its_provider_or_is_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write(
-        dir.path(),
-        "spec.json",
-        &quick_spec_json("").replace(r#""threads": 1"#, r#""threads": 1, "engine": "tensorrt""#),
-    );
+    let spec = write(dir.path(), "spec.json", &quick_spec_on("tensorrt"));
     let results = dir.path().join("results");
     let output = qsweep(&["run", spec.to_str().unwrap(), "--results", results.to_str().unwrap()]);
     let err = stderr(&output);

@@ -85,7 +85,7 @@ fn io_failed(path: &Path, error: std::io::Error, needed: Option<u64>) -> StageEr
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {}
         ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
             return StageError::Fatal(format!(
-                "{}: {error}\n  fix: let this user read and write it (a results directory: or give `qsweep run` another --results)",
+                "{}: {error}\n  fix: let this user read and write it, or give `qsweep run` another --results directory",
                 path.display()
             ))
         }

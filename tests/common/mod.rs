@@ -35,6 +35,24 @@ pub fn quick_spec_json(extra: &str) -> String {
     )
 }
 
+/// `quick_spec_json`'s spec measured on `engine` (`cpu`, `cuda`, `tensorrt`).
+pub fn quick_spec_on(engine: &str) -> String {
+    quick_spec_json("").replace(r#""threads": 1"#, &format!(r#""threads": 1, "engine": "{engine}""#))
+}
+
+/// Whether the loaded ONNX Runtime library has `provider`, asked of ONNX
+/// Runtime itself (its list of available providers), not of the qsweep
+/// code whose refusals the tests check.
+pub fn library_has(provider: &qsweep::engine::Provider) -> bool {
+    use ort::ep::ExecutionProvider;
+    qsweep::engine::runtime().expect("ONNX Runtime (run scripts/setup)");
+    match provider {
+        qsweep::engine::Provider::Cpu => true,
+        qsweep::engine::Provider::Cuda => ort::ep::CUDA::is_available().unwrap(),
+        qsweep::engine::Provider::TensorRt { .. } => ort::ep::TensorRT::is_available().unwrap(),
+    }
+}
+
 /// `quick_spec_json`'s spec with evaluation counts at the schema's
 /// maxima: an evaluation that runs for many minutes, for tests that stop
 /// one (warm-up first, so a stop lands in the warm-up loop too).
