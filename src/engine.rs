@@ -505,7 +505,7 @@ impl Agreement {
 }
 
 /// The first highest score's index, as argmax takes it.
-fn argmax(scores: ndarray::ArrayView1<'_, f32>) -> usize {
+pub fn argmax(scores: ndarray::ArrayView1<'_, f32>) -> usize {
     scores.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0
 }
 

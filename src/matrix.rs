@@ -15,7 +15,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{Baseline, CalibrationMethod, MatrixEntry, SweepSpec};
+use crate::spec::{Baseline, CalibrationMethod, FloatLayers, MatrixEntry, SweepSpec};
 
 /// The quantization recipe of one run: one value of each axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -23,6 +23,9 @@ pub struct Recipe {
     pub calibration: CalibrationMethod,
     pub residual_fusion: bool,
     pub qat_epochs: u32,
+    /// Absent from plans written before the axis existed: none in float.
+    #[serde(default)]
+    pub float_layers: FloatLayers,
 }
 
 /// What a run measures.
@@ -72,7 +75,11 @@ impl Recipe {
     pub fn run_id(&self) -> String {
         let fusion = if self.residual_fusion { "fused" } else { "unfused" };
         let training = if self.qat_epochs == 0 { "ptq".to_string() } else { format!("qat{}", self.qat_epochs) };
-        format!("{}-{fusion}-{training}", self.calibration.name())
+        let mut id = format!("{}-{fusion}-{training}", self.calibration.name());
+        if !self.float_layers.is_none() {
+            id = format!("{id}-{}", self.float_layers.name());
+        }
+        id
     }
 }
 
@@ -88,25 +95,41 @@ struct Combination {
     calibration: Option<CalibrationMethod>,
     residual_fusion: Option<bool>,
     qat_epochs: Option<u32>,
+    float_layers: Option<FloatLayers>,
     origin: Option<Origin>,
+}
+
+/// Which axes the matrix names: an include entry may not overwrite their
+/// values, only those of the axes left to their defaults.
+#[derive(Clone, Copy)]
+struct Named {
+    fusion: bool,
+    qat: bool,
+    float_layers: bool,
 }
 
 /// Every run a spec asks for, baselines first, in a stable order.
 pub fn expand(spec: &SweepSpec) -> Result<Vec<Run>, Vec<IncompleteInclude>> {
     let matrix = &spec.matrix;
-    let named_fusion = !matrix.residual_fusion.is_empty();
-    let named_qat = !matrix.qat_epochs.is_empty();
+    let named = Named {
+        fusion: !matrix.residual_fusion.is_empty(),
+        qat: !matrix.qat_epochs.is_empty(),
+        float_layers: !matrix.float_layers.is_empty(),
+    };
 
     let mut product = Vec::new();
     for &calibration in &matrix.calibration {
         for residual_fusion in or_default(&matrix.residual_fusion, false) {
             for qat_epochs in or_default(&matrix.qat_epochs, 0) {
-                product.push(Combination {
-                    calibration: Some(calibration),
-                    residual_fusion: named_fusion.then_some(residual_fusion),
-                    qat_epochs: named_qat.then_some(qat_epochs),
-                    origin: Some(Origin::Matrix),
-                });
+                for float_layers in or_default(&matrix.float_layers, FloatLayers::default()) {
+                    product.push(Combination {
+                        calibration: Some(calibration),
+                        residual_fusion: named.fusion.then_some(residual_fusion),
+                        qat_epochs: named.qat.then_some(qat_epochs),
+                        float_layers: named.float_layers.then_some(float_layers),
+                        origin: Some(Origin::Matrix),
+                    });
+                }
             }
         }
     }
@@ -118,13 +141,10 @@ pub fn expand(spec: &SweepSpec) -> Result<Vec<Run>, Vec<IncompleteInclude>> {
     for (index, entry) in spec.include.iter().enumerate() {
         let mut fitted = false;
         for combo in &mut product[..original_count] {
-            if fits(entry, combo, named_fusion, named_qat) {
-                if let Some(fusion) = entry.residual_fusion {
-                    combo.residual_fusion = Some(fusion);
-                }
-                if let Some(epochs) = entry.qat_epochs {
-                    combo.qat_epochs = Some(epochs);
-                }
+            if fits(entry, combo, named) {
+                combo.residual_fusion = entry.residual_fusion.or(combo.residual_fusion);
+                combo.qat_epochs = entry.qat_epochs.or(combo.qat_epochs);
+                combo.float_layers = entry.float_layers.or(combo.float_layers);
                 fitted = true;
             }
         }
@@ -137,6 +157,7 @@ pub fn expand(spec: &SweepSpec) -> Result<Vec<Run>, Vec<IncompleteInclude>> {
                 calibration: entry.calibration,
                 residual_fusion: entry.residual_fusion,
                 qat_epochs: entry.qat_epochs,
+                float_layers: entry.float_layers,
                 origin: Some(Origin::Include(index)),
             });
         }
@@ -160,6 +181,7 @@ pub fn expand(spec: &SweepSpec) -> Result<Vec<Run>, Vec<IncompleteInclude>> {
             calibration: combo.calibration.expect("every combination names a calibration method"),
             residual_fusion: combo.residual_fusion.unwrap_or(false),
             qat_epochs: combo.qat_epochs.unwrap_or(0),
+            float_layers: combo.float_layers.unwrap_or_default(),
         };
         push_unique(Run::quantized(recipe, combo.origin.unwrap_or(Origin::Matrix)));
     }
@@ -183,14 +205,16 @@ fn excludes(entry: &MatrixEntry, combo: &Combination) -> bool {
     entry.calibration.is_none_or(|c| Some(c) == combo.calibration)
         && entry.residual_fusion.is_none_or(|f| f == combo.residual_fusion.unwrap_or(false))
         && entry.qat_epochs.is_none_or(|q| q == combo.qat_epochs.unwrap_or(0))
+        && entry.float_layers.is_none_or(|f| f == combo.float_layers.unwrap_or_default())
 }
 
 /// Whether an include entry can extend a combination without overwriting a
 /// value that came from an axis the matrix named.
-fn fits(entry: &MatrixEntry, combo: &Combination, named_fusion: bool, named_qat: bool) -> bool {
+fn fits(entry: &MatrixEntry, combo: &Combination, named: Named) -> bool {
     entry.calibration.is_none_or(|c| Some(c) == combo.calibration)
-        && (!named_fusion || entry.residual_fusion.is_none_or(|f| Some(f) == combo.residual_fusion))
-        && (!named_qat || entry.qat_epochs.is_none_or(|q| Some(q) == combo.qat_epochs))
+        && (!named.fusion || entry.residual_fusion.is_none_or(|f| Some(f) == combo.residual_fusion))
+        && (!named.qat || entry.qat_epochs.is_none_or(|q| Some(q) == combo.qat_epochs))
+        && (!named.float_layers || entry.float_layers.is_none_or(|f| Some(f) == combo.float_layers))
 }
 
 #[cfg(test)]
@@ -245,6 +269,19 @@ mod tests {
     fn include_without_method_that_fits_nothing_is_an_error() {
         let s = spec(r#"{"name":"s","model":"m.onnx","include":[{"qat_epochs":3}]}"#);
         assert_eq!(expand(&s).unwrap_err(), vec![IncompleteInclude { index: 0 }]);
+    }
+
+    #[test]
+    fn float_layers_name_their_runs_and_compose_with_include() {
+        let s = spec(
+            r#"{"name":"s","model":"m.onnx","baselines":[],
+                "matrix":{"calibration":["entropy"],"residual_fusion":[true],"float_layers":[0,2,"auto"]},
+                "include":[{"calibration":"max","float_layers":1,"qat_epochs":2}]}"#,
+        );
+        assert_eq!(
+            ids(&expand(&s).unwrap()),
+            ["entropy-fused-ptq", "entropy-fused-ptq-float2", "entropy-fused-ptq-auto", "max-unfused-qat2-float1"]
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::data::source::{Role, Source};
 use crate::data::Split;
 use crate::matrix::{Recipe, Run, RunKind};
-use crate::spec::{Baseline, CalibrationMethod, Color, ModelSource, SweepSpec};
+use crate::spec::{Baseline, CalibrationMethod, Color, FloatLayers, ModelSource, SweepSpec};
 
 /// The kinds of work a run is made of, in the order data flows through them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -26,6 +26,10 @@ pub enum StageKind {
     Train,
     PrepareData,
     Calibrate,
+    /// Ranks a PTQ recipe's quantized ops by what each costs.
+    Sensitivity,
+    /// `float_layers: "auto"`: ops left in float until a budget holds.
+    Fallback,
     Qat,
     Build,
     Evaluate,
@@ -35,10 +39,12 @@ pub enum StageKind {
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 6] = [
+    pub const ALL: [StageKind; 8] = [
         StageKind::Train,
         StageKind::PrepareData,
         StageKind::Calibrate,
+        StageKind::Sensitivity,
+        StageKind::Fallback,
         StageKind::Qat,
         StageKind::Build,
         StageKind::Evaluate,
@@ -54,10 +60,11 @@ impl StageKind {
             StageKind::Evaluate => 0,
             StageKind::Build => 1,
             StageKind::Calibrate => 2,
-            StageKind::PrepareData => 3,
-            StageKind::Train => 4,
-            StageKind::Qat => 5,
-            StageKind::Noop => 6,
+            StageKind::Sensitivity | StageKind::Fallback => 3,
+            StageKind::PrepareData => 4,
+            StageKind::Train => 5,
+            StageKind::Qat => 6,
+            StageKind::Noop => 7,
         }
     }
 
@@ -72,6 +79,8 @@ impl StageKind {
             StageKind::Train => "train",
             StageKind::PrepareData => "prepare-data",
             StageKind::Calibrate => "calibrate",
+            StageKind::Sensitivity => "sensitivity",
+            StageKind::Fallback => "fallback",
             StageKind::Qat => "qat",
             StageKind::Build => "build",
             StageKind::Evaluate => "evaluate",
@@ -264,7 +273,8 @@ impl Plan {
                     fp32_evaluate_params.clone(),
                 ),
                 RunKind::Quantized(recipe) => {
-                    (plan.add_quantized(spec, sources, &data, recipe, &fp32_model, &mut chain), evaluate_params.clone())
+                    let context = QuantizedContext { spec, sources, data: &data, fp32_model: &fp32_model, test_data: &test_data };
+                    (plan.add_quantized(&context, recipe, &mut chain), evaluate_params.clone())
                 }
             };
             chain.push(built.clone());
@@ -279,16 +289,10 @@ impl Plan {
         plan
     }
 
-    /// calibrate (shared by every method) -> qat (when epochs > 0) -> build.
-    fn add_quantized(
-        &mut self,
-        spec: &SweepSpec,
-        sources: &Sources,
-        data: &Value,
-        recipe: &Recipe,
-        fp32_model: &[Input],
-        chain: &mut Vec<TaskKey>,
-    ) -> TaskKey {
+    /// calibrate (shared by every method) -> [sensitivity -> fallback]
+    /// -> qat (when epochs > 0) -> build.
+    fn add_quantized(&mut self, context: &QuantizedContext<'_>, recipe: &Recipe, chain: &mut Vec<TaskKey>) -> TaskKey {
+        let QuantizedContext { spec, sources, data, fp32_model, .. } = *context;
         let subset = Some((spec.calibration.samples, spec.calibration.seed));
         let calibration_data =
             self.add(StageKind::PrepareData, prepare_params("calibration", data, sources, subset), vec![]);
@@ -299,8 +303,13 @@ impl Plan {
         );
         chain.extend([calibration_data, calibrated.clone()]);
         let quantizer = json!({"calibration": recipe.calibration, "residual_fusion": recipe.residual_fusion});
-        let mut build_inputs: Vec<Input> =
-            [input("calibration", &calibrated)].into_iter().chain(fp32_model.iter().cloned()).collect();
+        // What leaves ops in float: params and inputs of QAT and build.
+        let (float_params, float_inputs) = self.add_float_layers(context, recipe, &calibrated, &quantizer, chain);
+        let mut build_inputs: Vec<Input> = [input("calibration", &calibrated)]
+            .into_iter()
+            .chain(fp32_model.iter().cloned())
+            .chain(float_inputs.iter().cloned())
+            .collect();
         if recipe.qat_epochs > 0 {
             let subset = Some((spec.qat.samples, spec.qat.seed));
             let training_data =
@@ -320,12 +329,14 @@ impl Plan {
             if recipe.calibration == CalibrationMethod::Percentile {
                 qat_params["percentile"] = json!(spec.calibration.percentile);
             }
+            extend(&mut qat_params, &float_params);
             let trained = self.add(
                 StageKind::Qat,
                 qat_params,
                 [input("calibration", &calibrated), input("data", &training_data)]
                     .into_iter()
                     .chain(fp32_model.iter().cloned())
+                    .chain(float_inputs.iter().cloned())
                     .collect(),
             );
             chain.extend([training_data, trained.clone()]);
@@ -343,7 +354,74 @@ impl Plan {
         if recipe.calibration == CalibrationMethod::Percentile {
             build_params["percentile"] = json!(spec.calibration.percentile);
         }
+        extend(&mut build_params, &float_params);
         self.add(StageKind::Build, build_params, build_inputs)
+    }
+
+    /// The sensitivity ranking of a recipe's PTQ ancestry (for every
+    /// recipe when the spec has a `sensitivity` section, else where
+    /// `float_layers` needs it), and for "auto" the fallback search. Returns
+    /// what QAT and build add to their params and inputs: nothing with
+    /// no ops in float, so those keys stay as they were.
+    fn add_float_layers(
+        &mut self,
+        context: &QuantizedContext<'_>,
+        recipe: &Recipe,
+        calibrated: &TaskKey,
+        quantizer: &Value,
+        chain: &mut Vec<TaskKey>,
+    ) -> (Value, Vec<Input>) {
+        let QuantizedContext { spec, sources, data, fp32_model, test_data } = *context;
+        if spec.sensitivity.is_none() && recipe.float_layers.is_none() {
+            return (json!({}), Vec::new());
+        }
+        let settings = spec.sensitivity_settings();
+        let validation = self.add(StageKind::PrepareData, validation_params(spec, data, sources), vec![]);
+        let mut ptq = json!({"model_digest": sources.model_digest, "quantizer": quantizer, "format": spec.int8_format()});
+        if recipe.calibration == CalibrationMethod::Percentile {
+            ptq["percentile"] = json!(spec.calibration.percentile);
+        }
+        if let Some(output) = &spec.evaluate.output {
+            ptq["output"] = json!(output);
+        }
+        let mut sensitivity_params = ptq.clone();
+        sensitivity_params["samples"] = json!(settings.samples);
+        let ranked = self.add(
+            StageKind::Sensitivity,
+            sensitivity_params,
+            [input("calibration", calibrated), input("data", &validation)]
+                .into_iter()
+                .chain(fp32_model.iter().cloned())
+                .collect(),
+        );
+        chain.extend([validation.clone(), ranked.clone()]);
+        let float_params = json!({"float_layers": recipe.float_layers, "fallback_precision": settings.fallback_precision});
+        match recipe.float_layers {
+            FloatLayers::Count(0) => (json!({}), Vec::new()),
+            FloatLayers::Count(_) => (float_params, vec![input("sensitivity", &ranked)]),
+            FloatLayers::Auto(_) => {
+                let mut search_params = ptq;
+                // Validation refuses "auto" without a budget.
+                search_params["accuracy_budget"] = json!(settings.accuracy_budget.unwrap_or(0.0));
+                search_params["max_float_layers"] = json!(settings.max_float_layers);
+                search_params["fallback_precision"] = json!(settings.fallback_precision);
+                let searched = self.add(
+                    StageKind::Fallback,
+                    search_params,
+                    [
+                        input("calibration", calibrated),
+                        input("sensitivity", &ranked),
+                        input("data", &validation),
+                        input("test", test_data),
+                    ]
+                    .into_iter()
+                    .chain(fp32_model.iter().cloned())
+                    .collect(),
+                );
+                chain.push(searched.clone());
+                (float_params, vec![input("fallback", &searched)])
+            }
+        }
     }
 
     /// Adds a task unless one with the same key exists; returns its key.
@@ -395,6 +473,42 @@ fn prepare_params(split: &str, data: &Value, sources: &Sources, section: Option<
     params
 }
 
+/// What every quantized run's tasks are planned from.
+#[derive(Clone, Copy)]
+struct QuantizedContext<'a> {
+    spec: &'a SweepSpec,
+    sources: &'a Sources,
+    data: &'a Value,
+    fp32_model: &'a [Input],
+    test_data: &'a TaskKey,
+}
+
+/// Adds `extra`'s keys to the object `params`.
+fn extend(params: &mut Value, extra: &Value) {
+    if let (Some(params), Some(extra)) = (params.as_object_mut(), extra.as_object()) {
+        params.extend(extra.clone());
+    }
+}
+
+/// The validation subset's prepare-data parameters: a seeded draw from the
+/// calibration source that holds the calibration subset out.
+fn validation_params(spec: &SweepSpec, data: &Value, sources: &Sources) -> Value {
+    let settings = spec.sensitivity_settings();
+    let record = sources.of(Role::Calibration);
+    let mut params = json!({
+        "split": "validation",
+        "data": data,
+        "source": record.source,
+        "source_digest": record.digest,
+        "samples": settings.validation_samples,
+        "seed": settings.seed,
+    });
+    if let Some((samples, seed)) = record.source.subset(Some((spec.calibration.samples, spec.calibration.seed))) {
+        params["held_out"] = json!({"samples": samples, "seed": seed});
+    }
+    params
+}
+
 /// The input role of fp32's evaluation, whose logits an evaluation on
 /// unlabelled samples is measured against.
 pub const REFERENCE: &str = "reference";
@@ -417,6 +531,8 @@ pub fn stage_version(stage: StageKind) -> u32 {
         StageKind::Noop => 1,
         StageKind::Calibrate => stages::calibrate::VERSION,
         StageKind::Qat => stages::qat::VERSION,
+        StageKind::Sensitivity => stages::sensitivity::VERSION,
+        StageKind::Fallback => stages::fallback::VERSION,
     }
 }
 

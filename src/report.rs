@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::matrix::RunKind;
+use crate::spec::FloatLayers;
 use crate::plan::{Plan, StageKind};
 use crate::store::{write_atomically, ResultsDir};
 
@@ -24,6 +25,8 @@ pub struct RunRow {
     pub calibration: String,
     pub residual_fusion: String,
     pub qat_epochs: String,
+    /// 0, a count, or auto.
+    pub float_layers: String,
     /// ok, failed, or pending (not run yet).
     pub status: String,
     /// Top-1 on the test split, in percent.
@@ -54,10 +57,18 @@ pub struct RunRow {
     pub int8_flop_share: Option<f64>,
     /// Residual Adds whose shortcut stayed in float, `;`-separated.
     pub float_residual_adds: String,
+    /// The ops `float_layers` left in float, most sensitive first, `;`-separated.
+    pub float_ops: String,
+    /// `float_layers: "auto"`: whether validation top-1 came within the budget.
+    pub budget_met: Option<bool>,
+    /// `float_layers: "auto"`: top-1 on the validation subset the budget was judged on, in percent.
+    pub validation_accuracy: Option<f64>,
     /// Training the fp32 model, when the sweep trains it (shared by every run).
     pub train_s: Option<f64>,
     pub prepare_data_s: Option<f64>,
     pub calibrate_s: Option<f64>,
+    pub sensitivity_s: Option<f64>,
+    pub fallback_s: Option<f64>,
     pub qat_s: Option<f64>,
     pub build_s: Option<f64>,
     pub evaluate_s: Option<f64>,
@@ -77,17 +88,24 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
         .runs
         .iter()
         .map(|planned| {
-            let (calibration, residual_fusion, qat_epochs) = match &planned.run.kind {
-                RunKind::Baseline(_) => (String::new(), String::new(), String::new()),
-                RunKind::Quantized(r) => {
-                    (r.calibration.name().to_string(), r.residual_fusion.to_string(), r.qat_epochs.to_string())
-                }
+            let (calibration, residual_fusion, qat_epochs, float_layers) = match &planned.run.kind {
+                RunKind::Baseline(_) => Default::default(),
+                RunKind::Quantized(r) => (
+                    r.calibration.name().to_string(),
+                    r.residual_fusion.to_string(),
+                    r.qat_epochs.to_string(),
+                    match r.float_layers {
+                        FloatLayers::Count(k) => k.to_string(),
+                        FloatLayers::Auto(_) => "auto".to_string(),
+                    },
+                ),
             };
             let mut row = RunRow {
                 run: planned.run.id.clone(),
                 calibration,
                 residual_fusion,
                 qat_epochs,
+                float_layers,
                 status: "pending".into(),
                 ..Default::default()
             };
@@ -101,6 +119,8 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
                             StageKind::Train => &mut row.train_s,
                             StageKind::PrepareData => &mut row.prepare_data_s,
                             StageKind::Calibrate => &mut row.calibrate_s,
+                            StageKind::Sensitivity => &mut row.sensitivity_s,
+                            StageKind::Fallback => &mut row.fallback_s,
                             StageKind::Qat => &mut row.qat_s,
                             StageKind::Build => &mut row.build_s,
                             StageKind::Evaluate | StageKind::Noop => &mut row.evaluate_s,
@@ -109,6 +129,10 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
                         match manifest.stage {
                             StageKind::Build => fill_from_build(&mut row, &manifest.metrics),
                             StageKind::Evaluate => evaluation = Some(manifest.metrics),
+                            StageKind::Fallback => {
+                                row.budget_met = manifest.metrics["budget_met"].as_bool();
+                                row.validation_accuracy = manifest.metrics["validation_top1"].as_f64();
+                            }
                             _ => {}
                         }
                     }
@@ -178,6 +202,8 @@ fn fill_from_build(row: &mut RunRow, metrics: &Value) {
     };
     let float_adds: Vec<&str> = counted.iter().filter_map(|a| a.as_str()).collect();
     row.float_residual_adds = float_adds.join(";");
+    let float_ops = metrics["float_ops"].as_array().map(Vec::as_slice).unwrap_or_default();
+    row.float_ops = float_ops.iter().filter_map(|op| op.as_str()).collect::<Vec<_>>().join(";");
 }
 
 /// Writes every report into the results directory.

@@ -145,6 +145,7 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         }
         check_model(&parsed, model, &opened, &mut errors)
     });
+    check_float_layers(&parsed, &runs, model.as_ref(), (&sources, &opened, &data_dir), &mut errors);
 
     let evaluation_labelled =
         !opened.tensors.iter().any(|(role, set)| *role == Role::Evaluation && set.labels.is_none());
@@ -414,6 +415,113 @@ fn semantic_errors(parsed: &ParsedSpec) -> Vec<Diagnostic> {
         }
     }
     errors
+}
+
+/// Where `float_layers` a run has comes from in the spec, for errors.
+fn float_layers_path(run: &Run) -> JsonPath {
+    match run.origin {
+        matrix::Origin::Include(index) => JsonPath::parse("include").index(index).key("float_layers"),
+        _ => JsonPath::parse("matrix.float_layers"),
+    }
+}
+
+/// `float_layers` and sensitivity: a budget for "auto", no more ops in
+/// float than a recipe quantizes, fp16 only where the format has Casts,
+/// and a validation subset that its source can hold after the calibration
+/// set is taken out, with labels for a budget and none of the test images.
+fn check_float_layers(
+    parsed: &ParsedSpec,
+    runs: &[Run],
+    model: Option<&onnx::Model>,
+    (sources, opened, data_dir): (&[(Role, Source)], &OpenedSources, &Path),
+    errors: &mut Vec<Diagnostic>,
+) {
+    let spec = &parsed.spec;
+    let settings = spec.sensitivity_settings();
+    let recipes: Vec<(&Run, &matrix::Recipe)> = runs.iter().filter_map(|r| r.recipe().map(|recipe| (r, recipe))).collect();
+    let with_float: Vec<&(&Run, &matrix::Recipe)> = recipes.iter().filter(|(_, r)| !r.float_layers.is_none()).collect();
+    if spec.sensitivity.is_none() && with_float.is_empty() {
+        return;
+    }
+    let section = JsonPath::parse("sensitivity");
+    if let Some((run, _)) = with_float.iter().find(|(_, r)| r.float_layers == spec::FloatLayers::AUTO) {
+        if settings.accuracy_budget.is_none() {
+            errors.push(parsed.diagnostic(
+                float_layers_path(run),
+                format!("run {} has float_layers \"auto\", which needs an accuracy budget, but sensitivity.accuracy_budget is not set", run.id),
+                "add \"sensitivity\": {\"accuracy_budget\": 0.3} (points of validation top-1 below fp32 that are accepted), or use a count of layers",
+            ));
+        }
+    }
+    if settings.fallback_precision == spec::FallbackPrecision::Fp16 && spec.int8_format() == spec::Int8Format::OnnxruntimeCpu {
+        errors.push(parsed.diagnostic(
+            section.key("fallback_precision"),
+            "fallback_precision fp16 applies to the tensorrt format, but this sweep writes onnxruntime-cpu models, whose float ops run in fp32",
+            "remove fallback_precision, or set \"int8_format\": \"tensorrt\"",
+        ));
+    }
+    if settings.samples > settings.validation_samples {
+        errors.push(parsed.diagnostic(
+            section.key("samples"),
+            format!("sensitivity scores {} images, the first of the validation subset, which holds only {}", settings.samples, settings.validation_samples),
+            "lower sensitivity.samples, or raise sensitivity.validation_samples",
+        ));
+    }
+    if let Some(model) = model {
+        let graph = model.proto.graph.as_ref().expect("a loaded model has a graph");
+        for (run, recipe) in &with_float {
+            let spec::FloatLayers::Count(k) = recipe.float_layers else { continue };
+            let quantized = qdq::quantized_ops(graph, spec.int8_format(), recipe.residual_fusion).len();
+            if k as usize > quantized {
+                errors.push(parsed.diagnostic(
+                    float_layers_path(run),
+                    format!("run {} leaves {k} ops in float, but its recipe quantizes only {quantized}", run.id),
+                    format!("use a count of at most {quantized} (or \"auto\")"),
+                ));
+            }
+        }
+    }
+    // The validation subset: the calibration source, less the calibration set.
+    let Some((_, source)) = sources.iter().find(|(role, _)| *role == Role::Calibration) else { return };
+    if sources.iter().any(|(role, other)| *role == Role::Evaluation && other == source) {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("data.calibration"),
+            "the validation subset that sensitivity and float_layers use is drawn from data.calibration, which is also the evaluation source, so the budget would be judged on test images",
+            "calibrate from a training or held-out folder, not the evaluation one",
+        ));
+        return;
+    }
+    let (population, labelled) = match source {
+        Source::Idx { dataset, split, .. } => (data::split_count(*dataset, data_dir, *split).ok(), true),
+        Source::ImageFolder { .. } => {
+            (opened.folders.iter().find(|(r, _)| *r == Role::Calibration).map(|(_, f)| f.samples.len()), true)
+        }
+        Source::Tensors { .. } => opened
+            .tensors
+            .iter()
+            .find(|(r, _)| *r == Role::Calibration)
+            .map_or((None, true), |(_, set)| (Some(set.len()), set.labels.is_some())),
+    };
+    if !labelled && with_float.iter().any(|(_, r)| r.float_layers == spec::FloatLayers::AUTO) {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("data.calibration.tensors"),
+            "float_layers \"auto\" judges its budget on validation top-1, drawn from data.calibration, whose samples have no labels",
+            "save labels with the calibration tensors, or use a count of layers",
+        ));
+    }
+    let Some(population) = population else { return };
+    let calibration = source.subset(Some((spec.calibration.samples, spec.calibration.seed))).map_or(population, |(n, _)| (n as usize).min(population));
+    let left = population - calibration;
+    if settings.validation_samples as usize > left {
+        errors.push(parsed.diagnostic(
+            section.key("validation_samples"),
+            format!(
+                "the validation subset is {} samples, but data.calibration's source holds {population}, and {calibration} of them are the calibration set, which validation leaves out: {left} remain",
+                settings.validation_samples
+            ),
+            format!("use at most {left} validation samples, or calibrate on fewer"),
+        ));
+    }
 }
 
 /// Whether `text` is a Kubernetes resource quantity: a non-negative decimal

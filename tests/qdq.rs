@@ -177,7 +177,7 @@ fn dead_tensors_get_a_positive_scale_and_are_named() {
     ranges.insert(victim.clone(), Range { amax: 0.0, nonnegative: true });
     let (quantized, summary) = qdq::quantize(&model, &ranges, Int8Format::Tensorrt, true).unwrap();
     assert!(summary.dead.contains(&victim));
-    qdq::lint(&quantized, true).expect("a dead tensor still lints");
+    qdq::lint(&quantized, true, &Default::default()).expect("a dead tensor still lints");
 }
 
 #[test]
@@ -188,7 +188,7 @@ fn lint_names_the_node_with_a_bad_scale() {
     let scale = graph.initializer.iter_mut().find(|t| t.name.ends_with("_scale") && t.dims.is_empty()).unwrap();
     let tensor = scale.name.trim_end_matches("_scale").to_string();
     scale.raw_data = 0.0f32.to_le_bytes().to_vec();
-    match qdq::lint(&quantized, true) {
+    match qdq::lint(&quantized, true, &Default::default()) {
         Err(QdqError::Lint { node, problem }) => {
             assert!(node.starts_with(&tensor), "{node}");
             assert!(problem.contains("not positive"), "{problem}");
@@ -201,7 +201,7 @@ fn lint_names_the_node_with_a_bad_scale() {
 fn lint_rejects_a_fusion_mismatch() {
     let model = load("tests/fixtures/graphs/bn_folded_flatten.onnx");
     let (unfused, _) = qdq::quantize(&model, &ranges(&model), Int8Format::Tensorrt, false).unwrap();
-    match qdq::lint(&unfused, true) {
+    match qdq::lint(&unfused, true, &Default::default()) {
         Err(QdqError::Lint { node, problem }) => {
             assert!(node.ends_with("Add"), "{node}");
             assert!(problem.contains("shortcut input of this Add is not quantized"), "{problem}");
@@ -278,7 +278,7 @@ fn no_qdq_between_a_pad_and_its_conv() {
     let pad_at = graph.node.iter().position(|n| n.op_type == "Pad").unwrap();
     let pad = graph.node.remove(pad_at);
     graph.node.insert(0, pad);
-    match qdq::lint(&bad, false) {
+    match qdq::lint(&bad, false, &Default::default()) {
         Err(QdqError::Lint { node, problem }) => {
             assert_eq!(node, "Conv");
             assert!(problem.contains("between a Pad and this Conv"), "{problem}");

@@ -128,6 +128,12 @@ pub fn split_image_size(dataset: Dataset, dir: &Path, split: Split) -> Result<(u
     }
 }
 
+/// How many images a split holds, from the IDX header alone.
+pub fn split_count(dataset: Dataset, dir: &Path, split: Split) -> Result<usize, DataError> {
+    let (images_path, _) = split_files(dataset, dir, split)?;
+    Ok(idx::dims(&images_path)?.first().copied().unwrap_or(0))
+}
+
 /// A batch of model inputs, NCHW f32, with their labels.
 pub struct Tensors {
     pub images: Array4<f32>,

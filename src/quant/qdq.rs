@@ -27,7 +27,7 @@
 //! uses 7-bit weights, because AVX2 without VNNI multiplies uint8 by int8
 //! into saturating int16 pairs, which full-range weights overflow.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto,
@@ -36,7 +36,7 @@ use candle_onnx::onnx::{
 
 use crate::onnx::graph::{int_attribute, node_name, residual_adds, weighted_ops, GraphIndex, WEIGHTED_OPS};
 use crate::onnx::patch::{Malformed, Names, Patch, Place};
-use crate::spec::Int8Format;
+use crate::spec::{FallbackPrecision, Int8Format};
 
 /// The scale of a dead (all-zero) tensor or channel: any positive value
 /// represents zero exactly, and TensorRT rejects zero scales.
@@ -58,6 +58,31 @@ pub struct Edge {
     pub node: usize,
     pub slot: usize,
     pub tensor: String,
+    /// The quantized op this quantizer belongs to (a weighted op or a
+    /// residual Add, by node name): leaving that op in float removes it.
+    pub owner: String,
+    /// Whether it quantizes the owner's output for its consumers (the
+    /// `onnxruntime-cpu` format), rather than an input the owner reads.
+    pub output: bool,
+}
+
+/// One op a recipe quantizes: a weighted op (its weight and activation
+/// inputs) or, with fusion, a residual Add (its shortcut). The unit that
+/// sensitivity ranks and `float_layers` leaves in float.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuantizedOp {
+    /// The ONNX node's name (`OpType#index` for an unnamed node).
+    pub name: String,
+    pub op_type: String,
+    /// The activation tensors quantized for it, and its weight.
+    pub inputs: Vec<String>,
+}
+
+/// Which ops stay in float, and in what precision.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fallback {
+    pub ops: BTreeSet<String>,
+    pub precision: FallbackPrecision,
 }
 
 /// The activation inputs to quantize in `format`: weighted ops' runtime
@@ -70,16 +95,29 @@ pub fn edges(graph: &GraphProto, format: Int8Format, residual_fusion: bool) -> V
         for (slot, tensor) in op.activations {
             // Pad -> Q/DQ -> Conv blocks TensorRT's Pad fusion; move the
             // pair above the Pad.
+            let owner = op.name.clone();
             match index.producer_index(&tensor).filter(|&p| graph.node[p].op_type == "Pad") {
-                Some(pad) => edges.push(Edge { node: pad, slot: 0, tensor: graph.node[pad].input[0].clone() }),
-                None => edges.push(Edge { node: op.node, slot, tensor }),
+                Some(pad) => edges.push(Edge {
+                    node: pad,
+                    slot: 0,
+                    tensor: graph.node[pad].input[0].clone(),
+                    owner,
+                    output: false,
+                }),
+                None => edges.push(Edge { node: op.node, slot, tensor, owner, output: false }),
             }
         }
     }
     let adds = residual_adds(&index);
     if residual_fusion {
         for add in &adds {
-            edges.push(Edge { node: add.node, slot: add.skip_slot, tensor: add.skip.clone() });
+            edges.push(Edge {
+                node: add.node,
+                slot: add.skip_slot,
+                tensor: add.skip.clone(),
+                owner: add.name.clone(),
+                output: false,
+            });
         }
     }
     if format == Int8Format::OnnxruntimeCpu {
@@ -99,7 +137,14 @@ pub fn edges(graph: &GraphProto, format: Int8Format, residual_fusion: bool) -> V
             if !residual_fusion && consumers.iter().any(|(node, _)| residual_nodes.contains(node)) {
                 continue;
             }
-            edges.extend(consumers.into_iter().map(|(node, slot)| Edge { node, slot, tensor: tensor.clone() }));
+            let owner = node_name(&graph.node[producer], producer);
+            edges.extend(consumers.into_iter().map(|(node, slot)| Edge {
+                node,
+                slot,
+                tensor: tensor.clone(),
+                owner: owner.clone(),
+                output: true,
+            }));
         }
     }
     edges
@@ -118,6 +163,62 @@ fn quantized_output(index: &GraphIndex<'_>, node: usize) -> String {
         }
     }
     tensor
+}
+
+/// The ops a recipe quantizes, in graph order: what sensitivity ranks.
+pub fn quantized_ops(graph: &GraphProto, format: Int8Format, residual_fusion: bool) -> Vec<QuantizedOp> {
+    let index = GraphIndex::new(graph);
+    let edges = edges(graph, format, residual_fusion);
+    let inputs_of = |owner: &str| -> Vec<String> {
+        let mut inputs: Vec<String> = Vec::new();
+        for edge in edges.iter().filter(|e| e.owner == owner && !e.output) {
+            if !inputs.contains(&edge.tensor) {
+                inputs.push(edge.tensor.clone());
+            }
+        }
+        inputs
+    };
+    let mut ops: Vec<(usize, QuantizedOp)> = weighted_ops(&index)
+        .into_iter()
+        .map(|op| {
+            let mut inputs = inputs_of(&op.name);
+            inputs.extend(op.weight.map(|w| w.tensor));
+            (op.node, QuantizedOp { name: op.name, op_type: op.op_type, inputs })
+        })
+        .collect();
+    if residual_fusion {
+        ops.extend(residual_adds(&index).into_iter().map(|add| {
+            (add.node, QuantizedOp { inputs: inputs_of(&add.name), name: add.name, op_type: "Add".to_string() })
+        }));
+    }
+    ops.sort_by_key(|(node, _)| *node);
+    ops.into_iter().map(|(_, op)| op).collect()
+}
+
+/// The ops that leaving `ops` in float puts in float: an op in float
+/// reads its activations unquantized, so the Q/DQ pair on each of them
+/// goes, and every other op that reads that tensor through the same pair
+/// loses its quantized input and is in float too (TensorRT could not run
+/// it in int8 either). Without this, a pair shared by two ops (a block's
+/// input, read by its first conv and its shortcut) would survive either
+/// one alone, and no single op would show what the pair costs.
+pub fn float_closure(
+    graph: &GraphProto,
+    format: Int8Format,
+    residual_fusion: bool,
+    ops: &BTreeSet<String>,
+) -> BTreeSet<String> {
+    let edges: Vec<Edge> = edges(graph, format, residual_fusion).into_iter().filter(|e| !e.output).collect();
+    let mut closure = ops.clone();
+    loop {
+        let unquantized: HashSet<&str> =
+            edges.iter().filter(|e| closure.contains(&e.owner)).map(|e| e.tensor.as_str()).collect();
+        let before = closure.len();
+        closure.extend(edges.iter().filter(|e| unquantized.contains(e.tensor.as_str())).map(|e| e.owner.clone()));
+        if closure.len() == before {
+            return closure;
+        }
+    }
 }
 
 /// Every activation tensor that any recipe may quantize, in graph order,
@@ -143,12 +244,16 @@ pub struct QdqSummary {
     pub dead: Vec<String>,
     /// Residual Adds left with a float shortcut.
     pub float_adds: Vec<String>,
+    /// The ops left in float on purpose (`float_layers`), by name.
+    pub float_ops: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum QdqError {
     #[error("the model has no Conv, Gemm or MatMul node, so there is nothing to quantize")]
     NothingToQuantize,
+    #[error("`{op}` is not an op this recipe quantizes, so it cannot be left in float (the sensitivity ranking is from another model?)")]
+    UnknownFloatOp { op: String },
     #[error("the model uses opset {found}; per-channel Q/DQ needs opset {MIN_OPSET} or later. Re-export it with opset_version={MIN_OPSET} or higher")]
     OpsetTooOld { found: i64 },
     #[error("no calibration statistics for tensor `{tensor}`; the calibrate stage is older than this build, rerun it")]
@@ -208,13 +313,39 @@ pub fn quantize(
     format: Int8Format,
     residual_fusion: bool,
 ) -> Result<(ModelProto, QdqSummary), QdqError> {
+    quantize_except(model, ranges, format, residual_fusion, &Fallback::default())
+}
+
+/// `quantize`, leaving the ops `fallback` names in float: no Q/DQ on
+/// their inputs (and in the `onnxruntime-cpu` format none on their
+/// outputs), float weights; in fp16 with Casts around them where asked.
+pub fn quantize_except(
+    model: &ModelProto,
+    ranges: &HashMap<String, Range>,
+    format: Int8Format,
+    residual_fusion: bool,
+    fallback: &Fallback,
+) -> Result<(ModelProto, QdqSummary), QdqError> {
     let opset = default_opset(model);
     if opset < MIN_OPSET {
         return Err(QdqError::OpsetTooOld { found: opset });
     }
     let mut model = model.clone();
     let graph = model.graph.as_mut().expect("a loaded model has a graph");
-    let mut summary = QdqSummary { format: Some(format), ..Default::default() };
+    let known: HashSet<String> =
+        quantized_ops(graph, format, residual_fusion).into_iter().map(|op| op.name).collect();
+    if let Some(op) = fallback.ops.iter().find(|op| !known.contains(*op)) {
+        return Err(QdqError::UnknownFloatOp { op: op.clone() });
+    }
+    let float_ops = float_closure(graph, format, residual_fusion, &fallback.ops);
+    // Ops are named by `node_name`, which numbers unnamed nodes by their
+    // position; the patches below move nodes, so fix the names first.
+    name_unnamed_nodes(graph);
+    let mut summary = QdqSummary {
+        format: Some(format),
+        float_ops: float_ops.iter().cloned().collect(),
+        ..Default::default()
+    };
     inline_constant_identities(graph).apply(graph)?;
     let mut names = Names::of(graph);
     if format == Int8Format::OnnxruntimeCpu {
@@ -229,7 +360,10 @@ pub fn quantize(
             summary.folded_batch_norms += folded;
         }
     }
-    insert_qdq(graph, ranges, format, residual_fusion, &mut names, &mut summary)?.apply(graph)?;
+    insert_qdq(graph, ranges, format, residual_fusion, &float_ops, &mut names, &mut summary)?.apply(graph)?;
+    if fallback.precision == FallbackPrecision::Fp16 && !float_ops.is_empty() {
+        in_half_precision(graph, &float_ops, &mut names)?.apply(graph)?;
+    }
 
     let index = GraphIndex::new(graph);
     summary.float_adds = residual_adds(&index)
@@ -237,8 +371,72 @@ pub fn quantize(
         .filter(|add| index.producer(&add.skip).is_none_or(|p| p.op_type != "DequantizeLinear"))
         .map(|add| add.name)
         .collect();
-    lint(&model, residual_fusion)?;
+    lint(&model, residual_fusion, &float_ops)?;
     Ok((model, summary))
+}
+
+/// Gives every unnamed node the stand-in name `node_name` reports for it.
+fn name_unnamed_nodes(graph: &mut GraphProto) {
+    for (index, node) in graph.node.iter_mut().enumerate() {
+        if node.name.is_empty() {
+            node.name = node_name(node, index);
+        }
+    }
+}
+
+/// The fp16 patch for float weighted ops: constant inputs stored as fp16,
+/// runtime inputs cast to fp16, the output cast back to fp32, so the op
+/// itself runs in half precision and its neighbours see fp32 as before.
+fn in_half_precision(graph: &GraphProto, ops: &BTreeSet<String>, names: &mut Names) -> Result<Patch, QdqError> {
+    let index = GraphIndex::new(graph);
+    let mut patch = Patch::default();
+    for (position, node) in graph.node.iter().enumerate() {
+        if !ops.contains(&node.name) || !WEIGHTED_OPS.contains(&node.op_type.as_str()) {
+            continue;
+        }
+        for (slot, tensor) in node.input.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+            let half_name = names.fresh(&format!("{tensor}_fp16"));
+            match graph.initializer.iter().find(|t| &t.name == tensor) {
+                Some(constant) => {
+                    let values = float_values(constant).map_err(|problem| QdqError::BadTensor {
+                        node: node.name.clone(),
+                        tensor: tensor.clone(),
+                        problem,
+                    })?;
+                    let bytes = values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+                    patch.add_initializer(raw_tensor(&half_name, &constant.dims, DataType::Float16, bytes));
+                }
+                None => {
+                    let place = index.producer_index(tensor).map_or(Place::First, Place::After);
+                    let cast = cast_node(&names.fresh(&format!("{tensor}_Cast_fp16")), tensor, &half_name, DataType::Float16);
+                    patch.add_node(place, cast);
+                }
+            }
+            patch.set_input(position, slot, half_name);
+        }
+        let output = &node.output[0];
+        let half_output = names.fresh(&format!("{output}_fp16"));
+        patch.set_output(position, 0, half_output.clone());
+        let cast = cast_node(&names.fresh(&format!("{output}_Cast_fp32")), &half_output, output, DataType::Float);
+        patch.add_node(Place::After(position), cast);
+    }
+    Ok(patch)
+}
+
+fn cast_node(name: &str, input: &str, output: &str, to: DataType) -> NodeProto {
+    NodeProto {
+        op_type: "Cast".to_string(),
+        name: name.to_string(),
+        input: vec![input.to_string()],
+        output: vec![output.to_string()],
+        attribute: vec![AttributeProto {
+            name: "to".into(),
+            r#type: AttributeType::Int as i32,
+            i: to as i64,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 /// The Q/DQ patch: a pair on each activation tensor an edge reads, shared
@@ -250,16 +448,24 @@ fn insert_qdq(
     ranges: &HashMap<String, Range>,
     format: Int8Format,
     residual_fusion: bool,
+    float_ops: &BTreeSet<String>,
     names: &mut Names,
     summary: &mut QdqSummary,
 ) -> Result<Patch, QdqError> {
     let encoding = Encoding::of(format);
-    let ops = weighted_ops(&GraphIndex::new(graph));
+    let mut ops = weighted_ops(&GraphIndex::new(graph));
     if ops.is_empty() {
         return Err(QdqError::NothingToQuantize);
     }
+    ops.retain(|op| !float_ops.contains(&op.name));
     let mut patch = Patch::default();
-    let edges = edges(graph, format, residual_fusion);
+    // `float_ops` is closed (`float_closure`): no op outside it reads a
+    // tensor one inside it reads unquantized, so dropping the pairs of
+    // those tensors takes no quantized input from anyone.
+    let mut edges = edges(graph, format, residual_fusion);
+    let unquantized: HashSet<String> =
+        edges.iter().filter(|e| !e.output && float_ops.contains(&e.owner)).map(|e| e.tensor.clone()).collect();
+    edges.retain(|edge| !float_ops.contains(&edge.owner) && !unquantized.contains(&edge.tensor));
     let mut scales: BTreeMap<String, (f32, u8)> = BTreeMap::new();
     for edge in &edges {
         let &range =
@@ -619,9 +825,10 @@ fn node(op_type: &str, name: &str, inputs: &[&str], output: &str, axis: Option<i
     }
 }
 
-/// Checks a Q/DQ model against what TensorRT's parser and fuser accept.
-/// The first problem found names its node.
-pub fn lint(model: &ModelProto, residual_fusion: bool) -> Result<(), QdqError> {
+/// Checks a Q/DQ model against what TensorRT's parser and fuser accept,
+/// with the residual Adds in `float_ops` left in float on purpose. The
+/// first problem found names its node.
+pub fn lint(model: &ModelProto, residual_fusion: bool, float_ops: &BTreeSet<String>) -> Result<(), QdqError> {
     let graph = model.graph.as_ref().expect("a model has a graph");
     let index = GraphIndex::new(graph);
     let initializer = |name: &str| graph.initializer.iter().find(|t| t.name == name);
@@ -689,7 +896,7 @@ pub fn lint(model: &ModelProto, residual_fusion: bool) -> Result<(), QdqError> {
         let node = &graph.node[add.node];
         let dequantized: Vec<bool> =
             node.input.iter().map(|t| index.producer(t).is_some_and(|p| p.op_type == "DequantizeLinear")).collect();
-        if residual_fusion && !dequantized[add.skip_slot] {
+        if residual_fusion && !dequantized[add.skip_slot] && !float_ops.contains(&add.name) {
             return fail(
                 &add.name,
                 "residual fusion is on, but the shortcut input of this Add is not quantized".into(),

@@ -48,6 +48,12 @@ pub struct SweepSpec {
     /// How each built model is measured.
     #[serde(default)]
     pub evaluate: EvaluateSpec,
+    /// Per-layer sensitivity, and how `float_layers` picks the ops it
+    /// leaves in float. Given, every PTQ recipe gets a sensitivity ranking
+    /// in the reports; left out, only runs with `float_layers` compute one
+    /// (with these defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<SensitivitySpec>,
     /// How int8 models are written: `tensorrt` (TensorRT's explicit
     /// quantization: symmetric int8 activations, full-range per-channel
     /// weights, Q/DQ on the inputs of weighted ops only, BatchNorm left to
@@ -476,6 +482,112 @@ pub struct MatrixSpec {
     #[serde(default)]
     #[schemars(extend("uniqueItems" = true), inner(range(max = 1000)))]
     pub qat_epochs: Vec<u32>,
+    /// Ops left in float, most sensitive first (default: just 0): a count
+    /// k, or "auto" to revert ops one at a time until validation top-1 is
+    /// within `sensitivity.accuracy_budget` of fp32's.
+    #[serde(default)]
+    #[schemars(extend("uniqueItems" = true))]
+    pub float_layers: Vec<FloatLayers>,
+}
+
+/// How many of a run's quantized ops (weighted ops, and residual
+/// quantizers with fusion) stay in float, chosen by the sensitivity ranking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum FloatLayers {
+    /// The k most sensitive ops (0: every op quantized).
+    Count(#[schemars(range(max = 10000))] u32),
+    /// "auto": as few as meet `sensitivity.accuracy_budget` on the validation subset.
+    Auto(AutoFloatLayers),
+}
+
+/// The one word `float_layers` takes besides a count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoFloatLayers {
+    Auto,
+}
+
+impl Default for FloatLayers {
+    fn default() -> Self {
+        FloatLayers::Count(0)
+    }
+}
+
+impl FloatLayers {
+    pub const AUTO: FloatLayers = FloatLayers::Auto(AutoFloatLayers::Auto);
+
+    /// Whether every quantizable op is quantized.
+    pub fn is_none(self) -> bool {
+        self == FloatLayers::Count(0)
+    }
+
+    /// Its run id part: empty, `float2`, or `auto`.
+    pub fn name(self) -> String {
+        match self {
+            FloatLayers::Count(0) => String::new(),
+            FloatLayers::Count(k) => format!("float{k}"),
+            FloatLayers::Auto(_) => "auto".to_string(),
+        }
+    }
+}
+
+/// Sensitivity analysis and accuracy-budgeted fallback.
+///
+/// Both are measured on a validation subset: a seeded draw from the
+/// calibration source that holds none of the calibration images and never
+/// comes from the evaluation (test) split, so the figure a budget is met on
+/// is not the figure reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SensitivitySpec {
+    /// Images each sensitivity pass scores: the first of the validation subset.
+    #[serde(default = "default_sensitivity_samples")]
+    #[schemars(range(min = 1))]
+    pub samples: u32,
+    /// Size of the validation subset `"auto"` measures the budget on (labels needed).
+    #[serde(default = "default_validation_samples")]
+    #[schemars(range(min = 1))]
+    pub validation_samples: u32,
+    /// Seed of the validation draw.
+    #[serde(default)]
+    pub seed: u64,
+    /// Points of validation top-1 below fp32's that `float_layers: "auto"`
+    /// accepts (0.3: within 0.3 points). Required by "auto".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub accuracy_budget: Option<f64>,
+    /// The most ops "auto" leaves in float before it gives up and returns
+    /// its best model [default: a quarter of the quantized ops, at least 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_float_layers: Option<u32>,
+    /// What a float op runs in, in the `tensorrt` format: fp32, or fp16
+    /// with Casts around it (what TensorRT's strongly typed networks need,
+    /// since precision flags are gone). The `onnxruntime-cpu` format takes fp32 only.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub fallback_precision: FallbackPrecision,
+}
+
+impl Default for SensitivitySpec {
+    fn default() -> Self {
+        Self {
+            samples: default_sensitivity_samples(),
+            validation_samples: default_validation_samples(),
+            seed: 0,
+            accuracy_budget: None,
+            max_float_layers: None,
+            fallback_precision: FallbackPrecision::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FallbackPrecision {
+    #[default]
+    Fp32,
+    Fp16,
 }
 
 /// The QAT recipe. NVIDIA's: about 10% of the original epochs (the
@@ -541,6 +653,8 @@ pub struct MatrixEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 1000))]
     pub qat_epochs: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub float_layers: Option<FloatLayers>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
@@ -670,6 +784,11 @@ impl SweepSpec {
     pub fn int8_format(&self) -> Int8Format {
         self.int8_format.unwrap_or_else(|| self.evaluate.engine.native_int8_format())
     }
+
+    /// The sensitivity settings in force: the spec's, or the defaults.
+    pub fn sensitivity_settings(&self) -> SensitivitySpec {
+        self.sensitivity.clone().unwrap_or_default()
+    }
 }
 
 fn default_depth() -> u32 {
@@ -729,6 +848,12 @@ fn default_std() -> Vec<f32> {
 }
 fn default_max_parallel() -> u32 {
     4
+}
+fn default_sensitivity_samples() -> u32 {
+    256
+}
+fn default_validation_samples() -> u32 {
+    1000
 }
 fn default_percentile() -> f64 {
     99.99

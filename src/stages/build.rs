@@ -56,6 +56,24 @@ pub struct PtqModel {
     pub shapes: HashMap<String, Vec<usize>>,
 }
 
+/// Each calibrated tensor's range under `method`.
+pub fn calibrated_ranges(
+    statistics: &Statistics,
+    method: CalibrationMethod,
+    percentile: Option<f64>,
+) -> HashMap<String, qdq::Range> {
+    statistics
+        .tensors
+        .iter()
+        .map(|t| {
+            let amax = amax::amax(method, &t.histogram, percentile.unwrap_or(99.99));
+            (t.name.clone(), qdq::Range { amax, nonnegative: t.histogram.min >= 0.0 })
+        })
+        .collect()
+}
+
+/// The PTQ model of `task`'s recipe, with the ops its `float_layers`
+/// chose left in float (`fallback::chosen`).
 pub fn ptq_model(
     task: &Task,
     context: &StageContext<'_>,
@@ -64,17 +82,11 @@ pub fn ptq_model(
     percentile: Option<f64>,
 ) -> Result<PtqModel, StageError> {
     let statistics = Statistics::read(&context.input_dir(task, "calibration")?)?;
-    let ranges: HashMap<String, qdq::Range> = statistics
-        .tensors
-        .iter()
-        .map(|t| {
-            let amax = amax::amax(quantizer.calibration, &t.histogram, percentile.unwrap_or(99.99));
-            (t.name.clone(), qdq::Range { amax, nonnegative: t.histogram.min >= 0.0 })
-        })
-        .collect();
+    let ranges = calibrated_ranges(&statistics, quantizer.calibration, percentile);
     let shapes = statistics.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
     let model = context.load_model(task)?;
-    let (model, summary) = qdq::quantize(&model.proto, &ranges, format, quantizer.residual_fusion)
+    let fallback = super::fallback::chosen(task, context)?;
+    let (model, summary) = qdq::quantize_except(&model.proto, &ranges, format, quantizer.residual_fusion, &fallback)
         .map_err(|e| StageError::Fatal(e.to_string()))?;
     Ok(PtqModel { model, summary, shapes })
 }
@@ -115,6 +127,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
                 "qdq_pairs": summary.qdq_pairs,
                 "dead": summary.dead,
                 "float_residual_adds": summary.float_adds,
+                "float_ops": summary.float_ops,
             });
             (qdq_path, metrics)
         }

@@ -9,8 +9,10 @@
 pub mod build;
 pub mod calibrate;
 pub mod evaluate;
+pub mod fallback;
 pub mod prepare_data;
 pub mod qat;
+pub mod sensitivity;
 pub mod train;
 
 use std::path::Path;
@@ -206,6 +208,8 @@ pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, Stag
         StageKind::Evaluate => evaluate::run(task, context, staging.dir())?,
         StageKind::Calibrate => calibrate::run(task, context, staging.dir())?,
         StageKind::Qat => qat::run(task, context, staging.dir())?,
+        StageKind::Sensitivity => sensitivity::run(task, context, staging.dir())?,
+        StageKind::Fallback => fallback::run(task, context, staging.dir())?,
         StageKind::Train => train::run(task, context, staging.dir())?,
         StageKind::Noop => unreachable!("no-op tasks return above"),
     };

@@ -29,7 +29,7 @@ use crate::plan::Task;
 use crate::progress::Walk;
 use crate::spec::{Color, Dataset, Layout, Preprocess};
 
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// Images decoded in parallel before they are written.
 const BLOCK: usize = 256;
@@ -41,6 +41,47 @@ struct Params {
     source: Source,
     samples: Option<u32>,
     seed: Option<u64>,
+    /// Another role's subset of the same source, which this one leaves
+    /// out (the validation subset holds out the calibration set).
+    #[serde(default)]
+    held_out: Option<HeldOut>,
+}
+
+#[derive(Deserialize)]
+struct HeldOut {
+    samples: u32,
+    seed: u64,
+}
+
+/// The source indices of a drawn subset, in the order it was prepared,
+/// so that which images a role used can be checked against another's.
+pub const SOURCE_INDICES: &str = "source_indices.json";
+
+/// Which of a source's samples a role takes.
+#[derive(Clone, Copy)]
+struct Draw {
+    subset: Option<(u32, u64)>,
+    held_out: Option<(u32, u64)>,
+}
+
+impl Draw {
+    /// The indices out of `population`; a subset larger than what it is
+    /// drawn from is an error (validation refuses such specs up front).
+    fn indices(self, population: usize, out: &Path) -> Result<Vec<usize>, StageError> {
+        let indices = subset_indices(population, self.subset, self.held_out);
+        if let (Some((samples, _)), Some((held, _))) = (self.subset, self.held_out) {
+            if indices.len() < samples as usize {
+                return Err(StageError::Fatal(format!(
+                    "a subset of {samples} is asked for, but the source holds {population} samples and {held} of them are held out"
+                )));
+            }
+        }
+        if self.subset.is_some() {
+            let path = out.join(SOURCE_INDICES);
+            super::write_file(&path, &serde_json::to_vec(&indices).expect("indices serialize"))?;
+        }
+        Ok(indices)
+    }
 }
 
 #[derive(Deserialize)]
@@ -55,10 +96,11 @@ struct DataParams {
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let params: Params = params(task)?;
     let subset = params.samples.map(|samples| (samples, params.seed.unwrap_or(0)));
+    let draw = Draw { subset, held_out: params.held_out.as_ref().map(|h| (h.samples, h.seed)) };
     let count = match &params.source {
-        Source::Idx { split, .. } => prepare_idx(context, &params.data, *split, subset, out)?,
-        Source::ImageFolder { .. } => prepare_folder(context, &params, subset, out)?,
-        Source::Tensors { .. } => prepare_tensors(context, &params, subset, out)?,
+        Source::Idx { split, .. } => prepare_idx(context, &params.data, *split, draw, out)?,
+        Source::ImageFolder { .. } => prepare_folder(context, &params, draw, out)?,
+        Source::Tensors { .. } => prepare_tensors(context, &params, draw, out)?,
     };
     let mut metrics = json!({"split": params.split, "count": count});
     if let Some((_, seed)) = subset {
@@ -71,12 +113,12 @@ fn prepare_idx(
     context: &StageContext<'_>,
     data: &DataParams,
     split: Split,
-    subset: Option<(u32, u64)>,
+    draw: Draw,
     out: &Path,
 ) -> Result<usize, StageError> {
     let raw = data::load_split(data.dataset, &context.sweep.data_dir, split)
         .map_err(|e| StageError::Fatal(format!("{e}\n  fix: {}", e.fix(data.dataset))))?;
-    let indices = subset_indices(raw.count, subset);
+    let indices = draw.indices(raw.count, out)?;
     let plane = raw.height * raw.width;
     let normalize = Normalize::new(&data.preprocess, 0);
     let mut shards = ShardWriter::create(out, Stored::U8, &[1, raw.height, raw.width], indices.len(), Some(normalize))?;
@@ -96,11 +138,11 @@ fn prepare_idx(
 fn prepare_folder(
     context: &StageContext<'_>,
     params: &Params,
-    subset: Option<(u32, u64)>,
+    draw: Draw,
     out: &Path,
 ) -> Result<usize, StageError> {
     let folder = params.source.folder().map_err(|e| StageError::Fatal(e.to_string()))?;
-    let indices = subset_indices(folder.samples.len(), subset);
+    let indices = draw.indices(folder.samples.len(), out)?;
     let preprocess = &params.data.preprocess;
     let [height, width] = params
         .data
@@ -146,11 +188,11 @@ fn prepare_folder(
 fn prepare_tensors(
     context: &StageContext<'_>,
     params: &Params,
-    subset: Option<(u32, u64)>,
+    draw: Draw,
     out: &Path,
 ) -> Result<usize, StageError> {
     let set = params.source.tensors().map_err(|e| StageError::Fatal(e.to_string()))?;
-    let indices = subset_indices(set.len(), subset);
+    let indices = draw.indices(set.len(), out)?;
     let preprocess = &params.data.preprocess;
     let normalize = Normalize::new(preprocess, preprocess.layout.channel_axis(set.sample_shape.len()));
     let labels: Option<Vec<i64>> = set.labels.as_ref().map(|labels| indices.iter().map(|&i| labels[i]).collect());

@@ -83,7 +83,8 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     )
     .map_err(read_error)?;
     let trained = network.export(&ptq.model)?;
-    qdq::lint(&trained, params.quantizer.residual_fusion).map_err(|e| StageError::Fatal(e.to_string()))?;
+    let float_ops: std::collections::BTreeSet<String> = ptq.summary.float_ops.iter().cloned().collect();
+    qdq::lint(&trained, params.quantizer.residual_fusion, &float_ops).map_err(|e| StageError::Fatal(e.to_string()))?;
     super::write_file(&out.join(QDQ_MODEL), &trained.encode_to_vec())?;
     // The artifact now holds what the checkpoint was for.
     let _ = std::fs::remove_dir_all(&checkpoint);
