@@ -4,6 +4,7 @@
 //! the same files as the end of `qsweep run`, and a half-finished sweep
 //! reports what it has.
 
+mod fallback;
 mod plot;
 
 use std::collections::BTreeMap;
@@ -213,8 +214,14 @@ pub fn write_all(results: &ResultsDir) -> std::io::Result<Vec<RunResult>> {
     let root = results.root();
     write_atomically(&root.join("runs.csv"), &runs_csv(&runs)?)?;
     write_atomically(&root.join("runs.jsonl"), runs_jsonl(&runs).as_bytes())?;
-    write_atomically(&root.join("summary.md"), summary_markdown(&plan.sweep, &runs).as_bytes())?;
+    let findings = fallback::Findings::collect(results, &plan);
+    let mut summary = summary_markdown(&plan.sweep, &runs);
+    summary.push_str(&findings.markdown(&runs));
+    write_atomically(&root.join("summary.md"), summary.as_bytes())?;
     write_atomically(&root.join("accuracy_latency.svg"), plot::accuracy_latency_svg(&plan.sweep, &runs).as_bytes())?;
+    for (name, svg) in findings.charts() {
+        write_atomically(&root.join(name), svg.as_bytes())?;
+    }
     Ok(runs)
 }
 
@@ -343,7 +350,8 @@ fn pivots(md: &mut String, runs: &[RunResult]) {
     let mut by_epochs: BTreeMap<u32, BTreeMap<(String, String), String>> = BTreeMap::new();
     for run in runs {
         let r = &run.row;
-        let Ok(epochs) = r.qat_epochs.parse::<u32>() else {
+        // Runs with ops in float have their own section.
+        let Some(epochs) = r.qat_epochs.parse::<u32>().ok().filter(|_| r.float_layers == "0") else {
             continue;
         };
         let cell = r.quality().map_or_else(|| r.status.clone(), |a| format!("{a:.2}%"));
@@ -380,7 +388,15 @@ fn describe(r: &RunRow) -> String {
         0 => String::new(),
         n => format!("; {n} residual Add(s) in float"),
     };
-    format!("{recipe}{kernels}{adds}; {} format, {} Q/DQ", r.int8_format, r.qdq_pairs.unwrap_or(0))
+    let float = match r.float_ops.split(';').filter(|o| !o.is_empty()).count() {
+        0 => String::new(),
+        n => format!("; {n} op(s) left in float ({})", r.float_ops.replace(';', ", ")),
+    };
+    let budget = match r.budget_met {
+        Some(false) => "; accuracy budget not met, best step kept",
+        _ => "",
+    };
+    format!("{recipe}{float}{budget}{kernels}{adds}; {} format, {} Q/DQ", r.int8_format, r.qdq_pairs.unwrap_or(0))
 }
 
 fn first_line(text: &str) -> &str {
