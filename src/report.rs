@@ -4,6 +4,7 @@
 //! the same files as the end of `qsweep run`, and a half-finished sweep
 //! reports what it has.
 
+mod health;
 mod plot;
 
 use std::collections::BTreeMap;
@@ -187,7 +188,8 @@ pub fn write_all(results: &ResultsDir) -> std::io::Result<Vec<RunResult>> {
     let root = results.root();
     write_atomically(&root.join("runs.csv"), &runs_csv(&runs)?)?;
     write_atomically(&root.join("runs.jsonl"), runs_jsonl(&runs).as_bytes())?;
-    write_atomically(&root.join("summary.md"), summary_markdown(&plan.sweep, &runs).as_bytes())?;
+    let summary = summary_markdown(&plan.sweep, &runs) + &health::section(results, &plan);
+    write_atomically(&root.join("summary.md"), summary.as_bytes())?;
     write_atomically(&root.join("accuracy_latency.svg"), plot::accuracy_latency_svg(&plan.sweep, &runs).as_bytes())?;
     Ok(runs)
 }
