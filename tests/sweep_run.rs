@@ -84,8 +84,8 @@ fn reference_sweep_measures_reports_and_resumes() {
     assert!(summary.contains("| Model | Accuracy | Performance | Note |"));
     assert!(summary.contains(&format!("| fp32 | {accuracy:.2}%; top-5 ")), "{summary}");
     assert!(summary.contains("| calibration | unfused | fused |"));
-    // Calibration health names what entropy does to this model: it clips
-    // the input's background, a point mass at one normalised value.
+    // Calibration health flags the input: its background is a point mass
+    // at one normalised value, and entropy clips the brighter pixels.
     assert!(summary.contains("## Calibration health\n\n500 calibration samples; 0 exact duplicate(s)"), "{summary}");
     assert!(summary.contains("| tensor | producer | bin 0 | largest other bin | max |"), "{summary}");
     let input = summary.lines().find(|l| l.starts_with("- `input` (graph input): ")).expect("the input is flagged");
