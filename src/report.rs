@@ -5,6 +5,7 @@
 //! reports what it has.
 
 mod fallback;
+mod health;
 mod plot;
 
 use std::collections::BTreeMap;
@@ -217,6 +218,7 @@ pub fn write_all(results: &ResultsDir) -> std::io::Result<Vec<RunResult>> {
     let findings = fallback::Findings::collect(results, &plan);
     let mut summary = summary_markdown(&plan.sweep, &runs);
     summary.push_str(&findings.markdown(&runs));
+    summary.push_str(&health::section(results, &plan));
     write_atomically(&root.join("summary.md"), summary.as_bytes())?;
     write_atomically(&root.join("accuracy_latency.svg"), plot::accuracy_latency_svg(&plan.sweep, &runs).as_bytes())?;
     for (name, svg) in findings.charts() {

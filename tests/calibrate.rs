@@ -35,6 +35,32 @@ fn ragged_batches_count_every_value() {
     assert!(!dir.path().join(".exposed.onnx").exists(), "the scratch model is removed");
 }
 
+/// What calibration health reads beyond the histograms: every image of
+/// these batches is constant and all but three repeat an earlier one;
+/// the last batch grew the input's range fivefold; every tensor but the
+/// input names the node that writes it, and channels follow axis 1.
+#[test]
+fn the_pass_records_the_facts_health_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let batches = vec![batch(64, 0.3), batch(64, -0.2), batch(7, 1.5)];
+    let stats =
+        collect(&reference().proto, dir.path(), 1, batches.into_iter(), &AtomicBool::new(false), |_| {}).unwrap();
+    let lint = stats.lint.unwrap();
+    assert_eq!((lint.duplicates, lint.constant, lint.class_counts), (132, 135, None));
+    let input = stats.tensors.iter().find(|t| t.name == "input").unwrap();
+    assert_eq!((input.max_before_last_batch, input.channel_max.as_slice()), (Some(0.3), &[1.5][..]));
+    assert!(input.producer.is_none());
+    for tensor in stats.tensors.iter().filter(|t| t.name != "input") {
+        let producer = tensor.producer.as_ref().unwrap_or_else(|| panic!("{} has no producer", tensor.name));
+        assert!(!producer.node.is_empty() && !producer.op.is_empty());
+        if tensor.shape.len() >= 2 {
+            assert_eq!(tensor.channel_max.len(), tensor.shape[0], "{}", tensor.name);
+            let max = tensor.channel_max.iter().copied().fold(0.0f32, f32::max);
+            assert_eq!(max, tensor.histogram.max, "{}", tensor.name);
+        }
+    }
+}
+
 #[test]
 fn non_finite_activations_name_the_tensor() {
     let dir = tempfile::tempdir().unwrap();

@@ -84,6 +84,12 @@ fn reference_sweep_measures_reports_and_resumes() {
     assert!(summary.contains("| Model | Accuracy | Performance | Note |"));
     assert!(summary.contains(&format!("| fp32 | {accuracy:.2}%; top-5 ")), "{summary}");
     assert!(summary.contains("| calibration | unfused | fused |"));
+    // Calibration health flags the input: its background is a point mass
+    // at one normalised value, and entropy clips the brighter pixels.
+    assert!(summary.contains("## Calibration health\n\n500 calibration samples; 0 exact duplicate(s)"), "{summary}");
+    assert!(summary.contains("| tensor | producer | bin 0 | largest other bin | max |"), "{summary}");
+    let input = summary.lines().find(|l| l.starts_with("- `input` (graph input): ")).expect("the input is flagged");
+    assert!(input.contains("of its non-zero values in one bin") && input.contains("entropy clips at"), "{input}");
     let svg = fs::read_to_string(results.join("accuracy_latency.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("mse-fused-ptq"));
 

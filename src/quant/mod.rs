@@ -3,5 +3,6 @@
 
 pub mod amax;
 pub mod coverage;
+pub mod health;
 pub mod histogram;
 pub mod qdq;

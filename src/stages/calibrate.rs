@@ -6,26 +6,34 @@
 //! One task serves every calibration method and both fusion settings: the
 //! artifact holds the histogram and running max of each tensor, and the
 //! build stage derives each method's amax from it.
+//!
+//! It also records what the histograms cannot tell afterwards and the
+//! report's calibration health reads (`quant::health`): each tensor's
+//! producer, its max before the last batch and per channel, and a lint of
+//! the images themselves (duplicates, constant images, class counts).
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_onnx::onnx::{type_proto, ModelProto, TensorShapeProto, TypeProto, ValueInfoProto};
-use ndarray::{ArrayD, Ix4};
+use ndarray::{ArrayD, ArrayView3, Ix4};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::{StageContext, StageError};
 use crate::engine::{self, InferenceSession};
 use crate::onnx;
+use crate::onnx::graph::{node_name, GraphIndex};
 use crate::plan::Task;
 use crate::progress::Walk;
+use crate::quant::health::{Measured, Producer, SetLint};
 use crate::quant::histogram::{Histogram, INITIAL_BINS};
 use crate::quant::qdq;
 
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 pub const STATISTICS: &str = "histograms.json";
 
@@ -41,6 +49,9 @@ const BATCH_INPUT_VALUES: usize = 1 << 20;
 pub struct Statistics {
     pub samples: usize,
     pub tensors: Vec<TensorStatistics>,
+    /// None in files written before version 3.
+    #[serde(default)]
+    pub lint: Option<SetLint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,6 +60,31 @@ pub struct TensorStatistics {
     /// Shape of one sample of the tensor (batch axis removed).
     pub shape: Vec<usize>,
     pub histogram: Histogram,
+    /// The node that writes it; None for a graph input.
+    #[serde(default)]
+    pub producer: Option<Producer>,
+    /// The running max of |x| before the last batch, so the report can
+    /// tell whether the last batch still grew the range (a set too small
+    /// to have seen it). None after a single batch.
+    #[serde(default)]
+    pub max_before_last_batch: Option<f32>,
+    /// Max of |x| per channel (axis 1), which names dead channels by
+    /// index; empty for tensors of rank below 2.
+    #[serde(default)]
+    pub channel_max: Vec<f32>,
+}
+
+impl TensorStatistics {
+    /// What calibration health reads of this tensor.
+    pub fn measured(&self) -> Measured<'_> {
+        Measured {
+            name: &self.name,
+            producer: self.producer.as_ref(),
+            histogram: &self.histogram,
+            max_before_last_batch: self.max_before_last_batch,
+            channel_max: &self.channel_max,
+        }
+    }
 }
 
 impl Statistics {
@@ -66,8 +102,12 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let batch = (BATCH_INPUT_VALUES / per_sample.max(1)).clamp(1, MAX_BATCH);
     let mut walk = Walk::new(context.report, "images", set.len());
     let batches = set.batches(batch).map(|read| read.map_err(|e| context.read_error(task, "data", e)));
-    let statistics =
+    let mut statistics =
         collect(&model.proto, out, engine::resolve_threads(0), batches, context.cancel, |n| walk.advance(n))?;
+    let labels = set.labels().map_err(|e| context.read_error(task, "data", e))?;
+    if let (Some(lint), Some(labels)) = (statistics.lint.as_mut(), labels) {
+        lint.class_counts = Some(class_counts(&labels));
+    }
 
     let warnings = warnings(statistics.samples, &statistics.tensors);
     for warning in &warnings {
@@ -101,6 +141,13 @@ where
     if names.is_empty() {
         return Err(StageError::Fatal(qdq::QdqError::NothingToQuantize.to_string()));
     }
+    let index = GraphIndex::new(graph);
+    let producer = |name: &str| {
+        index.producer_index(name).map(|i| {
+            let node = &graph.node[i];
+            Producer { node: node_name(node, i), op: node.op_type.clone() }
+        })
+    };
 
     // The same model with every tensor to measure exposed as an output.
     let mut exposed = model.clone();
@@ -119,9 +166,17 @@ where
     let slots: Vec<Option<usize>> = session.output_names().iter().map(|o| names.iter().position(|n| n == o)).collect();
     let mut tensors: Vec<TensorStatistics> = names
         .iter()
-        .map(|name| TensorStatistics { name: name.clone(), shape: Vec::new(), histogram: Histogram::new() })
+        .map(|name| TensorStatistics {
+            name: name.clone(),
+            shape: Vec::new(),
+            histogram: Histogram::new(),
+            producer: producer(name),
+            max_before_last_batch: None,
+            channel_max: Vec::new(),
+        })
         .collect();
     let mut samples = 0;
+    let mut lint = Linter::default();
     for batch in batches {
         if cancel.load(Ordering::Relaxed) {
             return Err(StageError::Cancelled);
@@ -129,6 +184,16 @@ where
         let batch = batch?
             .into_dimensionality::<Ix4>()
             .map_err(|e| StageError::Fatal(format!("calibration images are not NCHW: {e}")))?;
+        if samples > 0 {
+            // Every batch may be the last; the max before it is what the
+            // last one is measured against.
+            for tensor in &mut tensors {
+                tensor.max_before_last_batch = Some(tensor.histogram.max);
+            }
+        }
+        for image in batch.outer_iter() {
+            lint.add(image);
+        }
         samples += batch.shape()[0];
         on_batch(batch.shape()[0]);
         // A model whose batch axis is fixed takes the batch in slices of that size.
@@ -165,19 +230,73 @@ where
             }
         }
     }
-    Ok(Statistics { samples, tensors })
+    Ok(Statistics { samples, tensors, lint: Some(lint.counts) })
+}
+
+/// Counts duplicate and constant images as they stream past, keeping a
+/// 128-bit digest per distinct image rather than the image.
+#[derive(Default)]
+struct Linter {
+    seen: HashSet<[u8; 16]>,
+    counts: SetLint,
+    bytes: Vec<u8>,
+}
+
+impl Linter {
+    /// One image, channels first.
+    fn add(&mut self, image: ArrayView3<'_, f32>) {
+        self.bytes.clear();
+        self.bytes.extend(image.iter().flat_map(|v| v.to_le_bytes()));
+        let digest: [u8; 32] = Sha256::digest(&self.bytes).into();
+        if !self.seen.insert(digest[..16].try_into().expect("16 of 32 bytes")) {
+            self.counts.duplicates += 1;
+        }
+        let flat = |plane: ndarray::ArrayView2<'_, f32>| {
+            let first = plane.first().copied();
+            plane.iter().all(|&v| Some(v) == first)
+        };
+        if image.outer_iter().all(flat) {
+            self.counts.constant += 1;
+        }
+    }
+}
+
+fn class_counts(labels: &[i64]) -> BTreeMap<i64, u64> {
+    let mut counts = BTreeMap::new();
+    for &label in labels {
+        *counts.entry(label).or_insert(0) += 1;
+    }
+    counts
 }
 
 /// Adds one batch of a tensor to its statistics; the error message if the
 /// batch holds NaN or infinity.
 fn update(stats: &mut TensorStatistics, output: &engine::Output<'_>) -> Option<String> {
     stats.shape = output.shape.iter().skip(1).copied().collect();
+    track_channel_max(&mut stats.channel_max, &output.shape, output.values);
     stats.histogram.add(output.values).err().map(|bad| {
         format!(
             "tensor `{}` holds {} NaN or infinite value(s) on the calibration set; check the model and data.preprocess",
             stats.name, bad.count
         )
     })
+}
+
+/// Raises each channel's (axis 1) running max of |x| to this batch's.
+fn track_channel_max(channel_max: &mut Vec<f32>, shape: &[usize], values: &[f32]) {
+    let Some(&channels) = shape.get(1) else {
+        return;
+    };
+    if channels == 0 {
+        return;
+    }
+    channel_max.resize(channels, 0.0);
+    let inner: usize = shape[2..].iter().product();
+    for (run, plane) in values.chunks(inner.max(1)).enumerate() {
+        let max = plane.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let slot = &mut channel_max[run % channels];
+        *slot = slot.max(max);
+    }
 }
 
 /// A graph output declaration for an intermediate float tensor; ONNX
@@ -224,7 +343,14 @@ mod tests {
     fn tensor(values: usize) -> TensorStatistics {
         let mut histogram = Histogram::new();
         histogram.add(&vec![1.0; values]).unwrap();
-        TensorStatistics { name: "t".into(), shape: vec![values], histogram }
+        TensorStatistics {
+            name: "t".into(),
+            shape: vec![values],
+            histogram,
+            producer: None,
+            max_before_last_batch: None,
+            channel_max: Vec::new(),
+        }
     }
 
     #[test]
@@ -234,5 +360,47 @@ mod tests {
         assert!(few[0].contains("only 20 calibration samples"));
         assert!(few[1].contains("tensor `t` has only 1000 calibration values"));
         assert!(warnings(500, &[tensor(1 << 20)]).is_empty());
+    }
+
+    /// Exact repeats count once each after the first; an image is
+    /// constant when each channel is flat, whatever normalisation did to
+    /// the channels.
+    #[test]
+    fn the_lint_counts_duplicates_and_constant_images() {
+        let varied =
+            |seed: f32| ndarray::Array3::from_shape_fn((3, 4, 4), |(c, y, x)| seed + (c * 16 + y * 4 + x) as f32);
+        let solid = ndarray::Array3::from_shape_fn((3, 4, 4), |(c, _, _)| -(c as f32) / 0.3);
+        let mut lint = Linter::default();
+        for image in [varied(0.0), varied(1.0), varied(0.0), solid.clone(), varied(0.0), solid] {
+            lint.add(image.view());
+        }
+        assert_eq!(lint.counts, SetLint { duplicates: 3, constant: 2, class_counts: None });
+        assert_eq!(lint.seen.len(), 3, "one digest per distinct image");
+    }
+
+    #[test]
+    fn channel_max_follows_axis_one() {
+        let mut max = Vec::new();
+        // Two samples of two channels of two values.
+        track_channel_max(&mut max, &[2, 2, 2], &[1.0, -3.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0]);
+        assert_eq!(max, [3.0, 0.0]);
+        track_channel_max(&mut max, &[1, 2], &[-0.5, 2.0]);
+        assert_eq!(max, [3.0, 2.0]);
+    }
+
+    #[test]
+    fn class_counts_count_each_label() {
+        assert_eq!(class_counts(&[2, 0, 2, 2]), BTreeMap::from([(0, 1), (2, 3)]));
+    }
+
+    /// A version 2 file reads, with the health fields empty.
+    #[test]
+    fn statistics_without_health_fields_still_read() {
+        let old = r#"{"samples": 3, "tensors": [{"name": "t", "shape": [1],
+            "histogram": {"bin_width": 0.0, "counts": [], "max": 0.0, "pending_zeros": 3}}]}"#;
+        let statistics: Statistics = serde_json::from_str(old).unwrap();
+        assert!(statistics.lint.is_none());
+        let t = &statistics.tensors[0];
+        assert!(t.producer.is_none() && t.max_before_last_batch.is_none() && t.channel_max.is_empty());
     }
 }
