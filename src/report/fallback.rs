@@ -10,6 +10,7 @@
 use std::fmt::Write as _;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::RunResult;
 use crate::plan::{Plan, StageKind, Task};
@@ -247,30 +248,33 @@ fn sensitivity_svg(title: &str, ranking: &Ranking) -> String {
     {
         let root = SVGBackend::with_string(&mut svg, (820, height)).into_drawing_area();
         let _ = root.fill(&WHITE);
-        let label_width = rows.iter().map(|r| r.0.len()).max().unwrap_or(4).clamp(8, 48) as u32 * 7 + 10;
+        // Each bar carries its op's name and value to its right, so the
+        // x axis runs on past the longest bar to leave them room.
         let chart = ChartBuilder::on(&root)
             .caption(format!("{title}: KL against fp32 removed by each op in float"), ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(36)
-            .y_label_area_size(label_width)
-            .build_cartesian_2d(0.0..widest * 1.1, 0.0..rows.len().max(1) as f64);
+            .y_label_area_size(12)
+            .build_cartesian_2d(0.0..widest * 1.9, 0.0..rows.len().max(1) as f64);
         let Ok(mut chart) = chart else { return String::new() };
-        let names: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
         let _ = chart
             .configure_mesh()
             .disable_y_mesh()
-            .y_labels(rows.len().max(1))
-            .y_label_formatter(&|y| {
-                let index = rows.len().saturating_sub(1 + y.floor() as usize);
-                names.get(index).cloned().unwrap_or_default()
-            })
-            .x_desc("KL removed (nats), of the quantized model's total")
+            .y_labels(0)
+            .x_desc("KL removed (nats), most sensitive op on top")
             .draw();
-        let bars = rows.iter().enumerate().map(|(i, &(_, value))| {
+        for (i, &(name, value)) in rows.iter().enumerate() {
             let y = (rows.len() - 1 - i) as f64;
-            Rectangle::new([(0.0, y + 0.15), (value, y + 0.85)], BLUE.mix(0.7).filled())
-        });
-        let _ = chart.draw_series(bars);
+            let bar = Rectangle::new([(0.0, y + 0.15), (value, y + 0.85)], BLUE.mix(0.7).filled());
+            let label = EmptyElement::at((value, y + 0.5))
+                + Text::new(
+                    format!("{name}  {value:.3}"),
+                    (6, 0),
+                    ("sans-serif", 13).into_font().into_text_style(&root).pos(Pos::new(HPos::Left, VPos::Center)),
+                );
+            let _ = chart.draw_series([bar]);
+            let _ = chart.draw_series(std::iter::once(label));
+        }
         let _ = root.present();
     }
     svg
