@@ -111,7 +111,7 @@ fn one_task<'p>(plan: &'p Plan, id: &str, stage: StageKind) -> &'p qsweep::plan:
 /// The prepare-data task of `split` in run `id`'s chain.
 fn prepared_split<'p>(plan: &'p Plan, id: &str, split: &str) -> &'p qsweep::plan::Task {
     let tasks = run_tasks(plan, id, StageKind::PrepareData);
-    *tasks.iter().find(|t| t.params["split"] == split).unwrap_or_else(|| panic!("run {id} prepares no {split} data"))
+    tasks.iter().find(|t| t.params["split"] == split).unwrap_or_else(|| panic!("run {id} prepares no {split} data"))
 }
 
 fn source_indices(results: &Path, task: &qsweep::plan::Task) -> Vec<usize> {
@@ -474,7 +474,7 @@ fn the_lint_knows_a_float_residual_add_from_a_fusion_mistake() {
         let (quantized, summary) = qdq::quantize_except(&model, &ranges, format, true, &fallback).unwrap();
         let float: BTreeSet<String> = summary.float_ops.iter().cloned().collect();
         assert!(float.contains(&add), "{format:?}: {float:?}");
-        assert_eq!(summary.float_adds, [add.clone()], "{format:?}: only that Add's shortcut is float");
+        assert_eq!(summary.float_adds, std::slice::from_ref(&add), "{format:?}: only that Add's shortcut is float");
         qdq::lint(&quantized, true, &float).unwrap();
         match qdq::lint(&quantized, true, &BTreeSet::new()) {
             Err(qdq::QdqError::Lint { node, problem }) => {
