@@ -273,7 +273,8 @@ impl Plan {
                     fp32_evaluate_params.clone(),
                 ),
                 RunKind::Quantized(recipe) => {
-                    let context = QuantizedContext { spec, sources, data: &data, fp32_model: &fp32_model, test_data: &test_data };
+                    let context =
+                        QuantizedContext { spec, sources, data: &data, fp32_model: &fp32_model, test_data: &test_data };
                     (plan.add_quantized(&context, recipe, &mut chain), evaluate_params.clone())
                 }
             };
@@ -377,7 +378,8 @@ impl Plan {
         }
         let settings = spec.sensitivity_settings();
         let validation = self.add(StageKind::PrepareData, validation_params(spec, data, sources), vec![]);
-        let mut ptq = json!({"model_digest": sources.model_digest, "quantizer": quantizer, "format": spec.int8_format()});
+        let mut ptq =
+            json!({"model_digest": sources.model_digest, "quantizer": quantizer, "format": spec.int8_format()});
         if recipe.calibration == CalibrationMethod::Percentile {
             ptq["percentile"] = json!(spec.calibration.percentile);
         }
@@ -395,7 +397,8 @@ impl Plan {
                 .collect(),
         );
         chain.extend([validation.clone(), ranked.clone()]);
-        let float_params = json!({"float_layers": recipe.float_layers, "fallback_precision": settings.fallback_precision});
+        let float_params =
+            json!({"float_layers": recipe.float_layers, "fallback_precision": settings.fallback_precision});
         match recipe.float_layers {
             FloatLayers::Count(0) => (json!({}), Vec::new()),
             FloatLayers::Count(_) => (float_params, vec![input("sensitivity", &ranked)]),

@@ -16,8 +16,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::matrix::RunKind;
-use crate::spec::FloatLayers;
 use crate::plan::{Plan, StageKind};
+use crate::spec::FloatLayers;
 use crate::store::{write_atomically, ResultsDir};
 
 /// One row of runs.csv.

@@ -438,7 +438,8 @@ fn check_float_layers(
 ) {
     let spec = &parsed.spec;
     let settings = spec.sensitivity_settings();
-    let recipes: Vec<(&Run, &matrix::Recipe)> = runs.iter().filter_map(|r| r.recipe().map(|recipe| (r, recipe))).collect();
+    let recipes: Vec<(&Run, &matrix::Recipe)> =
+        runs.iter().filter_map(|r| r.recipe().map(|recipe| (r, recipe))).collect();
     let with_float: Vec<&(&Run, &matrix::Recipe)> = recipes.iter().filter(|(_, r)| !r.float_layers.is_none()).collect();
     if spec.sensitivity.is_none() && with_float.is_empty() {
         return;
@@ -453,7 +454,9 @@ fn check_float_layers(
             ));
         }
     }
-    if settings.fallback_precision == spec::FallbackPrecision::Fp16 && spec.int8_format() == spec::Int8Format::OnnxruntimeCpu {
+    if settings.fallback_precision == spec::FallbackPrecision::Fp16
+        && spec.int8_format() == spec::Int8Format::OnnxruntimeCpu
+    {
         errors.push(parsed.diagnostic(
             section.key("fallback_precision"),
             "fallback_precision fp16 applies to the tensorrt format, but this sweep writes onnxruntime-cpu models, whose float ops run in fp32",
@@ -463,7 +466,10 @@ fn check_float_layers(
     if settings.samples > settings.validation_samples {
         errors.push(parsed.diagnostic(
             section.key("samples"),
-            format!("sensitivity scores {} images, the first of the validation subset, which holds only {}", settings.samples, settings.validation_samples),
+            format!(
+                "sensitivity scores {} images, the first of the validation subset, which holds only {}",
+                settings.samples, settings.validation_samples
+            ),
             "lower sensitivity.samples, or raise sensitivity.validation_samples",
         ));
     }
@@ -510,7 +516,9 @@ fn check_float_layers(
         ));
     }
     let Some(population) = population else { return };
-    let calibration = source.subset(Some((spec.calibration.samples, spec.calibration.seed))).map_or(population, |(n, _)| (n as usize).min(population));
+    let calibration = source
+        .subset(Some((spec.calibration.samples, spec.calibration.seed)))
+        .map_or(population, |(n, _)| (n as usize).min(population));
     let left = population - calibration;
     if settings.validation_samples as usize > left {
         errors.push(parsed.diagnostic(

@@ -332,8 +332,7 @@ pub fn quantize_except(
     }
     let mut model = model.clone();
     let graph = model.graph.as_mut().expect("a loaded model has a graph");
-    let known: HashSet<String> =
-        quantized_ops(graph, format, residual_fusion).into_iter().map(|op| op.name).collect();
+    let known: HashSet<String> = quantized_ops(graph, format, residual_fusion).into_iter().map(|op| op.name).collect();
     if let Some(op) = fallback.ops.iter().find(|op| !known.contains(*op)) {
         return Err(QdqError::UnknownFloatOp { op: op.clone() });
     }
@@ -341,11 +340,8 @@ pub fn quantize_except(
     // Ops are named by `node_name`, which numbers unnamed nodes by their
     // position; the patches below move nodes, so fix the names first.
     name_unnamed_nodes(graph);
-    let mut summary = QdqSummary {
-        format: Some(format),
-        float_ops: float_ops.iter().cloned().collect(),
-        ..Default::default()
-    };
+    let mut summary =
+        QdqSummary { format: Some(format), float_ops: float_ops.iter().cloned().collect(), ..Default::default() };
     inline_constant_identities(graph).apply(graph)?;
     let mut names = Names::of(graph);
     if format == Int8Format::OnnxruntimeCpu {
@@ -408,7 +404,8 @@ fn in_half_precision(graph: &GraphProto, ops: &BTreeSet<String>, names: &mut Nam
                 }
                 None => {
                     let place = index.producer_index(tensor).map_or(Place::First, Place::After);
-                    let cast = cast_node(&names.fresh(&format!("{tensor}_Cast_fp16")), tensor, &half_name, DataType::Float16);
+                    let cast =
+                        cast_node(&names.fresh(&format!("{tensor}_Cast_fp16")), tensor, &half_name, DataType::Float16);
                     patch.add_node(place, cast);
                 }
             }

@@ -196,7 +196,8 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let chosen = if budget_met {
         steps.len() - 1
     } else {
-        (0..steps.len()).fold(0, |best, i| if steps[i].validation_top1 > steps[best].validation_top1 { i } else { best })
+        (0..steps.len())
+            .fold(0, |best, i| if steps[i].validation_top1 > steps[best].validation_top1 { i } else { best })
     };
     let note = (!budget_met).then(|| {
         let best = &steps[chosen];

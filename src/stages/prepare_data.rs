@@ -135,12 +135,7 @@ fn prepare_idx(
     Ok(indices.len())
 }
 
-fn prepare_folder(
-    context: &StageContext<'_>,
-    params: &Params,
-    draw: Draw,
-    out: &Path,
-) -> Result<usize, StageError> {
+fn prepare_folder(context: &StageContext<'_>, params: &Params, draw: Draw, out: &Path) -> Result<usize, StageError> {
     let folder = params.source.folder().map_err(|e| StageError::Fatal(e.to_string()))?;
     let indices = draw.indices(folder.samples.len(), out)?;
     let preprocess = &params.data.preprocess;
@@ -185,12 +180,7 @@ fn prepare_folder(
     Ok(indices.len())
 }
 
-fn prepare_tensors(
-    context: &StageContext<'_>,
-    params: &Params,
-    draw: Draw,
-    out: &Path,
-) -> Result<usize, StageError> {
+fn prepare_tensors(context: &StageContext<'_>, params: &Params, draw: Draw, out: &Path) -> Result<usize, StageError> {
     let set = params.source.tensors().map_err(|e| StageError::Fatal(e.to_string()))?;
     let indices = draw.indices(set.len(), out)?;
     let preprocess = &params.data.preprocess;

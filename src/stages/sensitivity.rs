@@ -167,7 +167,8 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let mut scored: Vec<(BTreeSet<String>, Divergence)> = Vec::new();
     let mut rows = Vec::with_capacity(ops.len());
     for op in ops {
-        let float = qdq::float_closure(graph, p.format, p.quantizer.residual_fusion, &BTreeSet::from([op.name.clone()]));
+        let float =
+            qdq::float_closure(graph, p.format, p.quantizer.residual_fusion, &BTreeSet::from([op.name.clone()]));
         let restored = match scored.iter().find(|(ops, _)| *ops == float) {
             Some((_, divergence)) => *divergence,
             None => {
