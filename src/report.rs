@@ -59,7 +59,7 @@ pub struct RunRow {
     pub int8_flop_share: Option<f64>,
     /// Residual Adds whose shortcut stayed in float, `;`-separated.
     pub float_residual_adds: String,
-    /// The ops `float_layers` left in float, most sensitive first, `;`-separated.
+    /// The ops `float_layers` left in float, by name, `;`-separated.
     pub float_ops: String,
     /// `float_layers: "auto"`: whether validation top-1 came within the budget.
     pub budget_met: Option<bool>,

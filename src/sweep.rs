@@ -489,7 +489,8 @@ fn check_float_layers(
     }
     // The validation subset: the calibration source, less the calibration set.
     let Some((_, source)) = sources.iter().find(|(role, _)| *role == Role::Calibration) else { return };
-    if sources.iter().any(|(role, other)| *role == Role::Evaluation && other == source) {
+    let files = source.without_subset();
+    if sources.iter().any(|(role, other)| *role == Role::Evaluation && other.without_subset() == files) {
         errors.push(parsed.diagnostic(
             JsonPath::parse("data.calibration"),
             "the validation subset that sensitivity and float_layers use is drawn from data.calibration, which is also the evaluation source, so the budget would be judged on test images",

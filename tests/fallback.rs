@@ -537,7 +537,6 @@ fn missed_budget_sweep(dir: &Path) -> PathBuf {
 /// summary.md is where a reader looks: a run that missed its budget must
 /// say so there too, not only in runs.csv and the fallback artifact.
 #[test]
-#[ignore = "bug: report.rs summary_markdown/describe never mention float_layers, float ops or budget_met, so a missed budget is silent in summary.md"]
 fn a_missed_budget_is_said_in_the_summary() {
     let dir = tempfile::tempdir().unwrap();
     let results = missed_budget_sweep(dir.path());
@@ -612,7 +611,6 @@ fn calibration_from_the_evaluation_source_is_refused_with_fallback() {
 /// The same file with a calibration subset of its own is still the
 /// evaluation source.
 #[test]
-#[ignore = "bug: sweep.rs check_float_layers compares whole Source values, so a calibration subset (samples) on the evaluation file hides that it is the same file"]
 fn calibration_from_a_subset_of_the_evaluation_source_is_refused_too() {
     let dir = tempfile::tempdir().unwrap();
     let base = std::fs::read_to_string(reference_spec(

@@ -137,6 +137,19 @@ impl Source {
         }
     }
 
+    /// The same files, whichever subset of them a role takes.
+    pub fn without_subset(&self) -> Source {
+        match self.clone() {
+            Source::ImageFolder { root, classes, labels_file, .. } => {
+                Source::ImageFolder { root, classes, labels_file, subset: OwnSubset::default() }
+            }
+            Source::Tensors { path, input_key, label_key, model_input, sample_rank, .. } => {
+                Source::Tensors { path, input_key, label_key, model_input, sample_rank, subset: OwnSubset::default() }
+            }
+            idx => idx,
+        }
+    }
+
     /// Lists an image folder source.
     pub fn folder(&self) -> Result<ImageFolder, SourceError> {
         match self {

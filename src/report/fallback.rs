@@ -60,7 +60,8 @@ impl Findings {
             });
         }
         for planned in &plan.runs {
-            let searched = planned.tasks.iter().filter_map(|key| plan.task(key)).find(|t| t.stage == StageKind::Fallback);
+            let searched =
+                planned.tasks.iter().filter_map(|key| plan.task(key)).find(|t| t.stage == StageKind::Fallback);
             let Some(search) = searched.and_then(finished).and_then(|dir| Search::read(&dir).ok()) else { continue };
             let run = planned.run.id.clone();
             findings.searches.push(RunSearch { chart: format!("float_layers_{run}.svg"), run, search });
@@ -199,9 +200,9 @@ impl Findings {
         let budget = self.searches.first()?.search.accuracy_budget;
         let quantized = runs.iter().map(|r| &r.row).filter(|r| r.status == "ok" && !r.calibration.is_empty());
         let within: Vec<_> = quantized.clone().filter(|r| r.accuracy_delta.is_some_and(|d| d >= -budget)).collect();
-        let fastest = within.iter().min_by(|a, b| {
-            a.latency_p50_ms.unwrap_or(f64::MAX).total_cmp(&b.latency_p50_ms.unwrap_or(f64::MAX))
-        });
+        let fastest = within
+            .iter()
+            .min_by(|a, b| a.latency_p50_ms.unwrap_or(f64::MAX).total_cmp(&b.latency_p50_ms.unwrap_or(f64::MAX)));
         let mut md = format!("\n## Recommendation (budget: {budget} points of test top-1 against fp32)\n\n");
         match fastest {
             Some(r) => {
@@ -220,7 +221,8 @@ impl Findings {
                 );
             }
             None => {
-                let closest = quantized.max_by(|a, b| a.accuracy.unwrap_or(0.0).total_cmp(&b.accuracy.unwrap_or(0.0)))?;
+                let closest =
+                    quantized.max_by(|a, b| a.accuracy.unwrap_or(0.0).total_cmp(&b.accuracy.unwrap_or(0.0)))?;
                 let _ = writeln!(
                     md,
                     "No run is within the budget on the test split; the closest is `{}` at {:+.2} points.",
@@ -303,13 +305,17 @@ fn curve_svg(run: &str, search: &Search) -> String {
             .build_cartesian_2d(-0.2..x_max + 0.2, (low - 1.0).max(0.0)..(high + 1.0).min(100.5));
         let Ok(mut chart) = chart else { return String::new() };
         let _ = chart.configure_mesh().x_desc("ops in float").y_desc("top-1 (%)").x_labels(x_max as usize + 2).draw();
-        let series = [("validation", &validation, BLUE, search.fp32_validation_top1.into()), ("test", &test, RED, search.fp32_test_top1)];
+        let series = [
+            ("validation", &validation, BLUE, search.fp32_validation_top1.into()),
+            ("test", &test, RED, search.fp32_test_top1),
+        ];
         for (name, points, color, fp32) in series {
             if let Some(level) = fp32 {
                 let line = LineSeries::new([(-0.2, level), (x_max + 0.2, level)], color.mix(0.4).stroke_width(1));
-                let _ = chart
-                    .draw_series(line)
-                    .map(|s| s.label(format!("fp32, {name}")).legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.mix(0.4))));
+                let _ = chart.draw_series(line).map(|s| {
+                    s.label(format!("fp32, {name}"))
+                        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.mix(0.4)))
+                });
             }
             let _ = chart
                 .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)).point_size(4))

@@ -53,6 +53,9 @@ pub struct SweepSpec {
     /// in the reports; left out, only runs with `float_layers` compute one
     /// (with these defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    // An object in the schema, not "object or null", so that a bad value
+    // inside it is reported at its own field.
+    #[schemars(with = "SensitivitySpec")]
     pub sensitivity: Option<SensitivitySpec>,
     /// How int8 models are written: `tensorrt` (TensorRT's explicit
     /// quantization: symmetric int8 activations, full-range per-channel

@@ -31,7 +31,7 @@ use crate::progress::Walk;
 use crate::quant::qdq::{self, Fallback};
 use crate::spec::{FallbackPrecision, FloatLayers, Int8Format};
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 pub const SEARCH: &str = "search.json";
 
@@ -83,6 +83,11 @@ pub struct Search {
     pub budget_met: bool,
     /// What happened, in words, when the budget was not met.
     pub note: Option<String>,
+    /// Seconds to the decision (each step's Q/DQ model, validation pass and
+    /// latency), and on top of that scoring each step on the test split,
+    /// which the decision never reads.
+    pub search_s: f64,
+    pub test_s: f64,
 }
 
 impl Search {
@@ -128,6 +133,14 @@ pub fn chosen(task: &Task, context: &StageContext<'_>) -> Result<Fallback, Stage
 }
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
+    let started = std::time::Instant::now();
+    let mut test_s = 0.0;
+    let mut timed_test = |session: &mut InferenceSession| -> Result<Option<f64>, StageError> {
+        let started = std::time::Instant::now();
+        let top1 = top1_of(task, context, "test", session);
+        test_s += started.elapsed().as_secs_f64();
+        top1
+    };
     let p: Params = params(task)?;
     let ranking = Ranking::read(&context.input_dir(task, "sensitivity")?)?;
     let statistics = Statistics::read(&context.input_dir(task, "calibration")?)?;
@@ -146,7 +159,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let mut walk = Walk::new(context.report, "steps", max_float_layers + 2);
     let mut fp32 = scorer.open(&model.proto, out)?;
     let fp32_validation_top1 = validation_top1(&mut fp32)?;
-    let fp32_test_top1 = top1_of(task, context, "test", &mut fp32)?;
+    let fp32_test_top1 = timed_test(&mut fp32)?;
     drop(fp32);
     walk.advance(1);
 
@@ -181,7 +194,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         steps.push(Step {
             float_ops: float_ops.iter().cloned().collect(),
             validation_top1,
-            test_top1: top1_of(task, context, "test", &mut session)?,
+            test_top1: timed_test(&mut session)?,
             latency_ms: latency.p50_ms,
             model: file,
             within_budget,
@@ -221,6 +234,8 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         chosen,
         budget_met,
         note,
+        search_s: started.elapsed().as_secs_f64() - test_s,
+        test_s,
     };
     super::write_file(&out.join(SEARCH), &serde_json::to_vec_pretty(&search).expect("a search serializes"))?;
     let step = search.chosen_step();
@@ -233,6 +248,8 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         "test_top1": step.test_top1,
         "steps": search.steps.len(),
         "note": search.note,
+        "search_s": search.search_s,
+        "test_s": search.test_s,
     }))
 }
 

@@ -3,7 +3,9 @@
 //! against fp32, on a fixed seeded subset of the validation images.
 //!
 //! One pass per op, plus one for fp32 and one with everything quantized,
-//! over the same images held in memory: (ops + 2) forward passes. Each
+//! over the same images held in memory: at most (ops + 2) forward passes,
+//! fewer where ops share a Q/DQ pair and so go to float together (one
+//! variant, scored once). Each
 //! variant is a Q/DQ model from the same calibrated ranges as the run's
 //! build, opened on the CPU whatever the sweep's engine, since the ranking
 //! is about numbers, not speed.
