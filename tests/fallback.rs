@@ -706,3 +706,34 @@ fn one_ranking_serves_every_run_of_a_recipe() {
         }
     }
 }
+
+/// The axis composes with QAT: the partially quantized PTQ model is what
+/// QAT fine-tunes, its float op stays float through training, and the
+/// trained model is what the run builds.
+#[test]
+fn qat_fine_tunes_a_partially_quantized_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let results = dir.path().join("results");
+    let rest = format!(
+        r#""matrix": {{ "calibration": ["entropy"], "residual_fusion": [false], "float_layers": [2], "qat_epochs": [1] }},
+           "qat": {{ "samples": 500, "batch_size": 64, "learning_rate": 0.0001, "augment": false }}, {}"#,
+        sensitivity("")
+    );
+    run_ok(&reference_spec(dir.path(), "spec.json", &rest), &results);
+    let plan = plan_of(&results);
+    let csv = Csv::read(&results);
+    let id = "entropy-unfused-qat1-float2";
+    let ranked = one_task(&plan, id, StageKind::Sensitivity);
+    let ranking = Ranking::read(&artifact(&results, &ranked.key)).unwrap();
+    let expected = ranking.most_sensitive(2);
+    assert_eq!(expected.len(), 2, "{:#?}", ranking.ops);
+
+    let qat = one_task(&plan, id, StageKind::Qat);
+    assert_eq!(qat.input("sensitivity"), Some(&ranked.key), "QAT starts from the partial model");
+    let trained = load_model(&artifact(&results, &qat.key).join("qdq.onnx"));
+    assert_eq!(float_weighted_ops(&trained), expected, "the float ops stay float through QAT");
+    check_float_count(&results, &plan, &csv, id, &expected);
+    // Two float convs recover entropy's loss; a QAT epoch on top keeps it.
+    let accuracy = |run: &str| csv.cell(run, "accuracy").parse::<f64>().unwrap();
+    assert!(accuracy(id) > accuracy("fp32") - 1.0, "{:?}", csv.rows);
+}

@@ -265,7 +265,7 @@ fn top1_of(
     let Some(labels) = set.labels().map_err(|e| context.read_error(task, role, e))? else {
         return Ok(None);
     };
-    let batches = set.batches(64).map(|read| {
+    let batches = set.batches(session.fixed_batch().unwrap_or(64)).map(|read| {
         let batch = read.map_err(|e| context.read_error(task, role, e))?;
         batch
             .into_dimensionality::<ndarray::Ix4>()

@@ -267,7 +267,9 @@ impl<'a> Scorer<'a> {
     pub fn pass(&mut self, session: &mut InferenceSession, images: &Array4<f32>) -> Result<Array2<f32>, StageError> {
         let started = std::time::Instant::now();
         let mut rows = Vec::with_capacity(images.shape()[0]);
-        for batch in images.axis_chunks_iter(Axis(0), BATCH) {
+        // A model whose batch axis is fixed takes batches of that size.
+        let batch_size = session.fixed_batch().unwrap_or(BATCH);
+        for batch in images.axis_chunks_iter(Axis(0), batch_size) {
             if self.context.cancel.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(StageError::Cancelled);
             }
