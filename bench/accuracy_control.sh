@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, "bench")
+from qsweep_sweep import run_sweep  # noqa: E402
 from accuracy_control_nncf import FASHION_IDX, correct, quantization_state, read_idx, session, top1  # noqa: E402
 
 work, smoke, budget, out = Path(sys.argv[1]), sys.argv[2] == "1", float(sys.argv[3]), sys.argv[4]
@@ -90,19 +91,7 @@ if smoke:
     labels = read_idx(FASHION_IDX / "t10k-labels-idx1-ubyte.gz")[:256].astype(np.int64)
     np.savez(work / "test-256.npz", images=images, labels=labels)
     spec["data"]["evaluation"] = {"tensors": str(work / "test-256.npz")}
-(work / "spec.json").write_text(json.dumps(spec, indent=2))
-
-results = work / "results"
-started = time.perf_counter()
-with open(work / "qsweep.log", "w") as log:
-    status = subprocess.run(["target/release/qsweep", "run", str(work / "spec.json"), "--results", str(results)],
-                            stdout=log, stderr=subprocess.STDOUT).returncode
-sweep_s = time.perf_counter() - started
-if status:
-    sys.stderr.write((work / "qsweep.log").read_text())
-    raise SystemExit(f"qsweep run failed ({status})")
-
-plan = json.load(open(results / "plan.json"))
+results, plan, sweep_s = run_sweep(work, spec)
 tasks = {t["key"]: t for t in plan["tasks"]}
 artifacts = results / "artifacts"
 elapsed = lambda key: json.load(open(artifacts / key / "manifest.json"))["elapsed_s"]

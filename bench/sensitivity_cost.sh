@@ -59,6 +59,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+sys.path.insert(0, "bench")
+from qsweep_sweep import run_sweep  # noqa: E402
+
 work, smoke, model, out = Path(sys.argv[1]), sys.argv[2] == "1", str(Path(sys.argv[3]).resolve()), sys.argv[4]
 samples = 16 if smoke else 256
 calibration = 16 if smoke else 64
@@ -88,17 +91,7 @@ spec = {
     "sensitivity": {"samples": samples, "validation_samples": samples, "seed": 0},
     "evaluate": {"batch_sizes": [1], "warmup": 1, "iterations": 2, "threads": THREADS, "engine": "cpu"},
 }
-(work / "spec.json").write_text(json.dumps(spec, indent=2))
-results = work / "results"
-started = time.perf_counter()
-with open(work / "qsweep.log", "w") as log:
-    status = subprocess.run(["target/release/qsweep", "run", str(work / "spec.json"), "--results", str(results)],
-                            stdout=log, stderr=subprocess.STDOUT).returncode
-sweep_s = time.perf_counter() - started
-if status:
-    sys.stderr.write((work / "qsweep.log").read_text())
-    raise SystemExit(f"qsweep run failed ({status})")
-plan = json.load(open(results / "plan.json"))
+results, plan, sweep_s = run_sweep(work, spec)
 artifacts = results / "artifacts"
 validation = next(t["key"] for t in plan["tasks"] if t["stage"] == "prepare-data" and t["params"]["split"] == "validation")
 subprocess.run([".venv/bin/python", "bench/prepared_npy.py", artifacts / validation, work / "images.npy",

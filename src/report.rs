@@ -27,8 +27,6 @@ pub struct RunRow {
     pub calibration: String,
     pub residual_fusion: String,
     pub qat_epochs: String,
-    /// 0, a count, or auto.
-    pub float_layers: String,
     /// ok, failed, or pending (not run yet).
     pub status: String,
     /// Top-1 on the test split, in percent.
@@ -59,6 +57,9 @@ pub struct RunRow {
     pub int8_flop_share: Option<f64>,
     /// Residual Adds whose shortcut stayed in float, `;`-separated.
     pub float_residual_adds: String,
+    /// The matrix axis: 0, a count, or auto (after the columns older
+    /// readers index by position).
+    pub float_layers: String,
     /// The ops `float_layers` left in float, by name, `;`-separated.
     pub float_ops: String,
     /// `float_layers: "auto"`: whether validation top-1 came within the budget.
@@ -409,12 +410,14 @@ fn first_line(text: &str) -> &str {
 pub fn print_table(runs: &[RunResult], out: &Path) {
     let measure =
         if runs.iter().any(|r| r.row.accuracy.is_none() && r.row.agreement.is_some()) { "agree" } else { "top-1" };
-    println!("{:<24} {:>8} {:>10} {:>10} {:>12}  status", "run", measure, "delta", "p50 ms", "img/s");
+    // As wide as the longest run id, so the columns line up.
+    let width = runs.iter().map(|r| r.row.run.len()).max().unwrap_or(0).max(24);
+    println!("{:<width$} {:>8} {:>10} {:>10} {:>12}  status", "run", measure, "delta", "p50 ms", "img/s");
     for run in runs {
         let r = &run.row;
         let show = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         println!(
-            "{:<24} {:>8} {:>10} {:>10} {:>12}  {}",
+            "{:<width$} {:>8} {:>10} {:>10} {:>12}  {}",
             r.run,
             show(r.quality(), 2),
             show(r.accuracy_delta.filter(|_| r.run != "fp32"), 2),

@@ -585,17 +585,18 @@ fn the_validation_subset_of_a_tensor_source_holds_out_calibration_and_test() {
     assert_eq!(rows(&validation_images).intersection(&rows(&evaluation_images)).count(), 0);
 }
 
+/// A float_layers 1 sweep on the reference model, as text to edit.
+fn float1_spec_text(dir: &Path) -> String {
+    let rest = format!(r#""matrix": {{ "calibration": ["max"], "float_layers": [1] }}, {}"#, sensitivity(""));
+    std::fs::read_to_string(reference_spec(dir, "base.json", &rest)).unwrap()
+}
+
 /// Calibrating from the evaluation source would judge the budget on test
 /// images: refused, naming data.calibration, with nothing written.
 #[test]
 fn calibration_from_the_evaluation_source_is_refused_with_fallback() {
     let dir = tempfile::tempdir().unwrap();
-    let base = std::fs::read_to_string(reference_spec(
-        dir.path(),
-        "base.json",
-        &format!(r#""matrix": {{ "calibration": ["max"], "float_layers": [1] }}, {}"#, sensitivity("")),
-    ))
-    .unwrap();
+    let base = float1_spec_text(dir.path());
     let same = base.replace(r#""evaluation": {"#, r#""calibration": { "tensors": "eval.npz" }, "evaluation": {"#);
     let err = refused_spec(dir.path(), &same);
     assert!(err.contains("$.data.calibration") && err.contains("also the evaluation source"), "{err}");
@@ -613,12 +614,7 @@ fn calibration_from_the_evaluation_source_is_refused_with_fallback() {
 #[test]
 fn calibration_from_a_subset_of_the_evaluation_source_is_refused_too() {
     let dir = tempfile::tempdir().unwrap();
-    let base = std::fs::read_to_string(reference_spec(
-        dir.path(),
-        "base.json",
-        &format!(r#""matrix": {{ "calibration": ["max"], "float_layers": [1] }}, {}"#, sensitivity("")),
-    ))
-    .unwrap();
+    let base = float1_spec_text(dir.path());
     let same = base
         .replace(r#""evaluation": {"#, r#""calibration": { "tensors": "eval.npz", "samples": 200 }, "evaluation": {"#);
     let err = refused_spec(dir.path(), &same);

@@ -89,9 +89,7 @@ impl TensorStatistics {
 
 impl Statistics {
     pub fn read(dir: &Path) -> Result<Self, StageError> {
-        let path = dir.join(STATISTICS);
-        let bytes = std::fs::read(&path).map_err(super::io_at(&path))?;
-        serde_json::from_slice(&bytes).map_err(|e| StageError::Fatal(format!("{} is damaged: {e}", path.display())))
+        super::read_json(dir, STATISTICS)
     }
 }
 

@@ -21,15 +21,15 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::build::{calibrated_ranges, Quantizer};
+use super::build::calibrated_ranges;
 use super::calibrate::Statistics;
-use super::sensitivity::{Ranking, Scorer};
+use super::sensitivity::{Ancestry, Ranking, Scorer};
 use super::{params, StageContext, StageError};
 use crate::engine::{self, InferenceSession};
 use crate::plan::Task;
 use crate::progress::Walk;
 use crate::quant::qdq::{self, Fallback};
-use crate::spec::{FallbackPrecision, FloatLayers, Int8Format};
+use crate::spec::{FallbackPrecision, FloatLayers};
 
 pub const VERSION: u32 = 2;
 
@@ -41,17 +41,14 @@ const STEP_LATENCY_RUNS: usize = 30;
 
 #[derive(Deserialize)]
 struct Params {
-    quantizer: Quantizer,
-    format: Int8Format,
-    percentile: Option<f64>,
+    #[serde(flatten)]
+    ancestry: Ancestry,
     /// Points of validation top-1 below fp32's that are accepted.
     accuracy_budget: f64,
     /// None: a quarter of the quantized ops, at least one.
     max_float_layers: Option<usize>,
     #[serde(default)]
     fallback_precision: FallbackPrecision,
-    #[serde(default)]
-    output: Option<String>,
 }
 
 /// One step of the search: this many of the most sensitive ops in float.
@@ -92,9 +89,7 @@ pub struct Search {
 
 impl Search {
     pub fn read(dir: &Path) -> Result<Self, StageError> {
-        let path = dir.join(SEARCH);
-        let bytes = std::fs::read(&path).map_err(super::io_at(&path))?;
-        serde_json::from_slice(&bytes).map_err(|e| StageError::Fatal(format!("{} is damaged: {e}", path.display())))
+        super::read_json(dir, SEARCH)
     }
 
     pub fn chosen_step(&self) -> &Step {
@@ -144,9 +139,9 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     let p: Params = params(task)?;
     let ranking = Ranking::read(&context.input_dir(task, "sensitivity")?)?;
     let statistics = Statistics::read(&context.input_dir(task, "calibration")?)?;
-    let ranges = calibrated_ranges(&statistics, p.quantizer.calibration, p.percentile);
+    let ranges = calibrated_ranges(&statistics, p.ancestry.quantizer.calibration, p.ancestry.percentile);
     let model = context.load_model(task)?;
-    let scorer = Scorer::new(task, context, p.output.as_deref());
+    let scorer = Scorer::new(task, context, p.ancestry.output.as_deref());
     let first_image = scorer.first_images(1)?;
     let validation_top1 = |session: &mut InferenceSession| -> Result<f64, StageError> {
         top1_of(task, context, "data", session)?.ok_or_else(|| {
@@ -176,9 +171,14 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         float_ops = with;
         let k = steps.len();
         let fallback = Fallback { ops: float_ops.clone(), precision: p.fallback_precision };
-        let (variant, _) =
-            qdq::quantize_except(&model.proto, &ranges, p.format, p.quantizer.residual_fusion, &fallback)
-                .map_err(|e| StageError::Fatal(e.to_string()))?;
+        let (variant, _) = qdq::quantize_except(
+            &model.proto,
+            &ranges,
+            p.ancestry.format,
+            p.ancestry.quantizer.residual_fusion,
+            &fallback,
+        )
+        .map_err(|e| StageError::Fatal(e.to_string()))?;
         let file = format!("step-{k}.onnx");
         super::write_file(&out.join(&file), &variant.encode_to_vec())?;
         let mut session = scorer.open(&variant, out)?;

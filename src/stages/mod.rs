@@ -68,6 +68,13 @@ impl From<PreparedError> for StageError {
 }
 
 /// Writes one file of a stage's artifact, naming it if that fails.
+/// A JSON file an artifact holds (`name` in `dir`), decoded.
+pub(crate) fn read_json<T: DeserializeOwned>(dir: &Path, name: &str) -> Result<T, StageError> {
+    let path = dir.join(name);
+    let bytes = std::fs::read(&path).map_err(io_at(&path))?;
+    serde_json::from_slice(&bytes).map_err(|e| StageError::Fatal(format!("{} is damaged: {e}", path.display())))
+}
+
 pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
     std::fs::write(path, bytes).map_err(|e| io_failed(path, e, Some(bytes.len() as u64)))
 }

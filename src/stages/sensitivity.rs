@@ -38,15 +38,24 @@ pub const RANKING: &str = "sensitivity.json";
 /// Images per inference call of a pass.
 const BATCH: usize = 64;
 
+/// What names a PTQ ancestry's variants, in the sensitivity and fallback
+/// stages' parameters alike.
+#[derive(Deserialize)]
+pub struct Ancestry {
+    pub quantizer: Quantizer,
+    pub format: Int8Format,
+    pub percentile: Option<f64>,
+    /// The output holding the scores [default: the first].
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct Params {
-    quantizer: Quantizer,
-    format: Int8Format,
-    percentile: Option<f64>,
+    #[serde(flatten)]
+    ancestry: Ancestry,
     /// Images scored: the first of the validation subset.
     samples: usize,
-    #[serde(default)]
-    output: Option<String>,
 }
 
 /// How far one model's outputs are from fp32's on the same images.
@@ -119,9 +128,7 @@ pub struct Ranking {
 
 impl Ranking {
     pub fn read(dir: &Path) -> Result<Self, StageError> {
-        let path = dir.join(RANKING);
-        let bytes = std::fs::read(&path).map_err(super::io_at(&path))?;
-        serde_json::from_slice(&bytes).map_err(|e| StageError::Fatal(format!("{} is damaged: {e}", path.display())))
+        super::read_json(dir, RANKING)
     }
 
     /// The ops in float for `float_layers: k`: each row's ops, most
@@ -145,14 +152,14 @@ impl Ranking {
 
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let started = std::time::Instant::now();
-    let p: Params = params(task)?;
+    let Params { ancestry: p, samples } = params(task)?;
     let mut scorer = Scorer::new(task, context, p.output.as_deref());
     let statistics = Statistics::read(&context.input_dir(task, "calibration")?)?;
     let ranges = calibrated_ranges(&statistics, p.quantizer.calibration, p.percentile);
     let model = context.load_model(task)?;
     let graph = model.proto.graph.as_ref().expect("a loaded model has a graph");
     let ops = qdq::quantized_ops(graph, p.format, p.quantizer.residual_fusion);
-    let images = scorer.first_images(p.samples)?;
+    let images = scorer.first_images(samples)?;
 
     let mut walk = Walk::new(context.report, "passes", ops.len() + 2);
     let fp32 = scorer.scores(&model.proto, &images, out)?;
