@@ -733,3 +733,51 @@ fn qat_fine_tunes_a_partially_quantized_model() {
     let accuracy = |run: &str| csv.cell(run, "accuracy").parse::<f64>().unwrap();
     assert!(accuracy(id) > accuracy("fp32") - 1.0, "{:?}", csv.rows);
 }
+
+/// `fallback_precision: fp16` in the tensorrt format: each float op runs
+/// in half precision between Casts (its weight stored as fp16, its input
+/// cast to fp16 and its output back to fp32), every other op keeps its
+/// Q/DQ, and ONNX Runtime builds and scores the model as well as fp32's
+/// float ops would.
+#[test]
+fn fp16_fallback_casts_around_each_float_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let results = dir.path().join("results");
+    let rest = format!(
+        r#""int8_format": "tensorrt",
+           "matrix": {{ "calibration": ["entropy"], "residual_fusion": [false], "float_layers": [2] }}, {}"#,
+        sensitivity(r#""fallback_precision": "fp16""#)
+    );
+    run_ok(&reference_spec(dir.path(), "spec.json", &rest), &results);
+    let plan = plan_of(&results);
+    let csv = Csv::read(&results);
+    let id = "entropy-unfused-ptq-float2";
+    let build = one_task(&plan, id, StageKind::Build);
+    let model = load_model(&artifact(&results, &build.key).join("qdq.onnx"));
+    let graph = model.graph.as_ref().unwrap();
+    let index = GraphIndex::new(graph);
+    let float = csv.float_ops(id);
+    assert_eq!(float.len(), 2);
+    let cast_to = |node: &onnx::NodeProto| node.attribute.iter().find(|a| a.name == "to").map(|a| a.i);
+    const FLOAT: i64 = 1;
+    const FLOAT16: i64 = 10;
+    for node in graph.node.iter().filter(|n| float.contains(&n.name)) {
+        let input = index.producer(&node.input[0]).unwrap_or_else(|| panic!("{} reads a graph input", node.name));
+        assert_eq!((input.op_type.as_str(), cast_to(input)), ("Cast", Some(FLOAT16)), "{}", node.name);
+        let weight = graph.initializer.iter().find(|t| t.name == node.input[1]).expect("a constant weight");
+        assert_eq!(weight.data_type, FLOAT16 as i32, "{}'s weight", node.name);
+        let consumers = index.consumers(&node.output[0]);
+        assert!(!consumers.is_empty());
+        for (consumer, _) in consumers {
+            let consumer = &graph.node[consumer];
+            assert_eq!((consumer.op_type.as_str(), cast_to(consumer)), ("Cast", Some(FLOAT)), "{}", node.name);
+        }
+    }
+    let quantized = graph.node.iter().filter(|n| n.op_type == "Conv" && !float.contains(&n.name));
+    for node in quantized {
+        let input = index.producer(&node.input[0]).map(|p| p.op_type.as_str());
+        assert_eq!(input, Some("DequantizeLinear"), "{} keeps its int8 input", node.name);
+    }
+    let accuracy = |run: &str| csv.cell(run, "accuracy").parse::<f64>().unwrap();
+    assert!(accuracy(id) > accuracy("fp32") - 1.0, "{:?}", csv.rows);
+}
