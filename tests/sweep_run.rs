@@ -15,13 +15,19 @@ fn run_into(spec: &Path, results: &Path) -> std::process::Output {
 
 /// The reference sweep's PTQ half: the committed spec without its QAT
 /// runs, which take minutes (tests/train.rs and the committed reference
-/// results cover QAT).
+/// results cover QAT), and without its `float_layers` runs and
+/// sensitivity section (tests/fallback.rs covers those).
 fn ptq_reference_spec(dir: &Path) -> std::path::PathBuf {
     let text = fs::read_to_string(reference_spec()).unwrap();
-    assert!(text.contains(r#""qat_epochs": [0, 2]"#));
+    let sensitivity = text.lines().find(|l| l.trim_start().starts_with(r#""sensitivity""#)).unwrap().to_string();
+    for part in [r#""qat_epochs": [0, 2]"#, r#""float_layers": [0, "auto"]"#] {
+        assert!(text.contains(part), "the reference spec no longer has {part}");
+    }
     let model = reference_spec().parent().unwrap().join("models/fashion-resnet8.onnx");
     let text = text
         .replace(r#""qat_epochs": [0, 2]"#, r#""qat_epochs": [0]"#)
+        .replace(r#""float_layers": [0, "auto"]"#, r#""float_layers": [0]"#)
+        .replace(&format!("{sensitivity}\n"), "")
         .replace(r#""models/fashion-resnet8.onnx""#, &format!("{:?}", model.to_str().unwrap()));
     write(dir, "fashion-resnet.json", &text)
 }
