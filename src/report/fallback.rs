@@ -94,22 +94,22 @@ impl Findings {
             let q = r.quantized;
             let _ = writeln!(
                 md,
-                "\n### {}\n\nEverything quantized: {:.1}% top-1 agreement with fp32 on {} images, KL {:.3}, logit SQNR {:.1} dB.",
+                "\n### {}\n\nEverything quantized: {:.1}% top-1 agreement with fp32 on {} images, KL {}, logit SQNR {:.1} dB.",
                 recipe.title,
                 q.agreement * 100.0,
                 r.samples,
-                q.kl,
+                nats(q.kl),
                 q.sqnr_db
             );
             if let Some(first) = r.ops.first() {
                 let recovered = if q.kl > 0.0 { 100.0 * (q.kl - first.restored.kl) / q.kl } else { 0.0 };
                 let _ = writeln!(
                     md,
-                    "The costliest op is `{}` ({}): in float it takes the KL from {:.3} to {:.3} ({recovered:.0}% of it) and agreement to {:.1}%.",
+                    "The costliest op is `{}` ({}): in float it takes the KL from {} to {} ({recovered:.0}% of it) and agreement to {:.1}%.",
                     first.op.name,
                     first.op.op_type,
-                    q.kl,
-                    first.restored.kl,
+                    nats(q.kl),
+                    nats(first.restored.kl),
                     first.restored.agreement * 100.0
                 );
             }
@@ -122,14 +122,14 @@ impl Findings {
                 let inputs: Vec<String> = row.op.inputs.iter().map(|i| format!("`{i}`")).collect();
                 let _ = writeln!(
                     md,
-                    "| {} | `{}` ({}) | {} | {} | {:.1}% | {:.3} | {:.1} dB |",
+                    "| {} | `{}` ({}) | {} | {} | {:.1}% | {} | {:.1} dB |",
                     rank + 1,
                     row.op.name,
                     row.op.op_type,
                     inputs.join(", "),
                     if with.is_empty() { "-".to_string() } else { with.join(", ") },
                     row.restored.agreement * 100.0,
-                    row.restored.kl,
+                    nats(row.restored.kl),
                     row.restored.sqnr_db
                 );
             }
@@ -235,6 +235,16 @@ impl Findings {
     }
 }
 
+/// A KL divergence for a table: three decimals, or two significant
+/// digits below 0.001, where a well-quantized model's KL sits.
+fn nats(kl: f64) -> String {
+    if kl == 0.0 || kl >= 1e-3 {
+        format!("{kl:.3}")
+    } else {
+        format!("{kl:.1e}")
+    }
+}
+
 /// Horizontal bars: how much of the quantized model's KL against fp32
 /// each op takes away when restored to float, most first.
 fn sensitivity_svg(title: &str, ranking: &Ranking) -> String {
@@ -270,7 +280,7 @@ fn sensitivity_svg(title: &str, ranking: &Ranking) -> String {
             let bar = Rectangle::new([(0.0, y + 0.15), (value, y + 0.85)], BLUE.mix(0.7).filled());
             let label = EmptyElement::at((value, y + 0.5))
                 + Text::new(
-                    format!("{name}  {value:.3}"),
+                    format!("{name}  {}", nats(value)),
                     (6, 0),
                     ("sans-serif", 13).into_font().into_text_style(&root).pos(Pos::new(HPos::Left, VPos::Center)),
                 );
@@ -333,4 +343,16 @@ fn curve_svg(run: &str, search: &Search) -> String {
         let _ = root.present();
     }
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_divergences_keep_their_digits() {
+        assert_eq!(nats(0.5431), "0.543");
+        assert_eq!(nats(0.0), "0.000");
+        assert_eq!(nats(0.000041), "4.1e-5");
+    }
 }
