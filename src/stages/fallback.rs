@@ -179,9 +179,10 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
             &fallback,
         )
         .map_err(|e| StageError::Fatal(e.to_string()))?;
+        // The step's model is kept in the artifact, and opened from there.
         let file = format!("step-{k}.onnx");
         super::write_file(&out.join(&file), &variant.encode_to_vec())?;
-        let mut session = scorer.open(&variant, out)?;
+        let mut session = scorer.open_file(&out.join(&file))?;
         let validation_top1 = validation_top1(&mut session)?;
         let latency = engine::measure_latency(
             &mut session,

@@ -250,9 +250,14 @@ impl<'a> Scorer<'a> {
     pub fn open(&self, model: &candle_onnx::onnx::ModelProto, scratch: &Path) -> Result<InferenceSession, StageError> {
         let path = scratch.join(".variant.onnx");
         super::write_file(&path, &model.encode_to_vec())?;
-        let session = InferenceSession::open(&path, self.threads, None);
+        let session = self.open_file(&path);
         std::fs::remove_file(&path).map_err(super::io_at(&path))?;
-        let mut session = session?;
+        session
+    }
+
+    /// Opens a model already written to `path`.
+    pub fn open_file(&self, path: &Path) -> Result<InferenceSession, StageError> {
+        let mut session = InferenceSession::open(path, self.threads, None)?;
         if let Some(output) = self.output {
             session.score_with(output).map_err(|e| StageError::Fatal(e.to_string()))?;
         }
