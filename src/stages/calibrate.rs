@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_onnx::onnx::{type_proto, ModelProto, TensorShapeProto, TypeProto, ValueInfoProto};
-use ndarray::{ArrayD, ArrayView3, Ix4};
+use ndarray::{ArrayD, ArrayView3};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -179,9 +179,7 @@ where
         if cancel.load(Ordering::Relaxed) {
             return Err(StageError::Cancelled);
         }
-        let batch = batch?
-            .into_dimensionality::<Ix4>()
-            .map_err(|e| StageError::Fatal(format!("calibration images are not NCHW: {e}")))?;
+        let batch = super::nchw(batch?, "calibration")?;
         if samples > 0 {
             // Every batch may be the last; the max before it is what the
             // last one is measured against.

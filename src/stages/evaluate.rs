@@ -196,8 +196,7 @@ impl Images<'_> {
     }
 
     fn nchw(batch: ndarray::ArrayD<f32>) -> Result<CowArray<'static, f32, Ix4>, StageError> {
-        let batch = batch.into_dimensionality::<Ix4>();
-        batch.map(CowArray::from).map_err(|e| StageError::Fatal(format!("test images are not NCHW: {e}")))
+        super::nchw(batch, "test").map(CowArray::from)
     }
 }
 

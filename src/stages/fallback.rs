@@ -268,10 +268,7 @@ fn top1_of(
     };
     let batches = set.batches(session.fixed_batch().unwrap_or(64)).map(|read| {
         let batch = read.map_err(|e| context.read_error(task, role, e))?;
-        batch
-            .into_dimensionality::<ndarray::Ix4>()
-            .map(ndarray::CowArray::from)
-            .map_err(|e| StageError::Fatal(format!("{role} images are not NCHW: {e}")))
+        super::nchw(batch, role).map(ndarray::CowArray::from)
     });
     let accuracy = engine::accuracy_of_batches(session, batches, &labels, context.cancel)?;
     Ok(Some(100.0 * accuracy.top1))

@@ -68,6 +68,13 @@ impl From<PreparedError> for StageError {
 }
 
 /// Writes one file of a stage's artifact, naming it if that fails.
+/// A batch of prepared `what` images as the NCHW array sessions take.
+pub(crate) fn nchw(batch: ndarray::ArrayD<f32>, what: &str) -> Result<ndarray::Array4<f32>, StageError> {
+    batch
+        .into_dimensionality::<ndarray::Ix4>()
+        .map_err(|e| StageError::Fatal(format!("{what} images are not NCHW: {e}")))
+}
+
 /// A JSON file an artifact holds (`name` in `dir`), decoded.
 pub(crate) fn read_json<T: DeserializeOwned>(dir: &Path, name: &str) -> Result<T, StageError> {
     let path = dir.join(name);

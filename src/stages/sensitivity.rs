@@ -17,7 +17,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use ndarray::{Array2, Array4, ArrayView2, Axis, Ix4};
+use ndarray::{Array2, Array4, ArrayView2, Axis};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -240,9 +240,7 @@ impl<'a> Scorer<'a> {
         }
         let indices: Vec<usize> = (0..count).collect();
         let batch = set.read(&indices).map_err(|e| self.context.read_error(self.task, "data", e))?;
-        batch
-            .into_dimensionality::<Ix4>()
-            .map_err(|e| StageError::Fatal(format!("validation images are not NCHW: {e}")))
+        super::nchw(batch, "validation")
     }
 
     /// Opens `model` (written to a scratch file in `scratch`, as ONNX
