@@ -208,6 +208,14 @@ pub struct Plan {
     /// Every distinct task, each after all of its inputs.
     pub tasks: Vec<Task>,
     pub runs: Vec<PlannedRun>,
+    /// The manifests (digests, first 16 hex digits) the results directory
+    /// held when the `qsweep run` that stored this plan started: an
+    /// artifact whose manifest is among them was reused, which the HTML
+    /// report's stage timeline shows as cached; any other was made by that
+    /// run. A digest, not a time, so that a task redone in the same second
+    /// still counts as made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub present_at_start: Vec<String>,
     #[serde(skip)]
     index: HashMap<TaskKey, usize>,
 }
@@ -219,6 +227,7 @@ impl Plan {
             sources: sources.clone(),
             tasks: Vec::new(),
             runs: Vec::with_capacity(runs.len()),
+            present_at_start: Vec::new(),
             index: HashMap::new(),
         };
         let mut data = json!({

@@ -1,11 +1,12 @@
-//! Reports, regenerated from what the results directory holds: runs.csv,
-//! runs.jsonl, summary.md and accuracy_latency.svg. They read the stored
+//! Reports, regenerated from what the results directory holds: report.html,
+//! runs.csv, runs.jsonl, summary.md and accuracy_latency.svg. They read the stored
 //! plan, manifests and failure records only, so `qsweep report DIR` gives
 //! the same files as the end of `qsweep run`, and a half-finished sweep
 //! reports what it has.
 
 mod fallback;
 mod health;
+mod html;
 mod plot;
 
 use std::collections::BTreeMap;
@@ -219,12 +220,19 @@ pub fn write_all(results: &ResultsDir) -> std::io::Result<Vec<RunResult>> {
     let findings = fallback::Findings::collect(results, &plan);
     let mut summary = summary_markdown(&plan.sweep, &runs);
     summary.push_str(&findings.markdown(&runs));
-    summary.push_str(&health::section(results, &plan));
+    let (calibrations, percentile_recorded) = health::assess_all(results, &plan);
+    summary.push_str(&health::section(&calibrations, percentile_recorded));
     write_atomically(&root.join("summary.md"), summary.as_bytes())?;
-    write_atomically(&root.join("accuracy_latency.svg"), plot::accuracy_latency_svg(&plan.sweep, &runs).as_bytes())?;
+    let budget = findings.searches.first().map(|s| s.search.accuracy_budget);
+    write_atomically(
+        &root.join("accuracy_latency.svg"),
+        plot::accuracy_latency_svg(&plan.sweep, &runs, budget).as_bytes(),
+    )?;
     for (name, svg) in findings.charts() {
         write_atomically(&root.join(name), svg.as_bytes())?;
     }
+    let inputs = html::Inputs { results, plan: &plan, runs: &runs, findings: &findings, calibrations: &calibrations };
+    write_atomically(&root.join("report.html"), html::page(&inputs).as_bytes())?;
     Ok(runs)
 }
 
@@ -318,12 +326,7 @@ fn summary_markdown(sweep: &str, runs: &[RunResult]) -> String {
 
     pivots(&mut md, runs);
 
-    let best = runs.iter().filter(|r| r.row.status == "ok").max_by(|a, b| {
-        let key = |r: &RunResult| (r.row.quality().unwrap_or(0.0), -r.row.latency_p50_ms.unwrap_or(f64::MAX));
-        key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal)
-    });
-    if let Some(best) = best {
-        let r = &best.row;
+    if let Some(r) = best_run(runs) {
         let _ = writeln!(
             md,
             "\n## Best run\n\n`{}`: {:.2}% {}{}, {:.3} ms p50.",
@@ -346,6 +349,16 @@ fn summary_markdown(sweep: &str, runs: &[RunResult]) -> String {
     }
     md.push_str("\n![accuracy against latency](accuracy_latency.svg)\n");
     md
+}
+
+/// The most accurate finished run, the faster of equals: what the report
+/// marks when the sweep sets no accuracy budget to recommend against.
+fn best_run(runs: &[RunResult]) -> Option<&RunRow> {
+    let finished = runs.iter().map(|r| &r.row).filter(|r| r.status == "ok");
+    finished.max_by(|a, b| {
+        let key = |r: &RunRow| (r.quality().unwrap_or(0.0), -r.latency_p50_ms.unwrap_or(f64::MAX));
+        key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal)
+    })
 }
 
 /// One accuracy table of calibration x fusion per qat_epochs value.
@@ -426,5 +439,5 @@ pub fn print_table(runs: &[RunResult], out: &Path) {
             r.status
         );
     }
-    println!("\nreports in {}: runs.csv, runs.jsonl, summary.md, accuracy_latency.svg", out.display());
+    println!("\nreports in {}: report.html, runs.csv, runs.jsonl, summary.md, accuracy_latency.svg", out.display());
 }

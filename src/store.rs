@@ -69,6 +69,12 @@ impl Manifest {
         .sealed()
     }
 
+    /// The first 16 hex digits of the digest: enough to tell this
+    /// manifest from any other of the same task.
+    pub fn short_digest(&self) -> &str {
+        &self.digest[..self.digest.len().min(16)]
+    }
+
     /// The same manifest, recording the inputs it was made from.
     pub fn made_from(mut self, inputs: BTreeMap<TaskKey, String>) -> Self {
         self.inputs = inputs;

@@ -98,16 +98,32 @@ fn reference_sweep_measures_reports_and_resumes() {
     assert!(input.contains("of its non-zero values in one bin") && input.contains("entropy clips at"), "{input}");
     let svg = fs::read_to_string(results.join("accuracy_latency.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("mse-fused-ptq"));
+    // report.html holds every run, and its timeline says the first run
+    // made every task (tests/report_html.rs drives the page in Chromium).
+    let page = report_data(&results);
+    let ids: Vec<&str> = page["rows"].as_array().unwrap().iter().map(|r| r[0].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 9);
+    assert!(ids.contains(&"fp32") && ids.contains(&"mse-fused-ptq"), "{ids:?}");
+    let states = |page: &serde_json::Value| -> Vec<String> {
+        page["tasks"].as_array().unwrap().iter().map(|t| t[3].as_str().unwrap().to_string()).collect()
+    };
+    assert!(states(&page).iter().all(|s| s == "ran"), "{:?}", states(&page));
 
     let second = run_into(&spec, &results);
     assert_eq!(second.status.code(), Some(0));
     assert!(stderr(&second).contains("0 task(s) executed, 21 reused"), "{}", stderr(&second));
 
-    // `report` regenerates the same table from stored results alone.
+    // The rerun made nothing, so the page shows every task as cached.
+    assert!(states(&report_data(&results)).iter().all(|s| s == "cached"));
+
+    // `report` regenerates the same table and page from stored results alone.
+    let page_text = fs::read_to_string(results.join("report.html")).unwrap();
     fs::remove_file(results.join("runs.csv")).unwrap();
+    fs::remove_file(results.join("report.html")).unwrap();
     let report = qsweep(&["report", results.to_str().unwrap()]);
     assert_eq!(report.status.code(), Some(0), "{}", stderr(&report));
     assert_eq!(fs::read_to_string(results.join("runs.csv")).unwrap(), csv_text);
+    assert_eq!(fs::read_to_string(results.join("report.html")).unwrap(), page_text);
 
     // `plan` sees that everything is cached, and that one calibration
     // serves all eight recipes.
@@ -121,6 +137,15 @@ fn reference_sweep_measures_reports_and_resumes() {
     assert_eq!(calibrate[0]["runs"], 8);
 
     int8_predictions_agree_with_fp32(&results, &plan);
+}
+
+/// The JSON document report.html draws.
+fn report_data(results: &Path) -> serde_json::Value {
+    let page = fs::read_to_string(results.join("report.html")).unwrap();
+    let start = page.find(r#"<script type="application/json" id="qsweep-data">"#).expect("the page embeds its data");
+    let rest = &page[start..];
+    let json = &rest[rest.find('>').unwrap() + 1..rest.find("</script>").unwrap()];
+    serde_json::from_str(json).expect("the embedded data is JSON")
 }
 
 /// The fused mse engine predicts the same class as fp32 on nearly every

@@ -12,8 +12,8 @@ use std::fmt::Write as _;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::RunResult;
-use crate::plan::{Plan, StageKind, Task};
+use super::{RunResult, RunRow};
+use crate::plan::{Plan, StageKind, Task, TaskKey};
 use crate::stages::fallback::Search;
 use crate::stages::sensitivity::Ranking;
 use crate::store::ResultsDir;
@@ -23,6 +23,8 @@ const SHOWN: usize = 12;
 
 /// One recipe's ranking, with the name its files and headings use.
 pub struct RecipeRanking {
+    /// The sensitivity task, which every run of the recipe names.
+    pub key: TaskKey,
     /// e.g. `entropy, unfused`.
     pub title: String,
     /// e.g. `sensitivity_entropy_unfused.svg`.
@@ -54,6 +56,7 @@ impl Findings {
             let fused = task.params["quantizer"]["residual_fusion"].as_bool() == Some(true);
             let fusion = if fused { "fused" } else { "unfused" };
             findings.rankings.push(RecipeRanking {
+                key: task.key.clone(),
                 title: format!("{method}, {fusion}"),
                 chart: format!("sensitivity_{method}_{fusion}.svg"),
                 ranking,
@@ -195,44 +198,60 @@ impl Findings {
     }
 
     /// The fastest finished quantized run within the budget on the test
-    /// split, or what comes closest when none is.
-    fn recommendation(&self, runs: &[RunResult]) -> Option<String> {
+    /// split, or what comes closest when none is; none without a budget.
+    pub fn recommended<'a>(&self, runs: &'a [RunResult]) -> Option<Recommendation<'a>> {
         let budget = self.searches.first()?.search.accuracy_budget;
         let quantized = runs.iter().map(|r| &r.row).filter(|r| r.status == "ok" && !r.calibration.is_empty());
-        let within: Vec<_> = quantized.clone().filter(|r| r.accuracy_delta.is_some_and(|d| d >= -budget)).collect();
+        let within = quantized.clone().filter(|r| r.accuracy_delta.is_some_and(|d| d >= -budget));
         let fastest = within
-            .iter()
+            .clone()
             .min_by(|a, b| a.latency_p50_ms.unwrap_or(f64::MAX).total_cmp(&b.latency_p50_ms.unwrap_or(f64::MAX)));
-        let mut md = format!("\n## Recommendation (budget: {budget} points of test top-1 against fp32)\n\n");
         match fastest {
-            Some(r) => {
-                let float = match r.float_ops.split(';').filter(|o| !o.is_empty()).count() {
-                    0 => "every op quantized".to_string(),
-                    n => format!("{n} op(s) in float: {}", r.float_ops.replace(';', ", ")),
-                };
-                let _ = writeln!(
-                    md,
-                    "`{}`: {:.2}% ({:+.2}), {:.3} ms p50, {float}. The fastest of {} run(s) within the budget.",
-                    r.run,
-                    r.accuracy.unwrap_or(0.0),
-                    r.accuracy_delta.unwrap_or(0.0),
-                    r.latency_p50_ms.unwrap_or(0.0),
-                    within.len()
-                );
-            }
+            Some(run) => Some(Recommendation { run, budget, within: within.count() }),
             None => {
                 let closest =
                     quantized.max_by(|a, b| a.accuracy.unwrap_or(0.0).total_cmp(&b.accuracy.unwrap_or(0.0)))?;
-                let _ = writeln!(
-                    md,
-                    "No run is within the budget on the test split; the closest is `{}` at {:+.2} points.",
-                    closest.run,
-                    closest.accuracy_delta.unwrap_or(0.0)
-                );
+                Some(Recommendation { run: closest, budget, within: 0 })
             }
         }
+    }
+
+    fn recommendation(&self, runs: &[RunResult]) -> Option<String> {
+        let Recommendation { run: r, budget, within } = self.recommended(runs)?;
+        let mut md = format!("\n## Recommendation (budget: {budget} points of test top-1 against fp32)\n\n");
+        if within == 0 {
+            let _ = writeln!(
+                md,
+                "No run is within the budget on the test split; the closest is `{}` at {:+.2} points.",
+                r.run,
+                r.accuracy_delta.unwrap_or(0.0)
+            );
+            return Some(md);
+        }
+        let float = match r.float_ops.split(';').filter(|o| !o.is_empty()).count() {
+            0 => "every op quantized".to_string(),
+            n => format!("{n} op(s) in float: {}", r.float_ops.replace(';', ", ")),
+        };
+        let _ = writeln!(
+            md,
+            "`{}`: {:.2}% ({:+.2}), {:.3} ms p50, {float}. The fastest of {within} run(s) within the budget.",
+            r.run,
+            r.accuracy.unwrap_or(0.0),
+            r.accuracy_delta.unwrap_or(0.0),
+            r.latency_p50_ms.unwrap_or(0.0),
+        );
         Some(md)
     }
+}
+
+/// The run the report recommends under the sweep's accuracy budget.
+pub struct Recommendation<'a> {
+    pub run: &'a RunRow,
+    /// Points of test top-1 against fp32.
+    pub budget: f64,
+    /// How many runs are within the budget; 0 when `run` is only the
+    /// closest.
+    pub within: usize,
 }
 
 /// A KL divergence for a table: three decimals, or two significant

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use crate::plan::{Plan, StageKind};
+use crate::plan::{Plan, StageKind, TaskKey};
 use crate::quant::health::{self, Health, TensorHealth};
 use crate::spec::CalibrationMethod;
 use crate::stages::calibrate::Statistics;
@@ -14,30 +14,53 @@ use crate::store::ResultsDir;
 /// The spec's default; the report uses it when no task records one.
 const DEFAULT_PERCENTILE: f64 = 99.99;
 
-/// The section for every finished calibrate task of the plan; empty when
-/// none has finished.
-pub fn section(results: &ResultsDir, plan: &Plan) -> String {
+/// One finished calibrate task's health, or why its statistics cannot
+/// be read.
+pub struct Assessed {
+    pub key: TaskKey,
+    /// `## Calibration health`, naming the task when the plan has several.
+    pub title: String,
+    pub health: Result<Health, String>,
+}
+
+/// Every finished calibrate task of the plan, assessed at the sweep's
+/// percentile, and whether a task recorded that percentile.
+pub fn assess_all(results: &ResultsDir, plan: &Plan) -> (Vec<Assessed>, bool) {
     let calibrations: Vec<_> =
         plan.tasks.iter().filter(|t| t.stage == StageKind::Calibrate && results.manifest(&t.key).is_some()).collect();
     let (percentile, recorded) = percentile(plan);
+    let assessed = calibrations
+        .iter()
+        .map(|task| Assessed {
+            key: task.key.clone(),
+            title: match calibrations.len() {
+                1 => "## Calibration health".to_string(),
+                _ => format!("## Calibration health (calibrate `{}`)", task.key.short()),
+            },
+            health: Statistics::read(&results.artifact_dir(&task.key))
+                .map(|statistics| {
+                    health::assess(
+                        statistics.samples,
+                        statistics.tensors.iter().map(|t| t.measured()),
+                        statistics.lint.as_ref(),
+                        percentile,
+                    )
+                })
+                .map_err(|e| e.to_string()),
+        })
+        .collect();
+    (assessed, recorded)
+}
+
+/// The section for every assessed calibrate task; empty when none has
+/// finished.
+pub fn section(assessed: &[Assessed], percentile_recorded: bool) -> String {
     let mut md = String::new();
-    for task in &calibrations {
-        let title = match calibrations.len() {
-            1 => "## Calibration health".to_string(),
-            _ => format!("## Calibration health (calibrate `{}`)", task.key.short()),
-        };
-        match Statistics::read(&results.artifact_dir(&task.key)) {
-            Ok(statistics) => {
-                let health = health::assess(
-                    statistics.samples,
-                    statistics.tensors.iter().map(|t| t.measured()),
-                    statistics.lint.as_ref(),
-                    percentile,
-                );
-                md.push_str(&render(&title, &health, recorded));
-            }
+    for calibration in assessed {
+        match &calibration.health {
+            Ok(health) => md.push_str(&render(&calibration.title, health, percentile_recorded)),
             Err(error) => {
-                let _ = writeln!(md, "\n{title}\n\nThe calibration statistics cannot be read: {error}");
+                let _ = writeln!(md, "\n{}\n\nThe calibration statistics cannot be read: {error}", calibration.title);
             }
         }
     }
@@ -79,18 +102,29 @@ pub fn render(title: &str, health: &Health, percentile_recorded: bool) -> String
     for finding in &findings {
         let _ = writeln!(md, "- {finding}");
     }
-    md.push_str(
-        "\n| tensor | producer | bin 0 | largest other bin | max | mse | entropy | percentile | last-batch growth | dead channels |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
-    );
+    let _ = writeln!(md, "\n| {} |\n|{}", COLUMNS.join(" | "), "---|".repeat(COLUMNS.len()));
     for tensor in &health.tensors {
-        md.push_str(&row(tensor));
+        let _ = writeln!(md, "| {} |", cells(tensor).join(" | "));
     }
     md
 }
 
+/// The per-tensor table's columns, for summary.md and report.html alike.
+pub const COLUMNS: [&str; 10] = [
+    "tensor",
+    "producer",
+    "bin 0",
+    "largest other bin",
+    "max",
+    "mse",
+    "entropy",
+    "percentile",
+    "last-batch growth",
+    "dead channels",
+];
+
 /// What the lint found in the images, in one clause.
-fn set_line(health: &Health) -> String {
+pub fn set_line(health: &Health) -> String {
     let Some(lint) = &health.lint else {
         return "the image lint is missing (statistics from before calibrate version 3)".into();
     };
@@ -101,10 +135,24 @@ fn set_line(health: &Health) -> String {
     format!("{} exact duplicate(s), {} constant image(s){classes}", lint.duplicates, lint.constant)
 }
 
-fn row(t: &TensorHealth) -> String {
+/// One tensor's row under [`COLUMNS`], names in backticks.
+pub fn cells(t: &TensorHealth) -> Vec<String> {
     let producer = t.producer.as_ref().map_or("graph input".to_string(), |p| format!("{} `{}`", p.op, p.node));
+    let name = format!("`{}`", t.name);
     if t.dead {
-        return format!("| `{}` | {producer} | 100% | - | 0 | - | - | - | - | all (dead tensor) |\n", t.name);
+        let unmeasured = || "-".to_string();
+        return vec![
+            name,
+            producer,
+            "100%".into(),
+            unmeasured(),
+            "0".into(),
+            unmeasured(),
+            unmeasured(),
+            unmeasured(),
+            unmeasured(),
+            "all (dead tensor)".into(),
+        ];
     }
     let peak = t.peak.map_or("-".to_string(), |p| {
         format!(
@@ -130,15 +178,18 @@ fn row(t: &TensorHealth) -> String {
         (channels, 0) => format!("0 of {channels}"),
         (channels, n) => format!("{n} of {channels}"),
     };
-    format!(
-        "| `{}` | {producer} | {} | {peak} | {} | {} | {} | {} | {growth} | {dead} |\n",
-        t.name,
+    vec![
+        name,
+        producer,
         health::percent(t.zero_share),
+        peak,
         health::number(f64::from(t.max)),
         method(CalibrationMethod::Mse),
         method(CalibrationMethod::Entropy),
         method(CalibrationMethod::Percentile),
-    )
+        growth,
+        dead,
+    ]
 }
 
 #[cfg(test)]
