@@ -69,6 +69,8 @@ fn main() {
             ours / theirs
         );
         browser.open_report(&page).await;
+        let sections = browser.script("return JSON.stringify(window.qsweepReport)").await;
+        println!("  where the time goes: {}", sections.as_str().unwrap_or_default());
         let sort = frame_after(&browser, "document.querySelector(\"#runs-table th[data-column='accuracy']\").click()").await;
         let filter = frame_after(
             &browser,

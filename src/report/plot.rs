@@ -29,6 +29,8 @@ const FRONT: RGBColor = RGBColor(0xd6, 0x27, 0x28);
 const GLYPH_WIDTH: f64 = 6.5;
 const LABEL_HEIGHT: f64 = 14.0;
 const MARKER_RADIUS: f64 = 6.0;
+/// Past this many runs, only the Pareto front and fp32 are labelled.
+const MOST_LABELS: usize = 60;
 
 /// Points on the front, sorted by latency: each is faster than every more
 /// accurate point.
@@ -98,8 +100,9 @@ pub const LEADER_FROM: f64 = 10.0;
 
 /// Where each point's label goes, in pixels: a box of `sizes[i]` near
 /// `points[i]` that overlaps no other label, no marker (a square of
-/// `marker_radius` around each point) and stays in `area`. Tried in rings
-/// of growing distance in eight directions, then anywhere in the area,
+/// `marker_radius` around each of `markers`, which include the labelled
+/// points and may hold more) and stays in `area`. Tried in rings of
+/// growing distance in eight directions, then anywhere in the area,
 /// nearest first; `None` where the area has no room left, which the
 /// caller lists beside the plot instead. Crowded points are placed first,
 /// while room near them remains.
@@ -107,17 +110,14 @@ pub fn place_labels(
     points: &[(f64, f64)],
     sizes: &[(f64, f64)],
     area: Bounds,
+    markers: &[(f64, f64)],
     marker_radius: f64,
 ) -> Vec<Option<Bounds>> {
-    let markers: Vec<Bounds> = points
-        .iter()
-        .map(|&(x, y)| Bounds {
-            x: x - marker_radius,
-            y: y - marker_radius,
-            width: 2.0 * marker_radius,
-            height: 2.0 * marker_radius,
-        })
-        .collect();
+    let mut taken = Occupancy::default();
+    for &(x, y) in markers {
+        let side = 2.0 * marker_radius;
+        taken.insert(Bounds { x: x - marker_radius, y: y - marker_radius, width: side, height: side });
+    }
     let crowding = |i: usize| {
         let (x, y) = points[i];
         points.iter().filter(|&&(ox, oy)| (ox - x).abs() < 120.0 && (oy - y).abs() < 40.0).count()
@@ -126,15 +126,10 @@ pub fn place_labels(
     order.sort_by_key(|&i| std::cmp::Reverse(crowding(i)));
 
     let mut placed: Vec<Option<Bounds>> = vec![None; points.len()];
-    let mut taken: Vec<Bounds> = Vec::new();
-    let free = |candidate: &Bounds, taken: &[Bounds]| {
-        candidate.inside(&area)
-            && !taken.iter().any(|t| t.overlaps(candidate))
-            && !markers.iter().any(|m| m.overlaps(candidate))
-    };
     for i in order {
         let (px, py) = points[i];
         let (width, height) = sizes[i];
+        let free = |candidate: &Bounds, taken: &Occupancy| candidate.inside(&area) && !taken.overlaps(candidate);
         // Right, left, then the diagonals and straight up and down.
         let directions =
             [(1.0, 0.0), (-1.0, 0.0), (1.0, -1.0), (1.0, 1.0), (-1.0, -1.0), (-1.0, 1.0), (0.0, -1.0), (0.0, 1.0)];
@@ -147,7 +142,7 @@ pub fn place_labels(
                 _ => px - width / 2.0,
             };
             let y = match dy {
-                d if d > 0.0 => py + gap * d.abs().min(1.0) * 0.6,
+                d if d > 0.0 => py + gap * 0.6,
                 d if d < 0.0 => py - gap * 0.6 - height,
                 _ => py - height / 2.0,
             };
@@ -174,11 +169,41 @@ pub fn place_labels(
             choice = candidates.into_iter().find(|candidate| free(candidate, &taken));
         }
         if let Some(bounds) = choice {
-            taken.push(bounds);
+            taken.insert(bounds);
             placed[i] = Some(bounds);
         }
     }
     placed
+}
+
+/// Boxes already on the plot, bucketed by a coarse grid, so that a
+/// candidate is checked against its neighbours only, not every marker of
+/// a 10,000-run sweep.
+#[derive(Default)]
+struct Occupancy {
+    cells: std::collections::HashMap<(i64, i64), Vec<Bounds>>,
+}
+
+impl Occupancy {
+    const CELL: f64 = 32.0;
+
+    fn cells_of(bounds: &Bounds) -> impl Iterator<Item = (i64, i64)> {
+        let cell = |v: f64| (v / Self::CELL).floor() as i64;
+        let (x0, x1) = (cell(bounds.x), cell(bounds.x + bounds.width));
+        let (y0, y1) = (cell(bounds.y), cell(bounds.y + bounds.height));
+        (x0..=x1).flat_map(move |x| (y0..=y1).map(move |y| (x, y)))
+    }
+
+    fn insert(&mut self, bounds: Bounds) {
+        for cell in Self::cells_of(&bounds) {
+            self.cells.entry(cell).or_default().push(bounds);
+        }
+    }
+
+    fn overlaps(&self, candidate: &Bounds) -> bool {
+        Self::cells_of(candidate)
+            .any(|cell| self.cells.get(&cell).is_some_and(|boxes| boxes.iter().any(|b| b.overlaps(candidate))))
+    }
 }
 
 /// One finished run as the plot draws it.
@@ -275,7 +300,26 @@ pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult], budget: Option<f64>
             ((f64::from(xs.start), f64::from(ys.start)), (f64::from(xs.end), f64::from(ys.end)))
         };
         let area = Bounds { x: left + 2.0, y: top + 2.0, width: right - left - 4.0, height: bottom - top - 4.0 };
-        let placements = place_labels(&pixels, &sizes, area, MARKER_RADIUS);
+        let labelled: Vec<usize> = if points.len() <= MOST_LABELS {
+            (0..points.len()).collect()
+        } else {
+            // A large sweep's plot has no room for every name: the runs
+            // worth naming are the front's and fp32.
+            let mut chosen = pareto_front(&coordinates);
+            chosen.extend(points.iter().position(|p| p.baseline));
+            chosen
+        };
+        let placed = place_labels(
+            &labelled.iter().map(|&i| pixels[i]).collect::<Vec<_>>(),
+            &labelled.iter().map(|&i| sizes[i]).collect::<Vec<_>>(),
+            area,
+            &pixels,
+            MARKER_RADIUS,
+        );
+        let mut placements = vec![None; points.len()];
+        for (&index, bounds) in labelled.iter().zip(placed) {
+            placements[index] = bounds;
+        }
 
         let font = ("sans-serif", 12).into_font().color(&BLACK);
         let mut unplaced = Vec::new();
@@ -298,7 +342,8 @@ pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult], budget: Option<f64>
                     let style = font.clone().pos(Pos::new(anchor, VPos::Top));
                     let _ = root.draw(&Text::new(labels[index].clone(), (at as i32, bounds.y as i32), style));
                 }
-                None => unplaced.push(labels[index].clone()),
+                None if labelled.contains(&index) => unplaced.push(labels[index].clone()),
+                None => {}
             }
             draw_marker(&root, point, (x as i32, y as i32), point.quality < floor);
         }
@@ -309,6 +354,12 @@ pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult], budget: Option<f64>
             notes.push(format!(
                 "{outside} run(s) more than {:.1} points below the best are drawn at the bottom edge, faded, with their figure",
                 best - floor
+            ));
+        }
+        if labelled.len() < points.len() {
+            notes.push(format!(
+                "{} runs: only the Pareto front and fp32 are named here; report.html names every point",
+                points.len()
             ));
         }
         if !unplaced.is_empty() {
@@ -430,7 +481,7 @@ mod tests {
         {
             let sizes: Vec<(f64, f64)> =
                 (0..points.len()).map(|k| (GLYPH_WIDTH * (18 + k % 12) as f64, LABEL_HEIGHT)).collect();
-            let placed = place_labels(&points, &sizes, area, MARKER_RADIUS);
+            let placed = place_labels(&points, &sizes, area, &points, MARKER_RADIUS);
             let boxes: Vec<Bounds> = placed.iter().map(|b| b.expect("room for every label")).collect();
             for (i, a) in boxes.iter().enumerate() {
                 assert!(a.inside(&area), "label {i} leaves the plot: {a:?}");
@@ -457,16 +508,31 @@ mod tests {
     #[test]
     fn a_lone_point_is_labelled_to_its_right() {
         let area = Bounds { x: 0.0, y: 0.0, width: 500.0, height: 300.0 };
-        let placed = place_labels(&[(100.0, 100.0)], &[(70.0, 14.0)], area, MARKER_RADIUS);
+        let placed = place_labels(&[(100.0, 100.0)], &[(70.0, 14.0)], area, &[(100.0, 100.0)], MARKER_RADIUS);
         let label = placed[0].unwrap();
         assert_eq!((label.x, label.y), (108.0, 93.0));
+    }
+
+    /// A large sweep labels a few runs among thousands of markers, which
+    /// the labels still keep clear of.
+    #[test]
+    fn labels_keep_clear_of_unlabelled_markers() {
+        let area = Bounds { x: 0.0, y: 0.0, width: 500.0, height: 300.0 };
+        let markers: Vec<(f64, f64)> =
+            (0..2000).map(|k| (100.0 + (k % 50) as f64 * 3.0, 100.0 + (k / 50) as f64)).collect();
+        let placed = place_labels(&[markers[0]], &[(70.0, 14.0)], area, &markers, MARKER_RADIUS);
+        let label = placed[0].expect("room above or below the block");
+        for &(x, y) in &markers {
+            let marker = Bounds { x: x - MARKER_RADIUS, y: y - MARKER_RADIUS, width: 12.0, height: 12.0 };
+            assert!(!label.overlaps(&marker), "{label:?} covers the marker at ({x}, {y})");
+        }
     }
 
     #[test]
     fn a_full_plot_leaves_labels_unplaced_rather_than_overlapping() {
         let area = Bounds { x: 0.0, y: 0.0, width: 100.0, height: 30.0 };
         let points = [(20.0, 15.0), (80.0, 15.0), (50.0, 15.0)];
-        let placed = place_labels(&points, &[(90.0, 14.0); 3], area, 4.0);
+        let placed = place_labels(&points, &[(90.0, 14.0); 3], area, &points, 4.0);
         let boxes: Vec<Bounds> = placed.iter().flatten().copied().collect();
         assert!(boxes.len() < 3, "three 90 px labels cannot share a 100x30 plot with their markers");
         for (i, a) in boxes.iter().enumerate() {

@@ -6,6 +6,7 @@
 //! every error and every request the page made.
 
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,8 +39,11 @@ impl Browser {
         // chromedriver binding it; then try another.
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            // Its own process group, so that the browser it starts goes
+            // with it however the test ends.
             let mut driver = Command::new(CHROMEDRIVER)
                 .arg(format!("--port={port}"))
+                .process_group(0)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -74,7 +78,8 @@ impl Browser {
                 Ok(client) => return Browser { client, driver, _profile: profile },
                 Err(e) => {
                     last_error = e.to_string();
-                    let _ = driver.kill();
+                    // SAFETY: as in `Drop`: chromedriver's own process group.
+                    unsafe { libc::kill(-(driver.id() as i32), libc::SIGKILL) };
                     let _ = driver.wait();
                 }
             }
@@ -128,16 +133,19 @@ impl Browser {
         self.client.execute(script, vec![]).await.unwrap()
     }
 
-    pub async fn close(mut self) {
+    pub async fn close(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
     }
 }
 
 impl Drop for Browser {
+    /// Ends chromedriver and every browser process it started (a failed
+    /// test never reaches `close`).
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        // SAFETY: kill(2) with a negative PID signals that process group:
+        // chromedriver's, which it leads.
+        unsafe { libc::kill(-(self.driver.id() as i32), libc::SIGKILL) };
+        let _ = self.driver.wait();
     }
 }
 

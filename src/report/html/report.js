@@ -152,17 +152,23 @@
     return out;
   }
 
-  function marker(run, x, y, size) {
-    const fill = isQat(run) ? colour(run) : "#ffffff";
-    const common = { fill, stroke: colour(run), "stroke-width": 2 };
+  // A marker's outline as path data: a square for fp32, a triangle with
+  // residual fusion, a circle without.
+  function markerPath(run, x, y, size) {
     if (!value(run, "calibration")) {
-      return svgEl("rect", { ...common, x: x - size, y: y - size, width: 2 * size, height: 2 * size });
+      return `M${x - size},${y - size}h${2 * size}v${2 * size}h${-2 * size}Z`;
     }
     if (isFused(run)) {
       const s = size * 1.25;
-      return svgEl("path", { ...common, d: `M${x},${y - s}L${x + s},${y + s * 0.8}L${x - s},${y + s * 0.8}Z` });
+      return `M${x},${y - s}L${x + s},${y + s * 0.8}L${x - s},${y + s * 0.8}Z`;
     }
-    return svgEl("circle", { ...common, cx: x, cy: y, r: size });
+    return `M${x - size},${y}a${size},${size} 0 1,0 ${2 * size},0a${size},${size} 0 1,0 ${-2 * size},0Z`;
+  }
+  // Filled for QAT, hollow for PTQ.
+  const markerFill = (run) => (isQat(run) ? colour(run) : "#ffffff");
+
+  function marker(run, x, y, size) {
+    return svgEl("path", { d: markerPath(run, x, y, size), fill: markerFill(run), stroke: colour(run), "stroke-width": 2 });
   }
 
   function plot() {
@@ -242,19 +248,33 @@
       const layer = svgEl("g", { class: "points" });
       const drawn = [];
       let outside = 0;
+      // Past a few thousand runs, one path per look keeps drawing fast;
+      // hovering finds runs by position either way.
+      const grouped = points.length > 2000;
+      const groups = new Map();
       for (const r of points) {
         const [vx, vy] = [value(r, axis.column), quality(r)];
         const out = vx < x0 || vx > x1 || vy < y0 || vy > y1;
         outside += out ? 1 : 0;
         const [px, py] = [sx(clampX(vx)), sy(clampY(vy))];
-        const shape = marker(r, px, py, 5.5);
-        shape.setAttribute("class", "point" + (out ? " outside" : "") + (front.includes(r) ? " on-front" : "") + (matches(r) ? "" : " filtered-out"));
-        shape.dataset.run = r.id;
-        layer.append(shape);
+        const classes = "point" + (out ? " outside" : "") + (matches(r) ? "" : " filtered-out");
         drawn.push({ run: r, x: px, y: py });
+        if (grouped) {
+          const key = `${classes}|${colour(r)}|${markerFill(r)}`;
+          groups.set(key, (groups.get(key) || "") + markerPath(r, px, py, 5.5));
+        } else {
+          const shape = marker(r, px, py, 5.5);
+          shape.setAttribute("class", classes);
+          shape.dataset.run = r.id;
+          layer.append(shape);
+        }
         if (r.id === recommended) {
           layer.append(svgEl("circle", { class: "recommended-ring", cx: px, cy: py, r: 11 }));
         }
+      }
+      for (const [key, d] of groups) {
+        const [classes, stroke, fill] = key.split("|");
+        layer.append(svgEl("path", { class: classes, d, stroke, fill, "stroke-width": 2 }));
       }
       root.append(layer);
       // Runs with nearly equal results share a spot, so hovering shows
@@ -528,12 +548,22 @@
 
   // ---- per-run details --------------------------------------------------------
 
+  // Every run as <option>s, written once as markup: 10,000 of them built
+  // node by node, three times over, took longer than the rest of the page.
+  let optionsMarkup = null;
+  function runOptions() {
+    const escape = (t) => t.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/"/g, "&quot;");
+    optionsMarkup = optionsMarkup || runs.map((r) => `<option value="${escape(r.id)}">${escape(r.id)}</option>`).join("");
+    return optionsMarkup;
+  }
+
   const STAGE_COLOURS = { train: "#8c564b", "prepare-data": "#7f7f7f", calibrate: "#1f77b4", sensitivity: "#9467bd", fallback: "#bcbd22", qat: "#d62728", build: "#ff7f0e", evaluate: "#2ca02c" };
   const STATE_WORDS = { ran: "ran in the last run", cached: "cached: made by an earlier run", failed: "failed", pending: "not run yet" };
 
   function details() {
     const section = el("section", { id: "details" }, el("h2", {}, "Run details"));
-    const pick = el("select", { id: "detail-run", "aria-label": "run to show" }, runs.map((r) => el("option", { value: r.id }, r.id)));
+    const pick = el("select", { id: "detail-run", "aria-label": "run to show" });
+    pick.innerHTML = runOptions();
     const body = el("div", { id: "detail" });
     section.append(el("div", { class: "controls" }, el("label", {}, "Run ", pick)), body);
     pick.addEventListener("change", () => selectDetail(pick.value));
@@ -649,9 +679,9 @@
   function comparison() {
     const section = el("section", { id: "compare" }, el("h2", {}, "Compare two runs"),
       el("p", { class: "note" }, "Pick two runs here or tick them in the table. Rows where they differ are marked."));
-    const options = () => runs.map((r) => el("option", { value: r.id }, r.id));
-    const a = el("select", { id: "compare-a", "aria-label": "first run" }, options());
-    const b = el("select", { id: "compare-b", "aria-label": "second run" }, options());
+    const a = el("select", { id: "compare-a", "aria-label": "first run" });
+    const b = el("select", { id: "compare-b", "aria-label": "second run" });
+    a.innerHTML = b.innerHTML = runOptions();
     const out = el("div", { id: "comparison" });
     section.append(el("div", { class: "controls" }, el("label", {}, "A ", a), el("label", {}, "B ", b)), out);
     a.addEventListener("change", () => { selection.a = a.value; comparisonChanged(); });
@@ -701,8 +731,18 @@
   selection.a = fp32 ? "fp32" : runs[0] && runs[0].id;
   selection.b = recommended && recommended !== selection.a ? recommended : runs[1] && runs[1].id;
 
-  document.body.append(header(), plot(), parallel(), table(), details(), comparison(),
+  // Each view's drawing time, which the benchmark reports.
+  const sections = {};
+  const timed = (name, build) => {
+    const started = performance.now();
+    const section = build();
+    sections[name] = Math.round(performance.now() - started);
+    return section;
+  };
+  const scriptStarted = performance.now();
+  document.body.append(timed("header", header), timed("plot", plot), timed("parallel", parallel), timed("table", table),
+    timed("details", details), timed("compare", comparison),
     el("footer", {}, rich("Written by qsweep from the results directory; `qsweep report DIR` writes it again. runs.csv, runs.jsonl and summary.md hold the same results as text.")));
-  window.qsweepReport = { readyMs: performance.now(), runs: runs.length };
+  window.qsweepReport = { readyMs: performance.now(), scriptStartedMs: scriptStarted, sections, runs: runs.length };
   document.documentElement.dataset.ready = "true";
 })();
