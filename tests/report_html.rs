@@ -4,13 +4,16 @@
 //! reader does with them. Expected figures come from the committed
 //! runs.csv, not from the page.
 
-mod common;
+// Only this test drives a browser; as its own module (not in `common`)
+// the other test binaries do not build the WebDriver client.
+#[path = "common/browser.rs"]
+mod browser;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::browser::Browser;
+use browser::Browser;
 use fantoccini::actions::{InputSource, MouseActions, PointerAction};
 use fantoccini::Locator;
 

@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-pub mod browser;
 pub mod redis_server;
 
 use std::path::{Path, PathBuf};
