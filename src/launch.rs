@@ -83,7 +83,7 @@ pub struct Outcome {
 /// Runs the sweep: set-up checks, then the results directory, then the
 /// coordinator against the target's queue, then the reports.
 pub fn run(launch: Launch) -> Result<Outcome, SetupError> {
-    let Launch { sweep, mut plan, results: dir, command, target } = launch;
+    let Launch { sweep, plan, results: dir, command, target } = launch;
     if let Target::Local { .. } | Target::Redis { cluster: None, .. } = target {
         // The stages run here (or on workers that load the same library),
         // so a missing library or GPU provider is said before any work
@@ -119,11 +119,14 @@ pub fn run(launch: Launch) -> Result<Outcome, SetupError> {
         }
     };
     // What is there before this run adds to it, for the report to tell
-    // reused artifacts from those the run makes.
-    plan.present_at_start =
+    // reused artifacts from those the run makes. Only the stored copy
+    // holds it: the plan a Redis sweep publishes must stay the same when
+    // a coordinator restarts partway, or its queued state is dropped.
+    let mut stored = plan.clone();
+    stored.present_at_start =
         plan.tasks.iter().filter_map(|t| results.manifest(&t.key)).map(|m| m.short_digest().to_string()).collect();
     let save_plan =
-        || results.save_plan(&plan).map_err(|e| QueueError::State(format!("cannot write to {}: {e}", dir.display())));
+        || results.save_plan(&stored).map_err(|e| QueueError::State(format!("cannot write to {}: {e}", dir.display())));
     let artifacts = match &store {
         Some(store) => Artifacts::Store { results: &results, store },
         None => Artifacts::Shared(&results),
