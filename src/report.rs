@@ -186,6 +186,16 @@ impl RunRow {
     }
 }
 
+/// What [`RunRow::quality`] is in these runs, as its runs.csv column and
+/// as an axis label.
+fn quality_measure(runs: &[RunResult]) -> (&'static str, &'static str) {
+    if runs.iter().any(|r| r.row.accuracy.is_some()) {
+        ("accuracy", "top-1 accuracy (%)")
+    } else {
+        ("agreement", "top-1 agreement with fp32 (%)")
+    }
+}
+
 /// Model sizes and int8 coverage, from a build stage's metrics.
 fn fill_from_build(row: &mut RunRow, metrics: &Value) {
     row.model_bytes = metrics["model_bytes"].as_u64();
@@ -223,10 +233,9 @@ pub fn write_all(results: &ResultsDir) -> std::io::Result<Vec<RunResult>> {
     let (calibrations, percentile_recorded) = health::assess_all(results, &plan);
     summary.push_str(&health::section(&calibrations, percentile_recorded));
     write_atomically(&root.join("summary.md"), summary.as_bytes())?;
-    let budget = findings.searches.first().map(|s| s.search.accuracy_budget);
     write_atomically(
         &root.join("accuracy_latency.svg"),
-        plot::accuracy_latency_svg(&plan.sweep, &runs, budget).as_bytes(),
+        plot::accuracy_latency_svg(&plan.sweep, &runs, findings.budget()).as_bytes(),
     )?;
     for (name, svg) in findings.charts() {
         write_atomically(&root.join(name), svg.as_bytes())?;

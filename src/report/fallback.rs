@@ -197,10 +197,16 @@ impl Findings {
         md
     }
 
+    /// The sweep's accuracy budget, in points of top-1, where a search
+    /// ran against it.
+    pub fn budget(&self) -> Option<f64> {
+        self.searches.first().map(|s| s.search.accuracy_budget)
+    }
+
     /// The fastest finished quantized run within the budget on the test
     /// split, or what comes closest when none is; none without a budget.
     pub fn recommended<'a>(&self, runs: &'a [RunResult]) -> Option<Recommendation<'a>> {
-        let budget = self.searches.first()?.search.accuracy_budget;
+        let budget = self.budget()?;
         let quantized = runs.iter().map(|r| &r.row).filter(|r| r.status == "ok" && !r.calibration.is_empty());
         let within = quantized.clone().filter(|r| r.accuracy_delta.is_some_and(|d| d >= -budget));
         let fastest = within

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use super::fallback::Findings;
 use super::health::{self, Assessed};
-use super::{best_run, plot, RunResult, RunRow};
+use super::{best_run, plot, quality_measure, RunResult, RunRow};
 use crate::plan::{Plan, StageKind};
 use crate::quant::health::findings as health_findings;
 use crate::store::ResultsDir;
@@ -55,10 +55,7 @@ pub fn page(inputs: &Inputs<'_>) -> String {
 /// The page's JSON document.
 fn data(inputs: &Inputs<'_>) -> Value {
     let Inputs { results, plan, runs, findings, calibrations } = inputs;
-    let columns: Vec<String> = match serde_json::to_value(RunRow::default()) {
-        Ok(Value::Object(fields)) => fields.keys().cloned().collect(),
-        _ => unreachable!("a RunRow serializes as an object"),
-    };
+    let columns: Vec<String> = fields(&RunRow::default()).keys().cloned().collect();
 
     let run_counts = plan.run_counts();
     let present_at_start: HashSet<&str> = plan.present_at_start.iter().map(String::as_str).collect();
@@ -94,11 +91,7 @@ fn data(inputs: &Inputs<'_>) -> Value {
     let mut rows = Vec::with_capacity(runs.len());
     let mut details = Vec::with_capacity(runs.len());
     for (run, planned) in runs.iter().zip(&plan.runs) {
-        let row = match serde_json::to_value(&run.row) {
-            Ok(Value::Object(fields)) => Value::Array(fields.into_iter().map(|(_, v)| v).collect()),
-            _ => unreachable!("a RunRow serializes as an object"),
-        };
-        rows.push(row);
+        rows.push(Value::Array(fields(&run.row).into_iter().map(|(_, v)| v).collect()));
         let own_tasks: Vec<usize> = planned.tasks.iter().filter_map(|k| task_index.get(k).copied()).collect();
         let of_stage = |stage: StageKind| planned.tasks.iter().find(|k| plan.task(k).is_some_and(|t| t.stage == stage));
         let environment = run.evaluation.as_ref().map(|evaluation| {
@@ -153,17 +146,15 @@ fn data(inputs: &Inputs<'_>) -> Value {
             None => Value::Null,
         },
     };
-    let labelled = runs.iter().any(|r| r.row.accuracy.is_some());
-    let budget = findings.searches.first().map(|s| s.search.accuracy_budget);
-    let finished = runs.iter().filter(|r| r.row.status == "ok" && r.row.latency_p50_ms.is_some());
-    let relevant_from = plot::relevant_from(finished.filter_map(|r| r.row.quality()), budget);
+    let (quality, measure) = quality_measure(runs);
+    let budget = findings.budget();
 
     json!({
         "sweep": plan.sweep,
-        "quality": if labelled { "accuracy" } else { "agreement" },
-        "measure": if labelled { "top-1 accuracy (%)" } else { "top-1 agreement with fp32 (%)" },
+        "quality": quality,
+        "measure": measure,
         "budget": budget,
-        "relevant_from": relevant_from,
+        "relevant_from": plot::zoom_floor(runs, budget),
         "recommendation": recommendation,
         "columns": columns,
         "rows": rows,
@@ -174,6 +165,14 @@ fn data(inputs: &Inputs<'_>) -> Value {
         "healths": healths,
         "searches": searches,
     })
+}
+
+/// A run's runs.csv columns by name, in runs.csv's order.
+fn fields(row: &RunRow) -> serde_json::Map<String, Value> {
+    match serde_json::to_value(row) {
+        Ok(Value::Object(fields)) => fields,
+        _ => unreachable!("a RunRow serializes as an object"),
+    }
 }
 
 /// Where and how a run was measured: the part of its evaluation that

@@ -9,7 +9,7 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::RunResult;
+use super::{RunResult, RunRow};
 
 /// Okabe-Ito colours, which people with any common colour blindness can
 /// tell apart; report.js uses the same.
@@ -46,6 +46,17 @@ pub fn pareto_front(points: &[(f64, f64)]) -> Vec<usize> {
         }
     }
     front
+}
+
+/// The runs a plot can place: finished, with a latency and a quality.
+fn plottable(runs: &[RunResult]) -> impl Iterator<Item = &RunRow> {
+    runs.iter().map(|r| &r.row).filter(|r| r.status == "ok" && r.latency_p50_ms.is_some() && r.quality().is_some())
+}
+
+/// Where both plots (this SVG and report.html's) start their zoom:
+/// [`relevant_from`] over the runs they place.
+pub fn zoom_floor(runs: &[RunResult], budget: Option<f64>) -> Option<f64> {
+    relevant_from(plottable(runs).filter_map(RunRow::quality), budget)
 }
 
 /// The lowest accuracy the plots zoom to: `window` points below the best
@@ -218,11 +229,8 @@ struct Point<'a> {
 }
 
 pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult], budget: Option<f64>) -> String {
-    let points: Vec<Point> = runs
-        .iter()
-        .filter(|r| r.row.status == "ok")
-        .filter_map(|r| {
-            let row = &r.row;
+    let points: Vec<Point> = plottable(runs)
+        .filter_map(|row| {
             let colour = METHOD_COLOURS.iter().find(|(m, _)| *m == row.calibration).map_or(OTHER_METHOD, |(_, c)| *c);
             Some(Point {
                 run: &row.run,
@@ -238,13 +246,9 @@ pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult], budget: Option<f64>
     if points.is_empty() {
         return no_plot(sweep);
     }
-    let measure = if runs.iter().any(|r| r.row.accuracy.is_some()) {
-        "top-1 accuracy (%)"
-    } else {
-        "top-1 agreement with fp32 (%)"
-    };
+    let (_, measure) = super::quality_measure(runs);
     let fp32 = points.iter().find(|p| p.baseline);
-    let floor = relevant_from(points.iter().map(|p| p.quality), budget).unwrap_or(0.0);
+    let floor = zoom_floor(runs, budget).unwrap_or(0.0);
     let relevant: Vec<&Point> = points.iter().filter(|p| p.quality >= floor).collect();
     let (x_range, y_range) = ranges(relevant.iter().map(|p| (p.latency, p.quality)));
     let outside = points.len() - relevant.len();
