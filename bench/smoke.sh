@@ -21,6 +21,7 @@ step bench/ptq_vs_ort.sh --smoke
 step bench/folder_vs_torchvision.sh --smoke
 step bench/accuracy_control.sh --smoke
 step bench/sensitivity_cost.sh --smoke
+step bench/qat_torch_model.sh --smoke
 if /usr/bin/python3 -c 'import torch, torchvision, skimage' 2>/dev/null; then
   step /usr/bin/python3 bench/imagenet/run.py --smoke --work "$(mktemp -d)"
 else

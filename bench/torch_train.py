@@ -31,6 +31,14 @@ class Block(nn.Module):
         return F.relu(y + (x if self.down is None else self.down(x)))
 
 
+def resnet8():
+    """The reference architecture, as PyTorch modules."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
 def conv_layer(runs):
     """Forward, and forward+backward, of batch 128, 48 channels, 14x14, 3x3."""
     x = torch.randn(128, 48, 14, 14, requires_grad=True)
@@ -56,10 +64,7 @@ def main():
     batch, steps, threads = (int(v) for v in sys.argv[1:4])
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    model = resnet8()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(batch, 1, 28, 28)
     y = torch.randint(0, 10, (batch,))

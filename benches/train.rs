@@ -97,15 +97,16 @@ fn main() {
         weight_decay: 5e-4,
         batch_size: batch,
         seed: 0,
-        augment: false,
+        augment: Vec::new(),
     };
     // Three warm-up steps, as the peer takes, then the timed epoch.
     let checkpoint = tempfile::tempdir().unwrap();
     let warm_up_indices: Vec<usize> = (0..3 * batch).collect();
     let warm_up: Examples = raw.preprocess(&preprocess, Some(&warm_up_indices)).into();
-    fit(&mut network, &warm_up, &recipe, &checkpoint.path().join("warm-up"), &AtomicBool::new(false), |_| {}).unwrap();
+    fit(&mut network, &warm_up, &recipe, &checkpoint.path().join("warm-up"), None, &AtomicBool::new(false), |_| {})
+        .unwrap();
     let started = Instant::now();
-    qsweep::train::fit::fit(&mut network, &examples, &recipe, checkpoint.path(), &AtomicBool::new(false), |_| {})
+    qsweep::train::fit::fit(&mut network, &examples, &recipe, checkpoint.path(), None, &AtomicBool::new(false), |_| {})
         .unwrap();
     let ours = (batch * steps) as f64 / started.elapsed().as_secs_f64();
     println!("qsweep:  {ours:.0} img/s (resnet-8, batch {batch}, {threads} threads, {steps} steps)");

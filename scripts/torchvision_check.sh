@@ -24,7 +24,7 @@ cat > "$work/spec.json" <<JSON
     "training": { "images": "images/train", "samples": 16 } },
   "matrix": { "calibration": ["max", "mse", "entropy", "percentile"], "residual_fusion": [false, true], "qat_epochs": [0] },
   "include": [ { "calibration": "max", "residual_fusion": true, "qat_epochs": 1 } ],
-  "qat": { "batch_size": 8, "augment": false },
+  "qat": { "batch_size": 8, "validation_samples": 16 },
   "evaluate": { "batch_sizes": [8], "warmup": 1, "iterations": 3, "threads": 2 } }
 JSON
 target/release/qsweep validate "$work/spec.json"

@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 use crate::data::source::{Role, Source};
 use crate::data::Split;
 use crate::matrix::{Recipe, Run, RunKind};
-use crate::spec::{Baseline, CalibrationMethod, Color, FloatLayers, ModelSource, SweepSpec};
+use crate::spec::{Baseline, CalibrationMethod, Color, FloatLayers, ModelSource, QatLearningRate, SweepSpec};
+use crate::stages;
 
 /// The kinds of work a run is made of, in the order data flows through them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -30,6 +31,8 @@ pub enum StageKind {
     Sensitivity,
     /// `float_layers: "auto"`: ops left in float until a budget holds.
     Fallback,
+    /// `qat.learning_rate: "auto"`: a short range test of QAT rates.
+    LearningRate,
     Qat,
     Build,
     Evaluate,
@@ -39,12 +42,13 @@ pub enum StageKind {
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 8] = [
+    pub const ALL: [StageKind; 9] = [
         StageKind::Train,
         StageKind::PrepareData,
         StageKind::Calibrate,
         StageKind::Sensitivity,
         StageKind::Fallback,
+        StageKind::LearningRate,
         StageKind::Qat,
         StageKind::Build,
         StageKind::Evaluate,
@@ -63,7 +67,7 @@ impl StageKind {
             StageKind::Sensitivity | StageKind::Fallback => 3,
             StageKind::PrepareData => 4,
             StageKind::Train => 5,
-            StageKind::Qat => 6,
+            StageKind::LearningRate | StageKind::Qat => 6,
             StageKind::Noop => 7,
         }
     }
@@ -81,6 +85,7 @@ impl StageKind {
             StageKind::Calibrate => "calibrate",
             StageKind::Sensitivity => "sensitivity",
             StageKind::Fallback => "fallback",
+            StageKind::LearningRate => "learning-rate",
             StageKind::Qat => "qat",
             StageKind::Build => "build",
             StageKind::Evaluate => "evaluate",
@@ -321,9 +326,7 @@ impl Plan {
             .chain(float_inputs.iter().cloned())
             .collect();
         if recipe.qat_epochs > 0 {
-            let subset = Some((spec.qat.samples, spec.qat.seed));
-            let training_data =
-                self.add(StageKind::PrepareData, prepare_params("train", data, sources, subset), vec![]);
+            let training = self.add_qat_data(context, &calibrated);
             let mut qat_params = json!({
                 "model_digest": sources.model_digest,
                 "quantizer": quantizer,
@@ -335,6 +338,7 @@ impl Plan {
                 "batch_size": spec.qat.batch_size,
                 "seed": spec.qat.seed,
                 "augment": spec.qat.augment,
+                "select": spec.qat.select,
             });
             if recipe.calibration == CalibrationMethod::Percentile {
                 qat_params["percentile"] = json!(spec.calibration.percentile);
@@ -343,13 +347,15 @@ impl Plan {
             let trained = self.add(
                 StageKind::Qat,
                 qat_params,
-                [input("calibration", &calibrated), input("data", &training_data)]
+                [input("calibration", &calibrated)]
                     .into_iter()
+                    .chain(training.inputs.iter().cloned())
                     .chain(fp32_model.iter().cloned())
                     .chain(float_inputs.iter().cloned())
                     .collect(),
             );
-            chain.extend([training_data, trained.clone()]);
+            chain.extend(training.tasks);
+            chain.push(trained.clone());
             build_inputs.push(input("model", &trained));
         }
         let mut build_params = json!({
@@ -366,6 +372,44 @@ impl Plan {
         }
         extend(&mut build_params, &float_params);
         self.add(StageKind::Build, build_params, build_inputs)
+    }
+
+    /// What every QAT stage of the sweep trains and validates on: the
+    /// training subset, the validation subset, and with
+    /// `learning_rate: "auto"` the range test that picks the rate (shared
+    /// by every QAT run, whatever its recipe).
+    fn add_qat_data(&mut self, context: &QuantizedContext<'_>, calibrated: &TaskKey) -> QatData {
+        let QuantizedContext { spec, sources, data, fp32_model, .. } = *context;
+        let subset = Some((spec.qat.samples, spec.qat.seed));
+        let training = self.add(StageKind::PrepareData, prepare_params("train", data, sources, subset), vec![]);
+        let validation = self.add(StageKind::PrepareData, qat_validation_params(spec, data, sources), vec![]);
+        let mut inputs = vec![input("data", &training), input(QAT_VALIDATION, &validation)];
+        let mut tasks = vec![training.clone(), validation.clone()];
+        if spec.qat.learning_rate == QatLearningRate::default() {
+            let params = json!({
+                "model_digest": sources.model_digest,
+                "format": spec.int8_format(),
+                "candidates": stages::learning_rate::CANDIDATES,
+                "share": stages::learning_rate::SHARE,
+                "momentum": spec.qat.momentum,
+                "weight_decay": spec.qat.weight_decay,
+                "batch_size": spec.qat.batch_size,
+                "seed": spec.qat.seed,
+                "augment": spec.qat.augment,
+            });
+            let tested = self.add(
+                StageKind::LearningRate,
+                params,
+                [input("calibration", calibrated)]
+                    .into_iter()
+                    .chain(inputs.iter().cloned())
+                    .chain(fp32_model.iter().cloned())
+                    .collect(),
+            );
+            inputs.push(input(LEARNING_RATE, &tested));
+            tasks.push(tested);
+        }
+        QatData { inputs, tasks }
     }
 
     /// The sensitivity ranking of a recipe's PTQ ancestry (for every
@@ -521,6 +565,42 @@ fn validation_params(spec: &SweepSpec, data: &Value, sources: &Sources) -> Value
     params
 }
 
+/// The inputs a QAT stage gets besides its PTQ model's, and the tasks
+/// that make them, for the run's chain.
+struct QatData {
+    inputs: Vec<Input>,
+    tasks: Vec<TaskKey>,
+}
+
+/// The input role of QAT's validation subset.
+pub const QAT_VALIDATION: &str = "validation";
+
+/// The input role of the range test that picked QAT's learning rate.
+pub const LEARNING_RATE: &str = "learning_rate";
+
+/// QAT's validation subset: a seeded draw from the training source that
+/// holds out the fine-tuning subset and, where calibration reads the same
+/// files, the calibration set. (Validation refuses a training source that
+/// is the evaluation source.)
+fn qat_validation_params(spec: &SweepSpec, data: &Value, sources: &Sources) -> Value {
+    let training = sources.of(Role::Training);
+    let calibration = sources.of(Role::Calibration);
+    let mut held_out = Vec::new();
+    if calibration.source.without_subset() == training.source.without_subset() {
+        held_out.extend(calibration.source.subset(Some((spec.calibration.samples, spec.calibration.seed))));
+    }
+    held_out.extend(training.source.subset(Some((spec.qat.samples, spec.qat.seed))));
+    json!({
+        "split": "qat-validation",
+        "data": data,
+        "source": training.source,
+        "source_digest": training.digest,
+        "samples": spec.qat.validation_samples,
+        "seed": spec.qat.seed,
+        "held_out": held_out.iter().map(|(samples, seed)| json!({"samples": samples, "seed": seed})).collect::<Vec<_>>(),
+    })
+}
+
 /// The input role of fp32's evaluation, whose logits an evaluation on
 /// unlabelled samples is measured against.
 pub const REFERENCE: &str = "reference";
@@ -534,7 +614,6 @@ fn input(role: &str, key: &TaskKey) -> Input {
 
 /// The version of each stage's code; see `stages` for the rule on bumping.
 pub fn stage_version(stage: StageKind) -> u32 {
-    use crate::stages;
     match stage {
         StageKind::Train => stages::train::VERSION,
         StageKind::PrepareData => stages::prepare_data::VERSION,
@@ -545,6 +624,7 @@ pub fn stage_version(stage: StageKind) -> u32 {
         StageKind::Qat => stages::qat::VERSION,
         StageKind::Sensitivity => stages::sensitivity::VERSION,
         StageKind::Fallback => stages::fallback::VERSION,
+        StageKind::LearningRate => stages::learning_rate::VERSION,
     }
 }
 
@@ -585,8 +665,10 @@ mod tests {
         let count = |stage| plan.tasks.iter().filter(|t| t.stage == stage).count();
         assert_eq!(plan.runs.len(), 9);
         assert_eq!(count(StageKind::Calibrate), 1);
-        assert_eq!(count(StageKind::PrepareData), 3);
+        // Test split, calibration set, and QAT's fine-tuning and validation subsets.
+        assert_eq!(count(StageKind::PrepareData), 4);
         assert_eq!(count(StageKind::Qat), 4);
+        assert_eq!(count(StageKind::LearningRate), 1, "one range test serves every QAT run");
         assert_eq!(count(StageKind::Build), 1 + 8);
         assert_eq!(count(StageKind::Evaluate), 9);
         // Runs differing only in qat_epochs share their PTQ ancestors.

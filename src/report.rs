@@ -1,5 +1,6 @@
 //! Reports, regenerated from what the results directory holds: report.html,
-//! runs.csv, runs.jsonl, summary.md and accuracy_latency.svg. They read the stored
+//! runs.csv, runs.jsonl, summary.md, accuracy_latency.svg and the charts
+//! of sensitivity, fallback searches and QAT validation. They read the stored
 //! plan, manifests and failure records only, so `qsweep report DIR` gives
 //! the same files as the end of `qsweep run`, and a half-finished sweep
 //! reports what it has.
@@ -8,6 +9,7 @@ mod fallback;
 mod health;
 mod html;
 mod plot;
+mod qat;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -67,6 +69,10 @@ pub struct RunRow {
     pub budget_met: Option<bool>,
     /// `float_layers: "auto"`: top-1 on the validation subset the budget was judged on, in percent.
     pub validation_accuracy: Option<f64>,
+    /// QAT's starting learning rate: the spec's, or the range test's pick.
+    pub qat_learning_rate: Option<f64>,
+    /// The QAT epoch whose model the run built (0: its PTQ start).
+    pub qat_kept_epoch: Option<u32>,
     /// Training the fp32 model, when the sweep trains it (shared by every run).
     pub train_s: Option<f64>,
     pub prepare_data_s: Option<f64>,
@@ -125,7 +131,7 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
                             StageKind::Calibrate => &mut row.calibrate_s,
                             StageKind::Sensitivity => &mut row.sensitivity_s,
                             StageKind::Fallback => &mut row.fallback_s,
-                            StageKind::Qat => &mut row.qat_s,
+                            StageKind::LearningRate | StageKind::Qat => &mut row.qat_s,
                             StageKind::Build => &mut row.build_s,
                             StageKind::Evaluate | StageKind::Noop => &mut row.evaluate_s,
                         };
@@ -133,6 +139,10 @@ pub fn collect(results: &ResultsDir, plan: &Plan) -> Vec<RunResult> {
                         match manifest.stage {
                             StageKind::Build => fill_from_build(&mut row, &manifest.metrics),
                             StageKind::Evaluate => evaluation = Some(manifest.metrics),
+                            StageKind::Qat => {
+                                row.qat_learning_rate = manifest.metrics["learning_rate"].as_f64();
+                                row.qat_kept_epoch = manifest.metrics["kept_epoch"].as_u64().map(|e| e as u32);
+                            }
                             StageKind::Fallback => {
                                 row.budget_met = manifest.metrics["budget_met"].as_bool();
                                 row.validation_accuracy = manifest.metrics["validation_top1"].as_f64();
@@ -230,6 +240,8 @@ pub fn write_all(results: &ResultsDir) -> std::io::Result<Vec<RunResult>> {
     let findings = fallback::Findings::collect(results, &plan);
     let mut summary = summary_markdown(&plan.sweep, &runs);
     summary.push_str(&findings.markdown(&runs));
+    let qat = qat::QatFindings::collect(results, &plan);
+    summary.push_str(&qat.markdown(&runs));
     let (calibrations, percentile_recorded) = health::assess_all(results, &plan);
     summary.push_str(&health::section(&calibrations, percentile_recorded));
     write_atomically(&root.join("summary.md"), summary.as_bytes())?;
@@ -240,7 +252,11 @@ pub fn write_all(results: &ResultsDir) -> std::io::Result<Vec<RunResult>> {
     for (name, svg) in findings.charts() {
         write_atomically(&root.join(name), svg.as_bytes())?;
     }
-    let inputs = html::Inputs { results, plan: &plan, runs: &runs, findings: &findings, calibrations: &calibrations };
+    if let Some(svg) = qat.chart() {
+        write_atomically(&root.join(qat::CHART), svg.as_bytes())?;
+    }
+    let inputs =
+        html::Inputs { results, plan: &plan, runs: &runs, findings: &findings, calibrations: &calibrations, qat: &qat };
     write_atomically(&root.join("report.html"), html::page(&inputs).as_bytes())?;
     Ok(runs)
 }

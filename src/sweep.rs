@@ -146,6 +146,7 @@ fn resolve(parsed: ParsedSpec) -> Result<Sweep, SpecErrors> {
         check_model(&parsed, model, &opened, &mut errors)
     });
     check_float_layers(&parsed, &runs, model.as_ref(), (&sources, &opened, &data_dir), &mut errors);
+    check_qat(&parsed, &runs, (&sources, &opened, &data_dir), &mut errors);
 
     let evaluation_labelled =
         !opened.tensors.iter().any(|(role, set)| *role == Role::Evaluation && set.labels.is_none());
@@ -206,6 +207,24 @@ struct OpenedSources {
     dataset_shape: Option<(usize, usize)>,
     folders: Vec<(Role, ImageFolder)>,
     tensors: Vec<(Role, TensorSet)>,
+}
+
+impl OpenedSources {
+    /// How many samples `role`'s `source` holds (none if it could not be
+    /// opened), and whether they have labels.
+    fn population(&self, role: Role, source: &Source, data_dir: &Path) -> (Option<usize>, bool) {
+        match source {
+            Source::Idx { dataset, split, .. } => (data::split_count(*dataset, data_dir, *split).ok(), true),
+            Source::ImageFolder { .. } => {
+                (self.folders.iter().find(|(r, _)| *r == role).map(|(_, f)| f.samples.len()), true)
+            }
+            Source::Tensors { .. } => self
+                .tensors
+                .iter()
+                .find(|(r, _)| *r == role)
+                .map_or((None, true), |(_, set)| (Some(set.len()), set.labels.is_some())),
+        }
+    }
 }
 
 /// Opens every role's source, reporting what cannot be read and labels a
@@ -498,17 +517,7 @@ fn check_float_layers(
         ));
         return;
     }
-    let (population, labelled) = match source {
-        Source::Idx { dataset, split, .. } => (data::split_count(*dataset, data_dir, *split).ok(), true),
-        Source::ImageFolder { .. } => {
-            (opened.folders.iter().find(|(r, _)| *r == Role::Calibration).map(|(_, f)| f.samples.len()), true)
-        }
-        Source::Tensors { .. } => opened
-            .tensors
-            .iter()
-            .find(|(r, _)| *r == Role::Calibration)
-            .map_or((None, true), |(_, set)| (Some(set.len()), set.labels.is_some())),
-    };
+    let (population, labelled) = opened.population(Role::Calibration, source, data_dir);
     if !labelled && with_float.iter().any(|(_, r)| r.float_layers == spec::FloatLayers::AUTO) {
         errors.push(parsed.diagnostic(
             JsonPath::parse("data.calibration.tensors"),
@@ -529,6 +538,107 @@ fn check_float_layers(
                 settings.validation_samples
             ),
             format!("use at most {left} validation samples, or calibrate on fewer"),
+        ));
+    }
+}
+
+/// The QAT section, where a run fine-tunes: augmentations that keep the
+/// image's size and are well formed, and a validation subset that the
+/// training source can hold beside the calibration and fine-tuning
+/// subsets, and that is not the evaluation source.
+fn check_qat(
+    parsed: &ParsedSpec,
+    runs: &[Run],
+    (sources, opened, data_dir): (&[(Role, Source)], &OpenedSources, &Path),
+    errors: &mut Vec<Diagnostic>,
+) {
+    let spec = &parsed.spec;
+    let section = JsonPath::parse("qat");
+    for (index, transform) in spec.qat.augment.iter().enumerate() {
+        let at = section.key("augment").index(index);
+        match transform {
+            spec::Augmentation::RandomResizedCrop { scale, ratio } => {
+                let ranges = [
+                    (
+                        "scale",
+                        scale,
+                        scale.iter().all(|s| *s > 0.0 && *s <= 1.0),
+                        "area shares within (0, 1]",
+                        "0 < low <= high <= 1",
+                        "[0.08, 1.0]",
+                    ),
+                    (
+                        "ratio",
+                        ratio,
+                        ratio.iter().all(|r| *r > 0.0 && r.is_finite()),
+                        "aspect ratios above 0",
+                        "0 < low <= high",
+                        "[0.75, 1.3333]",
+                    ),
+                ];
+                for (field, range, within, what, bounds, example) in ranges {
+                    if !within || range[0] > range[1] {
+                        errors.push(
+                            parsed
+                                .diagnostic(
+                                    at.key("random_resized_crop").key(field),
+                                    format!("{field} [{}, {}] is not a range of {what}", range[0], range[1]),
+                                    format!("give [low, high] with {bounds}, e.g. torchvision's {example}"),
+                                )
+                                .expected(format!("[low, high] with {bounds}")),
+                        );
+                    }
+                }
+            }
+            spec::Augmentation::Pad(_) if spec.qat.augment.get(index + 1) != Some(&spec::Augmentation::RandomCrop) => {
+                errors.push(parsed.diagnostic(
+                    at,
+                    "pad grows the image, which the model's fixed input size cannot take, and no random_crop follows it",
+                    "follow it with \"random_crop\", as torchvision's Pad then RandomCrop(size)",
+                ));
+            }
+            spec::Augmentation::RandomCrop
+                if index == 0 || !matches!(spec.qat.augment[index - 1], spec::Augmentation::Pad(_)) =>
+            {
+                errors.push(parsed.diagnostic(
+                    at,
+                    "random_crop crops back to the image's size, so without a pad just before it it does nothing",
+                    "put {\"pad\": 4} before it (torchvision's RandomCrop(size, padding=4)), or remove it",
+                ));
+            }
+            _ => {}
+        }
+    }
+    if !runs.iter().any(|r| r.recipe().is_some_and(|recipe| recipe.qat_epochs > 0)) {
+        return;
+    }
+    let source_of = |role: Role| sources.iter().find(|(r, _)| *r == role).map(|(_, s)| s);
+    let (Some(training), Some(calibration)) = (source_of(Role::Training), source_of(Role::Calibration)) else { return };
+    let files = training.without_subset();
+    if source_of(Role::Evaluation).is_some_and(|evaluation| evaluation.without_subset() == files) {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("data.training"),
+            "QAT's validation subset is drawn from data.training, which is also the evaluation source, so the epoch kept would be chosen on test images",
+            "fine-tune from a training folder or file, not the evaluation one",
+        ));
+        return;
+    }
+    let (Some(population), _) = opened.population(Role::Training, training, data_dir) else { return };
+    let mut held_out = Vec::new();
+    if calibration.without_subset() == files {
+        held_out.extend(calibration.subset(Some((spec.calibration.samples, spec.calibration.seed))));
+    }
+    held_out.extend(training.subset(Some((spec.qat.samples, spec.qat.seed))));
+    let left = crate::data::source::subset_indices(population, None, &held_out).len();
+    if spec.qat.validation_samples as usize > left {
+        let calibration_part = if calibration.without_subset() == files { " the calibration set and" } else { "" };
+        errors.push(parsed.diagnostic(
+            section.key("validation_samples"),
+            format!(
+                "the validation subset is {} samples, but the training source holds {population}, and once{calibration_part} the {} fine-tuning samples (qat.samples) are held out only {left} remain",
+                spec.qat.validation_samples, spec.qat.samples
+            ),
+            format!("use at most {left} validation samples, or fine-tune on fewer (qat.samples)"),
         ));
     }
 }

@@ -443,3 +443,57 @@ fn a_negative_budget_is_refused() {
     let err = refused(&fallback_spec("[1]", r#"{ "accuracy_budget": -0.1 }"#));
     assert!(err.contains("$.sensitivity") && err.contains("-0.1"), "{err}");
 }
+
+/// QAT's validation subset and augmentation: each mistake names its field.
+#[test]
+fn bad_qat_validation_and_augmentation_are_refused() {
+    let qat = |section: &str| {
+        quick_spec_json(&format!(
+            r#""matrix": {{ "calibration": ["mse"], "qat_epochs": [1] }}, "qat": {{ {section} }}"#
+        ))
+    };
+    // 60,000 training images, 59,000 fine-tuned on; the 500 calibration
+    // images, drawn with the same seed, are among them: 1,000 are left.
+    let err = refused(&qat(r#""samples": 59000, "validation_samples": 2000"#));
+    assert!(err.contains("$.qat.validation_samples"), "{err}");
+    assert!(err.contains("the validation subset is 2000 samples") && err.contains("only 1000 remain"), "{err}");
+    assert!(err.contains("use at most 1000 validation samples"), "{err}");
+
+    let err = refused(&qat(r#""augment": ["horizontal_flip", "vertical_flip"]"#));
+    assert!(err.contains("$.qat.augment[1]"), "{err}");
+    assert!(
+        err.contains("horizontal_flip") && err.contains("random_resized_crop"),
+        "the allowed names are listed: {err}"
+    );
+
+    for scale in ["[0.0, 1.0]", "[0.5, 1.5]", "[0.9, 0.2]"] {
+        let err = refused(&qat(&format!(r#""augment": [{{ "random_resized_crop": {{ "scale": {scale} }} }}]"#)));
+        assert!(err.contains("$.qat.augment[0].random_resized_crop.scale"), "{scale}: {err}");
+        assert!(err.contains("within (0, 1]"), "{scale}: {err}");
+    }
+    let err = refused(&qat(r#""augment": [{ "pad": 4 }, "horizontal_flip"]"#));
+    assert!(err.contains("$.qat.augment[0]") && err.contains("no random_crop follows it"), "{err}");
+    let err = refused(&qat(r#""augment": ["random_crop"]"#));
+    assert!(err.contains("$.qat.augment[0]") && err.contains("without a pad"), "{err}");
+    let err = refused(&qat(r#""augment": true"#));
+    assert!(err.contains("$.qat.augment"), "{err}");
+    let err = refused(&qat(r#""learning_rate": "fast""#));
+    assert!(err.contains("$.qat.learning_rate") && err.contains("auto"), "{err}");
+}
+
+/// Validation drawn from the evaluation images would choose QAT's epoch on
+/// the test split.
+#[test]
+fn a_training_source_that_is_the_evaluation_source_is_refused() {
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/data/fashion-images/val");
+    let source = format!(r#"{{ "images": {:?} }}"#, folder.to_str().unwrap());
+    let text = quick_spec_json(r#""matrix": { "calibration": ["mse"], "qat_epochs": [1] }"#).replace(
+        r#""data": { "preprocess": { "mean": [0.2860], "std": [0.3530] } }"#,
+        &format!(
+            r#""data": {{ "preprocess": {{ "mean": [0.2860], "std": [0.3530], "color": "grey" }}, "evaluation": {source}, "training": {source} }}"#
+        ),
+    );
+    assert!(text.contains(r#""training""#));
+    let err = refused(&text);
+    assert!(err.contains("$.data.training") && err.contains("also the evaluation source"), "{err}");
+}

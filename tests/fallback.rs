@@ -712,7 +712,7 @@ fn qat_fine_tunes_a_partially_quantized_model() {
     let results = dir.path().join("results");
     let rest = format!(
         r#""matrix": {{ "calibration": ["entropy"], "residual_fusion": [false], "float_layers": [2], "qat_epochs": [1] }},
-           "qat": {{ "samples": 500, "batch_size": 64, "learning_rate": 0.0001, "augment": false }}, {}"#,
+           "qat": {{ "samples": 500, "batch_size": 64, "learning_rate": 0.0001, "validation_samples": 200 }}, {}"#,
         sensitivity("")
     );
     run_ok(&reference_spec(dir.path(), "spec.json", &rest), &results);

@@ -326,3 +326,39 @@ fn a_runs_details_show_its_stages_sensitivity_health_and_machine() {
         browser.close().await;
     });
 }
+
+/// A QAT run's details draw its validation curve: a point per epoch and
+/// one for the PTQ start, the kept epoch ringed, and the same figures as a
+/// table, matching the committed summary.md's QAT table for the run.
+#[test]
+fn a_qat_runs_details_draw_its_validation_curve() {
+    let summary = std::fs::read_to_string(reference_report().with_file_name("summary.md")).unwrap();
+    let id = "mse-fused-qat2";
+    let row = summary.lines().find(|l| l.starts_with(&format!("| {id} |"))).expect("a QAT table row");
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    // | run | learning rate | validation top-1 by epoch | kept | test | twin |
+    let curve: Vec<String> = cells[3].split(" → ").map(|v| v.trim_matches('*').to_string()).collect();
+    let kept: usize = cells[4].parse().unwrap();
+    runtime().block_on(async {
+        let browser = Browser::start(1400, 1000).await;
+        browser.open_report(&reference_report()).await;
+        let link = Locator::Css("#runs-table tr[data-run='mse-fused-qat2'] td[data-column='run'] a");
+        browser.client.find(link).await.unwrap().click().await.unwrap();
+        let points = browser.client.find_all(Locator::Css("#detail svg.qat-curve circle")).await.unwrap().len();
+        assert_eq!(points, curve.len(), "a point per epoch and the start");
+        let ringed =
+            browser.client.find_all(Locator::Css("#detail svg.qat-curve circle.qat-kept")).await.unwrap().len();
+        assert_eq!(ringed, 1);
+        let rows = browser.client.find_all(Locator::Css("#qat-table tbody tr")).await.unwrap();
+        assert_eq!(rows.len(), curve.len());
+        for (epoch, (row, top1)) in rows.into_iter().zip(&curve).enumerate() {
+            let text = row.text().await.unwrap();
+            assert!(text.starts_with(&epoch.to_string()), "{text}");
+            assert!(text.contains(&format!("{top1}%")), "{text} lacks {top1}%");
+            assert_eq!(text.contains("(kept)"), epoch == kept, "{text}");
+        }
+        let note = text_of(&browser, "#detail .qat-note").await;
+        assert!(note.contains("augmentation: none") && note.contains("range test"), "{note}");
+        browser.close().await;
+    });
+}

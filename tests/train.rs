@@ -85,7 +85,7 @@ fn small_model() -> onnx::ModelProto {
 }
 
 fn recipe(epochs: u32, learning_rate: f64) -> Recipe {
-    Recipe { epochs, learning_rate, momentum: 0.9, weight_decay: 1e-4, batch_size: 64, seed: 3, augment: false }
+    Recipe { epochs, learning_rate, momentum: 0.9, weight_decay: 1e-4, batch_size: 64, seed: 3, augment: Vec::new() }
 }
 
 #[test]
@@ -94,7 +94,8 @@ fn a_small_model_learns_on_real_data() {
     let mut network = Network::from_model(&small_model(), BatchNorm::Batch, None).unwrap();
     let checkpoint = tempfile::tempdir().unwrap();
     let outcome =
-        fit::fit(&mut network, &data, &recipe(3, 0.1), checkpoint.path(), &AtomicBool::new(false), |_| {}).unwrap();
+        fit::fit(&mut network, &data, &recipe(3, 0.1), checkpoint.path(), None, &AtomicBool::new(false), |_| {})
+            .unwrap();
     let losses = &outcome.epoch_losses;
     assert!(losses[2] < losses[0] && losses[0] < (10f32).ln(), "{losses:?}");
     let (accuracy, _) = fit::accuracy(&mut network, &examples(Split::Test, 2000), 500).unwrap();
@@ -108,7 +109,7 @@ fn a_killed_training_resumes_from_its_last_epoch() {
     let full = |checkpoint: &Path| {
         let mut network = Network::from_model(&small_model(), BatchNorm::Batch, None).unwrap();
         let outcome =
-            fit::fit(&mut network, &data, &recipe(3, 0.05), checkpoint, &AtomicBool::new(false), |_| {}).unwrap();
+            fit::fit(&mut network, &data, &recipe(3, 0.05), checkpoint, None, &AtomicBool::new(false), |_| {}).unwrap();
         (network, outcome)
     };
     let (uninterrupted, _) = full(&dir.path().join("uninterrupted"));
@@ -117,7 +118,7 @@ fn a_killed_training_resumes_from_its_last_epoch() {
     let interrupted_dir = dir.path().join("interrupted");
     let mut network = Network::from_model(&small_model(), BatchNorm::Batch, None).unwrap();
     let cancel = AtomicBool::new(false);
-    let stopped = fit::fit(&mut network, &data, &recipe(3, 0.05), &interrupted_dir, &cancel, |step| {
+    let stopped = fit::fit(&mut network, &data, &recipe(3, 0.05), &interrupted_dir, None, &cancel, |step| {
         if step.epoch == 2 && step.step == 3 {
             cancel.store(true, Ordering::Relaxed);
         }
@@ -145,11 +146,12 @@ fn a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let mut network = Network::from_model(&small_model(), BatchNorm::Batch, None).unwrap();
     let mut exploding = recipe(2, 0.05);
-    fit::fit(&mut network, &data, &recipe(1, 0.05), dir.path(), &AtomicBool::new(false), |_| {}).unwrap();
+    fit::fit(&mut network, &data, &recipe(1, 0.05), dir.path(), None, &AtomicBool::new(false), |_| {}).unwrap();
     exploding.learning_rate = 1e30;
     exploding.epochs = 1;
-    let error = fit::fit(&mut network, &data, &exploding, &dir.path().join("second"), &AtomicBool::new(false), |_| {})
-        .unwrap_err();
+    let error =
+        fit::fit(&mut network, &data, &exploding, &dir.path().join("second"), None, &AtomicBool::new(false), |_| {})
+            .unwrap_err();
     let text = error.to_string();
     assert!(matches!(error, TrainError::NotFinite { epoch: 1, .. }), "{text}");
     assert!(text.contains("the loss became NaN or infinite at epoch 1, step"), "{text}");

@@ -208,14 +208,12 @@ pub enum SourceError {
 
 /// The indices of the images a role uses out of `population`, in order:
 /// its seeded subset (or all), drawn from what is left once `held_out`,
-/// another role's seeded subset of the same source, is taken out. The
-/// validation subset holds out the calibration set this way.
-pub fn subset_indices(population: usize, subset: Option<(u32, u64)>, held_out: Option<(u32, u64)>) -> Vec<usize> {
-    let excluded: std::collections::HashSet<usize> = held_out
-        .map(|(samples, seed)| calibration_indices(population, samples as usize, seed))
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+/// other roles' seeded subsets of the same source, are taken out. The
+/// validation subsets hold out the calibration set (and QAT's, the
+/// fine-tuning subset) this way.
+pub fn subset_indices(population: usize, subset: Option<(u32, u64)>, held_out: &[(u32, u64)]) -> Vec<usize> {
+    let excluded: std::collections::HashSet<usize> =
+        held_out.iter().flat_map(|&(samples, seed)| calibration_indices(population, samples as usize, seed)).collect();
     let remaining: Vec<usize> = (0..population).filter(|i| !excluded.contains(i)).collect();
     match subset {
         Some((samples, seed)) => {
@@ -231,12 +229,17 @@ mod tests {
 
     #[test]
     fn a_held_out_subset_shares_no_index_with_the_one_it_holds_out() {
-        let calibration = subset_indices(1000, Some((300, 4)), None);
-        let validation = subset_indices(1000, Some((500, 9)), Some((300, 4)));
+        let calibration = subset_indices(1000, Some((300, 4)), &[]);
+        let validation = subset_indices(1000, Some((500, 9)), &[(300, 4)]);
         assert_eq!(validation.len(), 500);
         assert!(validation.iter().all(|i| !calibration.contains(i)));
-        assert_eq!(validation, subset_indices(1000, Some((500, 9)), Some((300, 4))), "seeded");
+        assert_eq!(validation, subset_indices(1000, Some((500, 9)), &[(300, 4)]), "seeded");
         // All that is left, when asked for more.
-        assert_eq!(subset_indices(1000, Some((900, 9)), Some((300, 4))).len(), 700);
+        assert_eq!(subset_indices(1000, Some((900, 9)), &[(300, 4)]).len(), 700);
+        // Several subsets held out at once.
+        let training = subset_indices(1000, Some((400, 5)), &[]);
+        let both = subset_indices(1000, Some((100, 9)), &[(300, 4), (400, 5)]);
+        assert_eq!(both.len(), 100);
+        assert!(both.iter().all(|i| !calibration.contains(i) && !training.contains(i)));
     }
 }

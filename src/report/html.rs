@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use super::fallback::Findings;
 use super::health::{self, Assessed};
+use super::qat::QatFindings;
 use super::{best_run, plot, quality_measure, RunResult, RunRow};
 use crate::plan::{Plan, StageKind};
 use crate::quant::health::findings as health_findings;
@@ -35,6 +36,7 @@ pub struct Inputs<'a> {
     pub runs: &'a [RunResult],
     pub findings: &'a Findings,
     pub calibrations: &'a [Assessed],
+    pub qat: &'a QatFindings,
 }
 
 /// The page, ready to write.
@@ -54,7 +56,7 @@ pub fn page(inputs: &Inputs<'_>) -> String {
 
 /// The page's JSON document.
 fn data(inputs: &Inputs<'_>) -> Value {
-    let Inputs { results, plan, runs, findings, calibrations } = inputs;
+    let Inputs { results, plan, runs, findings, calibrations, qat } = inputs;
     let columns: Vec<String> = fields(&RunRow::default()).keys().cloned().collect();
 
     let run_counts = plan.run_counts();
@@ -108,6 +110,16 @@ fn data(inputs: &Inputs<'_>) -> Value {
             "ranking": of_stage(StageKind::Sensitivity).and_then(|k| ranking_index.get(k)),
             "health": of_stage(StageKind::Calibrate).and_then(|k| health_index.get(k)),
             "search": search_index.get(run.row.run.as_str()),
+            "qat": qat.run(&run.row.run).map(|q| json!({
+                "curve": q.curve.iter().map(|p| json!({"epoch": p.epoch, "top1": p.top1, "loss": p.loss, "learning_rate": p.learning_rate})).collect::<Vec<_>>(),
+                "kept_epoch": q.kept_epoch,
+                "returned_start": q.returned_start(),
+                "learning_rate": q.learning_rate,
+                "chosen_by": q.chosen_by,
+                "augment": q.augment,
+                "select": q.select,
+                "validation_samples": q.validation_samples,
+            })),
         }));
     }
 

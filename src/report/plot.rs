@@ -20,6 +20,11 @@ const METHOD_COLOURS: [(&str, RGBColor); 4] = [
     ("percentile", RGBColor(0xcc, 0x79, 0xa7)),
 ];
 const OTHER_METHOD: RGBColor = RGBColor(0x56, 0xb4, 0xe9);
+
+/// A calibration method's colour in every chart.
+pub fn method_colour(method: &str) -> RGBColor {
+    METHOD_COLOURS.iter().find(|(m, _)| *m == method).map_or(OTHER_METHOD, |(_, c)| *c)
+}
 const FRONT: RGBColor = RGBColor(0xd6, 0x27, 0x28);
 
 /// Labels are 12 px sans-serif; this is a generous average glyph width
@@ -231,7 +236,7 @@ struct Point<'a> {
 pub fn accuracy_latency_svg(sweep: &str, runs: &[RunResult], budget: Option<f64>) -> String {
     let points: Vec<Point> = plottable(runs)
         .filter_map(|row| {
-            let colour = METHOD_COLOURS.iter().find(|(m, _)| *m == row.calibration).map_or(OTHER_METHOD, |(_, c)| *c);
+            let colour = method_colour(&row.calibration);
             Some(Point {
                 run: &row.run,
                 latency: row.latency_p50_ms?,

@@ -166,6 +166,23 @@ fn schema_diagnostics(text: &str, value: &Value) -> Vec<Diagnostic> {
                 }
                 continue;
             }
+            Kind::AnyOf { .. } | Kind::OneOfNotValid { .. } => {
+                let (words, forms) = allowed_forms(&schema, &path);
+                let given = found.and_then(Value::as_str).unwrap_or_default();
+                let fix = match did_you_mean(given, words.iter().map(String::as_str)) {
+                    Some(close) => format!("did you mean \"{close}\"?"),
+                    None => "use one of the allowed forms; `qsweep schema` describes each".to_string(),
+                };
+                let mut allowed: Vec<String> = words.iter().map(|w| format!("\"{w}\"")).collect();
+                allowed.extend(forms);
+                let (line, column) = map.locate(&path);
+                out.push(
+                    Diagnostic::new(path.clone(), format!("{} is none of the forms allowed here", show(found)), fix)
+                        .expected(format!("one of {}", allowed.join(", ")))
+                        .at(line, column),
+                );
+                continue;
+            }
             Kind::Enum { options } => {
                 let allowed: Vec<String> = options
                     .as_array()
@@ -245,36 +262,112 @@ fn lookup<'v>(value: &'v Value, path: &JsonPath) -> Option<&'v Value> {
     })
 }
 
+/// The schema node that describes the value at `path`: `$ref`s followed,
+/// and at each step the alternative of an `anyOf` or `oneOf` that has
+/// the field or items to step into.
+fn schema_node(schema: &Value, path: &JsonPath) -> Value {
+    let mut node = follow(schema, schema);
+    for segment in &path.0 {
+        let step = |candidate: &Value| -> Option<Value> {
+            let next = match segment {
+                Segment::Key(key) => candidate.get("properties")?.get(key)?,
+                Segment::Index(_) => candidate.get("items")?,
+            };
+            Some(follow(schema, next))
+        };
+        node = step(&node).or_else(|| alternatives_of(schema, &node).iter().find_map(step)).unwrap_or(Value::Null);
+    }
+    node
+}
+
+/// `node` with its `$ref`s followed.
+fn follow(schema: &Value, node: &Value) -> Value {
+    let mut node = node.clone();
+    while let Some(reference) = node.get("$ref").and_then(Value::as_str) {
+        let name = reference.rsplit('/').next().unwrap_or_default();
+        node = schema["$defs"][name].clone();
+    }
+    node
+}
+
+/// The alternatives of an `anyOf` or `oneOf` node, nested ones flattened.
+fn alternatives_of(schema: &Value, node: &Value) -> Vec<Value> {
+    let listed = node.get("anyOf").or_else(|| node.get("oneOf")).and_then(Value::as_array);
+    match listed {
+        Some(alternatives) => alternatives
+            .iter()
+            .flat_map(|a| {
+                let a = follow(schema, a);
+                if a.get("anyOf").is_some() || a.get("oneOf").is_some() {
+                    alternatives_of(schema, &a)
+                } else {
+                    vec![a]
+                }
+            })
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
 /// The field names the schema allows in the object at `path`.
 fn field_names(schema: &Value, path: &JsonPath) -> Vec<String> {
-    let resolve = |node: &Value| -> Value {
-        let mut node = node.clone();
-        loop {
-            if let Some(reference) = node.get("$ref").and_then(Value::as_str) {
-                let name = reference.rsplit('/').next().unwrap_or_default();
-                node = schema["$defs"][name].clone();
-            } else if let Some(first) = node
-                .get("anyOf")
-                .and_then(Value::as_array)
-                .and_then(|alternatives| alternatives.iter().find(|a| a.get("type") != Some(&Value::from("null"))))
-            {
-                node = first.clone();
-            } else {
-                return node;
-            }
-        }
-    };
-    let mut node = resolve(schema);
-    for segment in &path.0 {
-        node = match segment {
-            Segment::Key(key) => resolve(&node["properties"][key]),
-            Segment::Index(_) => resolve(&node["items"]),
-        };
-    }
-    node.get("properties")
+    let node = schema_node(schema, path);
+    // An optional object is "the object or null".
+    let object = std::iter::once(node.clone())
+        .chain(alternatives_of(schema, &node))
+        .find(|n| n.get("properties").is_some())
+        .unwrap_or_default();
+    object
+        .get("properties")
         .and_then(Value::as_object)
         .map(|properties| properties.keys().cloned().collect())
         .unwrap_or_default()
+}
+
+/// The forms an `anyOf` or `oneOf` at `path` allows, as a user would
+/// write them: its words (`"auto"`), one-key objects (`{"pad": …}`), and
+/// the types of the rest (a number).
+fn allowed_forms(schema: &Value, path: &JsonPath) -> (Vec<String>, Vec<String>) {
+    let (mut words, mut forms) = (Vec::new(), Vec::new());
+    for alternative in alternatives_of(schema, &schema_node(schema, path)) {
+        let listed = alternative.get("enum").and_then(Value::as_array).cloned().unwrap_or_default();
+        let constant = alternative.get("const").cloned();
+        let texts: Vec<String> =
+            listed.iter().chain(constant.iter()).filter_map(|v| v.as_str().map(String::from)).collect();
+        if !texts.is_empty() {
+            words.extend(texts);
+            continue;
+        }
+        match alternative.get("required").and_then(Value::as_array).map(Vec::as_slice) {
+            Some([only]) if alternative.get("type") == Some(&Value::from("object")) => {
+                forms.push(format!("{{\"{}\": …}}", only.as_str().unwrap_or_default()));
+            }
+            _ => {
+                if let Some(kind) = alternative.get("type").and_then(Value::as_str) {
+                    forms.push(match kind {
+                        "number" | "integer" => {
+                            let bound = |key: &str, words: &str| {
+                                alternative.get(key).map(|limit| format!(" {words} {limit}")).unwrap_or_default()
+                            };
+                            let bounds: Vec<String> = [
+                                bound("exclusiveMinimum", "above"),
+                                bound("minimum", "at least"),
+                                bound("exclusiveMaximum", "below"),
+                                bound("maximum", "at most"),
+                            ]
+                            .into_iter()
+                            .filter(|b| !b.is_empty())
+                            .collect();
+                            format!("a number{}", bounds.join(","))
+                        }
+                        "array" => "a list".to_string(),
+                        other => format!("a {other}"),
+                    });
+                }
+            }
+        }
+    }
+    (words, forms)
 }
 
 fn quoted_list(items: &[String]) -> String {

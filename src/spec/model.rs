@@ -597,13 +597,19 @@ pub enum FallbackPrecision {
 /// matrix's `qat_epochs`), at about 1% of the original learning rate,
 /// decayed by a half cosine; SGD with momentum. BatchNorm statistics are
 /// frozen (folded into the convs in the `onnxruntime-cpu` format).
+///
+/// Every epoch is scored on a validation subset, and the stage keeps the
+/// best one (epoch 0 is the PTQ model it starts from), so a recipe that
+/// does not suit the model returns its PTQ start instead of a worse model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QatSpec {
-    /// Starting learning rate: about 1% of the one the model was trained with.
-    #[serde(default = "default_qat_learning_rate")]
-    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0.0))]
-    pub learning_rate: f64,
+    /// Starting learning rate: about 1% of the one the model was trained
+    /// with, or "auto" (the default) for a short range test of a few rates
+    /// around 1% of a typical 0.1, scored on the validation subset and
+    /// cached for every run with the same model, data and format.
+    #[serde(default)]
+    pub learning_rate: QatLearningRate,
     /// SGD momentum.
     #[serde(default = "default_momentum")]
     #[schemars(range(min = 0.0), extend("exclusiveMaximum" = 1.0))]
@@ -621,26 +627,115 @@ pub struct QatSpec {
     #[serde(default = "default_qat_samples")]
     #[schemars(range(min = 1))]
     pub samples: u32,
-    /// Seed of the subset and of each epoch's shuffle.
+    /// Size of the validation subset each epoch is scored on: a seeded
+    /// draw from the training source holding none of the calibration
+    /// images, none of the fine-tuning subset and none of the test split.
+    #[serde(default = "default_qat_validation_samples")]
+    #[schemars(range(min = 1))]
+    pub validation_samples: u32,
+    /// Which epoch's model the stage returns: "best" (highest validation
+    /// top-1; ties go to the earlier epoch, so epoch 0, the PTQ start,
+    /// wins unless an epoch beats it) or "last".
+    #[serde(default)]
+    pub select: QatSelect,
+    /// Seed of the subsets, each epoch's shuffle and the augmentation.
     #[serde(default)]
     pub seed: u64,
-    /// Random 2-pixel shifts and horizontal flips of the training images,
-    /// as the reference model was trained: fine-tuning should see the
-    /// original training pipeline.
-    #[serde(default = "default_true")]
-    pub augment: bool,
+    /// Random transforms of the fine-tuning images, in torchvision's
+    /// terms, applied in order. None by default: fine-tuning should see
+    /// the model's own training pipeline, which qsweep cannot know.
+    #[serde(default)]
+    pub augment: Vec<Augmentation>,
 }
 
 impl Default for QatSpec {
     fn default() -> Self {
         Self {
-            learning_rate: default_qat_learning_rate(),
+            learning_rate: QatLearningRate::default(),
             momentum: default_momentum(),
             weight_decay: default_weight_decay(),
             batch_size: default_train_batch(),
             samples: default_qat_samples(),
+            validation_samples: default_qat_validation_samples(),
+            select: QatSelect::default(),
             seed: 0,
-            augment: true,
+            augment: Vec::new(),
+        }
+    }
+}
+
+/// QAT's starting learning rate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum QatLearningRate {
+    /// A rate above 0, at most 1.
+    Fixed(#[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0.0))] f64),
+    /// "auto": the best of a short, cached range test.
+    Auto(AutoLearningRate),
+}
+
+/// The one word `qat.learning_rate` takes besides a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoLearningRate {
+    Auto,
+}
+
+impl Default for QatLearningRate {
+    fn default() -> Self {
+        QatLearningRate::Auto(AutoLearningRate::Auto)
+    }
+}
+
+/// Which of QAT's epochs is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum QatSelect {
+    #[default]
+    Best,
+    Last,
+}
+
+/// One random transform of a training image, as torchvision names it.
+/// Each keeps the image's size, which the model's input fixes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Augmentation {
+    /// `RandomResizedCrop(size, scale, ratio)`: a crop of a random share
+    /// of the area (`scale`, within (0, 1]) and aspect ratio (`ratio`,
+    /// width over height), resized back to the image size, bilinear.
+    RandomResizedCrop {
+        #[serde(default = "default_crop_scale")]
+        scale: [f64; 2],
+        #[serde(default = "default_crop_ratio")]
+        ratio: [f64; 2],
+    },
+    /// `RandomHorizontalFlip()`: left-right, half the time.
+    HorizontalFlip,
+    /// `Pad(n)`: n pixels on every side, filled with the image's darkest
+    /// value (its background; torchvision fills with 0 before
+    /// normalisation). A `random_crop` must follow.
+    Pad(#[schemars(range(min = 1, max = 1024))] u32),
+    /// `RandomCrop(size)`: a random window of the padded image at the
+    /// original size. Follows a `pad`.
+    RandomCrop,
+}
+
+impl Augmentation {
+    /// The random 2-pixel shifts and flips `qsweep train` uses.
+    pub fn shifts_and_flips() -> Vec<Augmentation> {
+        vec![Augmentation::Pad(2), Augmentation::RandomCrop, Augmentation::HorizontalFlip]
+    }
+
+    /// The transform in torchvision's notation, for reports.
+    pub fn torchvision(&self) -> String {
+        match self {
+            Augmentation::RandomResizedCrop { scale, ratio } => {
+                format!("RandomResizedCrop(scale=({}, {}), ratio=({}, {}))", scale[0], scale[1], ratio[0], ratio[1])
+            }
+            Augmentation::HorizontalFlip => "RandomHorizontalFlip()".to_string(),
+            Augmentation::Pad(n) => format!("Pad({n})"),
+            Augmentation::RandomCrop => "RandomCrop(size)".to_string(),
         }
     }
 }
@@ -815,9 +910,14 @@ fn default_train_samples() -> u32 {
 fn default_true() -> bool {
     true
 }
-fn default_qat_learning_rate() -> f64 {
-    // 1% of the reference model's 0.1.
-    0.001
+fn default_qat_validation_samples() -> u32 {
+    2_000
+}
+fn default_crop_scale() -> [f64; 2] {
+    [0.08, 1.0]
+}
+fn default_crop_ratio() -> [f64; 2] {
+    [3.0 / 4.0, 4.0 / 3.0]
 }
 fn default_momentum() -> f64 {
     0.9

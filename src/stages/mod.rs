@@ -10,6 +10,7 @@ pub mod build;
 pub mod calibrate;
 pub mod evaluate;
 pub mod fallback;
+pub mod learning_rate;
 pub mod prepare_data;
 pub mod qat;
 pub mod sensitivity;
@@ -221,6 +222,7 @@ pub fn execute(task: &Task, context: &StageContext<'_>) -> Result<Manifest, Stag
         StageKind::Build => build::run(task, context, staging.dir())?,
         StageKind::Evaluate => evaluate::run(task, context, staging.dir())?,
         StageKind::Calibrate => calibrate::run(task, context, staging.dir())?,
+        StageKind::LearningRate => learning_rate::run(task, context, staging.dir())?,
         StageKind::Qat => qat::run(task, context, staging.dir())?,
         StageKind::Sensitivity => sensitivity::run(task, context, staging.dir())?,
         StageKind::Fallback => fallback::run(task, context, staging.dir())?,

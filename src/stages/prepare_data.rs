@@ -2,9 +2,10 @@
 //! stages read (`data::prepared`: u8 pixels or the tensor file's own
 //! type, in shards, normalised as they are read).
 //!
-//! Up to three tasks of this stage exist per sweep, one per role: the
-//! evaluation images (`split: test`), the seeded calibration subset, and,
-//! for QAT, the seeded training subset. Each reads its own source: the IDX
+//! One task of this stage exists per role and subset: the evaluation
+//! images (`split: test`), the seeded calibration subset, sensitivity's
+//! validation subset and, for QAT, the seeded training subset and its
+//! validation subset. Each reads its own source: the IDX
 //! dataset's split, an image folder, or a tensor file.
 //!
 //! Folder images are decoded and preprocessed a block at a time, in
@@ -41,16 +42,37 @@ struct Params {
     source: Source,
     samples: Option<u32>,
     seed: Option<u64>,
-    /// Another role's subset of the same source, which this one leaves
-    /// out (the validation subset holds out the calibration set).
+    /// Other roles' subsets of the same source, which this one leaves
+    /// out (sensitivity's validation subset holds out the calibration
+    /// set; QAT's, the fine-tuning subset too).
     #[serde(default)]
-    held_out: Option<HeldOut>,
+    held_out: HeldOut,
 }
 
-#[derive(Deserialize)]
-struct HeldOut {
+/// One held-out draw (as sensitivity's validation subset names it) or several.
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum HeldOut {
+    #[default]
+    None,
+    One(Drawn),
+    Many(Vec<Drawn>),
+}
+
+#[derive(Deserialize, Clone, Copy)]
+struct Drawn {
     samples: u32,
     seed: u64,
+}
+
+impl HeldOut {
+    fn draws(&self) -> Vec<(u32, u64)> {
+        match self {
+            HeldOut::None => Vec::new(),
+            HeldOut::One(drawn) => vec![(drawn.samples, drawn.seed)],
+            HeldOut::Many(drawn) => drawn.iter().map(|d| (d.samples, d.seed)).collect(),
+        }
+    }
 }
 
 /// The source indices of a drawn subset, in the order it was prepared,
@@ -58,21 +80,22 @@ struct HeldOut {
 pub const SOURCE_INDICES: &str = "source_indices.json";
 
 /// Which of a source's samples a role takes.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Draw {
     subset: Option<(u32, u64)>,
-    held_out: Option<(u32, u64)>,
+    held_out: Vec<(u32, u64)>,
 }
 
 impl Draw {
     /// The indices out of `population`; a subset larger than what it is
     /// drawn from is an error (validation refuses such specs up front).
-    fn indices(self, population: usize, out: &Path) -> Result<Vec<usize>, StageError> {
-        let indices = subset_indices(population, self.subset, self.held_out);
-        if let (Some((samples, _)), Some((held, _))) = (self.subset, self.held_out) {
+    fn indices(&self, population: usize, out: &Path) -> Result<Vec<usize>, StageError> {
+        let indices = subset_indices(population, self.subset, &self.held_out);
+        if let Some((samples, _)) = self.subset.filter(|_| !self.held_out.is_empty()) {
             if indices.len() < samples as usize {
                 return Err(StageError::Fatal(format!(
-                    "a subset of {samples} is asked for, but the source holds {population} samples and {held} of them are held out"
+                    "a subset of {samples} is asked for, but the source holds {population} samples and only {} are left once other roles' subsets are held out",
+                    indices.len()
                 )));
             }
         }
@@ -96,11 +119,11 @@ struct DataParams {
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let params: Params = params(task)?;
     let subset = params.samples.map(|samples| (samples, params.seed.unwrap_or(0)));
-    let draw = Draw { subset, held_out: params.held_out.as_ref().map(|h| (h.samples, h.seed)) };
+    let draw = Draw { subset, held_out: params.held_out.draws() };
     let count = match &params.source {
-        Source::Idx { split, .. } => prepare_idx(context, &params.data, *split, draw, out)?,
-        Source::ImageFolder { .. } => prepare_folder(context, &params, draw, out)?,
-        Source::Tensors { .. } => prepare_tensors(context, &params, draw, out)?,
+        Source::Idx { split, .. } => prepare_idx(context, &params.data, *split, &draw, out)?,
+        Source::ImageFolder { .. } => prepare_folder(context, &params, &draw, out)?,
+        Source::Tensors { .. } => prepare_tensors(context, &params, &draw, out)?,
     };
     let mut metrics = json!({"split": params.split, "count": count});
     if let Some((_, seed)) = subset {
@@ -113,7 +136,7 @@ fn prepare_idx(
     context: &StageContext<'_>,
     data: &DataParams,
     split: Split,
-    draw: Draw,
+    draw: &Draw,
     out: &Path,
 ) -> Result<usize, StageError> {
     let raw = data::load_split(data.dataset, &context.sweep.data_dir, split)
@@ -135,7 +158,7 @@ fn prepare_idx(
     Ok(indices.len())
 }
 
-fn prepare_folder(context: &StageContext<'_>, params: &Params, draw: Draw, out: &Path) -> Result<usize, StageError> {
+fn prepare_folder(context: &StageContext<'_>, params: &Params, draw: &Draw, out: &Path) -> Result<usize, StageError> {
     let folder = params.source.folder().map_err(|e| StageError::Fatal(e.to_string()))?;
     let indices = draw.indices(folder.samples.len(), out)?;
     let preprocess = &params.data.preprocess;
@@ -180,7 +203,7 @@ fn prepare_folder(context: &StageContext<'_>, params: &Params, draw: Draw, out: 
     Ok(indices.len())
 }
 
-fn prepare_tensors(context: &StageContext<'_>, params: &Params, draw: Draw, out: &Path) -> Result<usize, StageError> {
+fn prepare_tensors(context: &StageContext<'_>, params: &Params, draw: &Draw, out: &Path) -> Result<usize, StageError> {
     let set = params.source.tensors().map_err(|e| StageError::Fatal(e.to_string()))?;
     let indices = draw.indices(set.len(), out)?;
     let preprocess = &params.data.preprocess;

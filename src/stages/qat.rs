@@ -10,6 +10,12 @@
 //! writes them back quantized with the same scales. Activation scales stay
 //! those calibrated. A checkpoint after each epoch, kept outside the
 //! artifact until the stage completes, lets a killed attempt resume.
+//!
+//! The validation subset scores the start (epoch 0, the PTQ model) and
+//! every epoch; the artifact keeps that curve and, with `select: best`,
+//! the best epoch's weights, the earlier of equals, so a recipe that never
+//! improves on PTQ returns the PTQ model. The learning rate is the spec's
+//! or, for "auto", the `learning-rate` stage's pick.
 
 use std::path::Path;
 
@@ -18,16 +24,17 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::build::{ptq_model, Quantizer, QDQ_MODEL};
-use super::{params, StageContext, StageError};
+use super::{learning_rate, params, StageContext, StageError};
+use crate::data::prepared::PreparedError;
 use crate::onnx::{self, Dim};
-use crate::plan::Task;
+use crate::plan::{Task, LEARNING_RATE, QAT_VALIDATION};
 use crate::quant::qdq;
-use crate::spec::Int8Format;
-use crate::train::fit::{self, Examples, Recipe};
+use crate::spec::{Augmentation, Int8Format, QatLearningRate, QatSelect};
+use crate::train::fit::{self, Examples, Recipe, Validation};
 use crate::train::network::{BatchNorm, Network};
 use crate::train::TrainError;
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 #[derive(Deserialize)]
 struct Params {
@@ -35,12 +42,13 @@ struct Params {
     format: Int8Format,
     percentile: Option<f64>,
     epochs: u32,
-    learning_rate: f64,
+    learning_rate: QatLearningRate,
     momentum: f64,
     weight_decay: f64,
     batch_size: usize,
     seed: u64,
-    augment: bool,
+    augment: Vec<Augmentation>,
+    select: QatSelect,
 }
 
 impl From<TrainError> for StageError {
@@ -55,22 +63,29 @@ impl From<TrainError> for StageError {
 pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value, StageError> {
     let params: Params = params(task)?;
     let ptq = ptq_model(task, context, &params.quantizer, params.format, params.percentile)?;
-    let mut network = Network::from_model(&ptq.model, BatchNorm::Frozen, Some(qdq::weight_levels(params.format)))?;
-    let read_error = |e: TrainError| match e {
-        TrainError::Data(e) => context.read_error(task, "data", e),
-        other => other.into(),
-    };
-    let examples = Examples::prepared(context.prepared(task, "data")?).map_err(read_error)?;
+    let mut network = fake_quantized(&ptq.model, params.format)?;
+    let examples = examples_for(task, context, "data")?;
     check_fits(&ptq.model, &examples)?;
+    let validation = examples_for(task, context, QAT_VALIDATION)?;
+    let (learning_rate, chosen_by) = match params.learning_rate {
+        QatLearningRate::Fixed(rate) => (rate, "spec"),
+        QatLearningRate::Auto(_) => {
+            let tested: Value = super::read_json(&context.input_dir(task, LEARNING_RATE)?, learning_rate::CHOSEN)?;
+            let rate = tested["learning_rate"]
+                .as_f64()
+                .ok_or_else(|| StageError::Fatal(format!("{} names no learning rate", learning_rate::CHOSEN)))?;
+            (rate, "range test")
+        }
+    };
 
     let recipe = Recipe {
         epochs: params.epochs,
-        learning_rate: params.learning_rate,
+        learning_rate,
         momentum: params.momentum,
         weight_decay: params.weight_decay,
         batch_size: params.batch_size,
         seed: params.seed,
-        augment: params.augment,
+        augment: params.augment.clone(),
     };
     let checkpoint = fit::checkpoint_dir(context.results.root(), &task.key.0);
     let outcome = fit::fit(
@@ -78,30 +93,69 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         &examples,
         &recipe,
         &checkpoint,
+        Some(&Validation { examples: &validation, select: params.select }),
         context.cancel,
         super::report_steps(context, recipe.epochs),
     )
-    .map_err(read_error)?;
+    .map_err(|e| read_error(task, context, e))?;
     let trained = network.export(&ptq.model)?;
     let float_ops: std::collections::BTreeSet<String> = ptq.summary.float_ops.iter().cloned().collect();
     qdq::lint(&trained, params.quantizer.residual_fusion, &float_ops).map_err(|e| StageError::Fatal(e.to_string()))?;
     super::write_file(&out.join(QDQ_MODEL), &trained.encode_to_vec())?;
     // The artifact now holds what the checkpoint was for.
     let _ = std::fs::remove_dir_all(&checkpoint);
+    let kept_epoch = outcome.kept_epoch.unwrap_or(params.epochs);
     Ok(json!({
         "epochs": params.epochs,
         "samples": examples.len(),
-        "learning_rate": params.learning_rate,
+        "validation_samples": validation.len(),
+        "learning_rate": learning_rate,
+        "learning_rate_from": chosen_by,
         "batch_size": params.batch_size,
+        "augment": params.augment.iter().map(Augmentation::torchvision).collect::<Vec<_>>(),
+        "select": params.select,
+        "curve": outcome.curve,
+        "kept_epoch": kept_epoch,
         "epoch_losses": outcome.epoch_losses,
         "resumed_epochs": outcome.resumed_epochs,
         "images_per_s": outcome.images_per_s,
+        "validation_s": outcome.validation_s,
         "batch_norm": "frozen",
     }))
 }
 
+/// A PTQ model as the interpreter trains it: every Q/DQ pair a fake
+/// quantizer, BatchNorm frozen, int8 weights as float shadows kept inside
+/// the format's range.
+pub(super) fn fake_quantized(model: &candle_onnx::onnx::ModelProto, format: Int8Format) -> Result<Network, StageError> {
+    Ok(Network::from_model(model, BatchNorm::Frozen, Some(qdq::weight_levels(format)))?)
+}
+
+/// The labelled examples of the prepared data playing `role`.
+pub(super) fn examples_for(task: &Task, context: &StageContext<'_>, role: &str) -> Result<Examples, StageError> {
+    Examples::prepared(context.prepared(task, role)?).map_err(|e| match e {
+        TrainError::Data(e) => context.read_error(task, role, e),
+        other => other.into(),
+    })
+}
+
+/// A training error as the stage's: a damaged shard sets aside the
+/// subset it belongs to, fine-tuning or validation.
+pub(super) fn read_error(task: &Task, context: &StageContext<'_>, error: TrainError) -> StageError {
+    match error {
+        TrainError::Data(e) => {
+            let in_validation = match (&e, task.input(QAT_VALIDATION)) {
+                (PreparedError::Damaged { path, .. }, Some(key)) => path.starts_with(context.results.artifact_dir(key)),
+                _ => false,
+            };
+            context.read_error(task, if in_validation { QAT_VALIDATION } else { "data" }, e)
+        }
+        other => other.into(),
+    }
+}
+
 /// A dataset whose images do not fit the model's input is named before training.
-fn check_fits(model: &candle_onnx::onnx::ModelProto, examples: &Examples) -> Result<(), StageError> {
+pub(super) fn check_fits(model: &candle_onnx::onnx::ModelProto, examples: &Examples) -> Result<(), StageError> {
     let decoded = onnx::Model { path: Default::default(), proto: model.clone() };
     let Some(input) = decoded.inputs().into_iter().next() else { return Ok(()) };
     let Some(dims) = &input.shape else { return Ok(()) };

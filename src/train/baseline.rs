@@ -63,7 +63,7 @@ pub fn train(options: &BaselineOptions, cancel: &AtomicBool, on_step: impl FnMut
             "the model cannot take {channels}x{height}x{width_px} images: {e}\n  fix: start from a model made for this dataset"
         ))
     })?;
-    let outcome = fit::fit(&mut network, &train, &options.recipe, &options.checkpoint, cancel, on_step)?;
+    let outcome = fit::fit(&mut network, &train, &options.recipe, &options.checkpoint, None, cancel, on_step)?;
     let (test_accuracy, _) = fit::accuracy(&mut network, &examples(options, Split::Test, None)?, 500)?;
     Ok(Trained { model: network.export(&start)?, test_accuracy, outcome })
 }

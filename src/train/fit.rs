@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::network::{predictions, Network};
 use super::TrainError;
 use crate::data::prepared::PreparedSet;
+use crate::spec::{Augmentation, QatSelect};
 
 /// How to train: NVIDIA's QAT recipe is about 10% of the original epochs
 /// at about 1% of the original learning rate, decayed by a half cosine.
@@ -27,9 +28,9 @@ pub struct Recipe {
     pub weight_decay: f64,
     pub batch_size: usize,
     pub seed: u64,
-    /// Random 2-pixel shifts and horizontal flips of each training image.
+    /// Random transforms of each training image, in order.
     #[serde(default)]
-    pub augment: bool,
+    pub augment: Vec<Augmentation>,
 }
 
 impl Recipe {
@@ -42,7 +43,7 @@ impl Recipe {
             weight_decay: train.weight_decay,
             batch_size: train.batch_size as usize,
             seed: train.seed,
-            augment: train.augment,
+            augment: if train.augment { Augmentation::shifts_and_flips() } else { Vec::new() },
         }
     }
 
@@ -56,15 +57,19 @@ impl Recipe {
 /// Labelled images in NCHW order.
 pub struct Examples {
     rows: Rows,
+    /// Which rows this set is, when it is a part of another (a range
+    /// test's share of the training subset); `None`: all of them.
+    picked: Option<std::sync::Arc<Vec<usize>>>,
     /// Channels, height, width of one image.
     pub image_shape: [usize; 3],
     pub labels: Vec<u32>,
 }
 
 /// Where the images are.
+#[derive(Clone)]
 enum Rows {
     /// Preprocessed in memory (an IDX split, for `qsweep train`).
-    Memory(Vec<f32>),
+    Memory(std::sync::Arc<Vec<f32>>),
     /// Read from prepare-data's shards as each batch is drawn, so memory
     /// holds a batch, not the training set.
     Prepared(std::sync::Arc<PreparedSet>),
@@ -75,7 +80,8 @@ impl From<crate::data::Tensors> for Examples {
     fn from(tensors: crate::data::Tensors) -> Self {
         let &[_, c, h, w] = tensors.images.shape() else { unreachable!("an Array4 has four dimensions") };
         Self {
-            rows: Rows::Memory(tensors.images.iter().copied().collect()),
+            rows: Rows::Memory(std::sync::Arc::new(tensors.images.iter().copied().collect())),
+            picked: None,
             image_shape: [c, h, w],
             labels: tensors.labels.iter().map(|&l| l as u32).collect(),
         }
@@ -94,6 +100,7 @@ impl Examples {
             image_shape: [c, h, w],
             labels: labels.iter().map(|&l| l as u32).collect(),
             rows: Rows::Prepared(set),
+            picked: None,
         })
     }
 
@@ -105,8 +112,27 @@ impl Examples {
         self.labels.is_empty()
     }
 
+    /// The first `count` examples (all, if there are fewer).
+    pub fn first(&self, count: usize) -> Examples {
+        let count = count.min(self.len());
+        let picked: Vec<usize> = (0..count).map(|i| self.row(i)).collect();
+        Examples {
+            rows: self.rows.clone(),
+            image_shape: self.image_shape,
+            labels: self.labels[..count].to_vec(),
+            picked: Some(std::sync::Arc::new(picked)),
+        }
+    }
+
+    /// The row of `rows` that example `index` is.
+    fn row(&self, index: usize) -> usize {
+        self.picked.as_ref().map_or(index, |picked| picked[index])
+    }
+
     /// The images and labels at `indices`, as a batch.
-    pub fn batch(&self, indices: &[usize]) -> Result<(Tensor, Tensor), TrainError> {
+    pub fn batch(&self, examples: &[usize]) -> Result<(Tensor, Tensor), TrainError> {
+        let rows: Vec<usize> = examples.iter().map(|&i| self.row(i)).collect();
+        let indices = rows.as_slice();
         let images = match &self.rows {
             Rows::Memory(values) => {
                 let size: usize = self.image_shape.iter().product();
@@ -120,35 +146,23 @@ impl Examples {
         };
         let [c, h, w] = self.image_shape;
         let images = Tensor::from_vec(images, (indices.len(), c, h, w), &Device::Cpu)?;
-        let labels: Vec<u32> = indices.iter().map(|&i| self.labels[i]).collect();
+        let labels: Vec<u32> = examples.iter().map(|&i| self.labels[i]).collect();
         Ok((images, Tensor::new(labels, &Device::Cpu)?))
     }
 }
 
 impl Examples {
-    /// A batch with each image shifted by up to 2 pixels each way (the
-    /// uncovered border takes the image's background, its smallest value)
-    /// and flipped left-right half the time.
-    pub fn augmented_batch(&self, indices: &[usize], rng: &mut impl rand::Rng) -> Result<(Tensor, Tensor), TrainError> {
+    /// A batch with `pipeline`'s random transforms applied to each image.
+    pub fn augmented_batch(
+        &self,
+        indices: &[usize],
+        pipeline: &[Augmentation],
+        rng: &mut impl rand::Rng,
+    ) -> Result<(Tensor, Tensor), TrainError> {
         let (images, labels) = self.batch(indices)?;
-        let [c, h, w] = self.image_shape;
         let mut values: Vec<f32> = images.flatten_all()?.to_vec1()?;
-        for image in values.chunks_mut(c * h * w) {
-            let (dy, dx) = (rng.random_range(-2i64..=2), rng.random_range(-2i64..=2));
-            let flip = rng.random_bool(0.5);
-            let source = image.to_vec();
-            let background = source.iter().copied().fold(f32::INFINITY, f32::min);
-            for ch in 0..c {
-                for y in 0..h {
-                    for x in 0..w {
-                        let sx = if flip { w - 1 - x } else { x } as i64 - dx;
-                        let sy = y as i64 - dy;
-                        let inside = (0..h as i64).contains(&sy) && (0..w as i64).contains(&sx);
-                        image[(ch * h + y) * w + x] =
-                            if inside { source[(ch * h + sy as usize) * w + sx as usize] } else { background };
-                    }
-                }
-            }
+        for image in values.chunks_mut(self.image_shape.iter().product()) {
+            super::augment::apply(pipeline, image, self.image_shape, rng);
         }
         Ok((Tensor::from_vec(values, images.shape(), &Device::Cpu)?, labels))
     }
@@ -189,6 +203,47 @@ pub struct Outcome {
     /// Epochs restored from a checkpoint instead of trained again.
     pub resumed_epochs: u32,
     pub images_per_s: f64,
+    /// With validation: the score before training (epoch 0) and after
+    /// each epoch.
+    pub curve: Vec<EpochScore>,
+    /// With validation: the epoch whose weights the network holds now.
+    pub kept_epoch: Option<u32>,
+    /// Seconds spent scoring the validation subset (in this attempt).
+    pub validation_s: f64,
+}
+
+/// How a training is scored after every epoch, and which epoch it keeps.
+pub struct Validation<'a> {
+    pub examples: &'a Examples,
+    pub select: QatSelect,
+}
+
+/// One point of a validation curve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochScore {
+    /// 0 before training.
+    pub epoch: u32,
+    /// Validation top-1, in percent.
+    pub top1: f64,
+    /// Validation images classified right (what ties are judged on).
+    pub correct: usize,
+    /// Mean validation cross-entropy.
+    pub loss: f64,
+    /// The learning rate the schedule had reached at the end of the epoch.
+    pub learning_rate: f64,
+    /// Mean training loss over the epoch; none at epoch 0.
+    pub train_loss: Option<f32>,
+}
+
+impl EpochScore {
+    /// The epoch `select` keeps out of a curve: the last, or the one with
+    /// the most right answers, the earliest of equals.
+    pub fn kept(curve: &[EpochScore], select: QatSelect) -> Option<&EpochScore> {
+        match select {
+            QatSelect::Last => curve.last(),
+            QatSelect::Best => curve.iter().reduce(|best, next| if next.correct > best.correct { next } else { best }),
+        }
+    }
 }
 
 /// Where the checkpoint of one training lives, and what it says.
@@ -197,6 +252,33 @@ struct CheckpointState {
     recipe: Recipe,
     epochs_done: u32,
     epoch_losses: Vec<f32>,
+    #[serde(default)]
+    curve: Vec<EpochScore>,
+}
+
+/// A copy of the weights (and BatchNorm statistics) at one epoch.
+struct Snapshot {
+    epoch: u32,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Snapshot {
+    fn take(network: &Network, epoch: u32) -> Result<Self, TrainError> {
+        let mut tensors = HashMap::new();
+        for parameter in &network.parameters {
+            // A copy: a Var's tensor is updated in place.
+            tensors.insert(format!("param/{}", parameter.name), parameter.var.as_tensor().copy()?);
+        }
+        for (name, value) in network.running_statistics() {
+            tensors.insert(format!("running/{name}"), value.copy()?);
+        }
+        Ok(Snapshot { epoch, tensors })
+    }
+
+    /// Puts the snapshot's values back into `network`.
+    fn restore_into(&self, network: &mut Network, origin: &Path) -> Result<(), TrainError> {
+        load_tensors(network, &self.tensors, origin)
+    }
 }
 
 const STATE: &str = "state.json";
@@ -249,12 +331,15 @@ pub fn keep_freed_memory() {
 }
 
 /// Trains `network` on `examples`, resuming from `checkpoint` when it holds
-/// a checkpoint of the same recipe.
+/// a checkpoint of the same recipe. With `validation`, the network is
+/// scored before training and after every epoch, and ends holding the
+/// epoch its `select` keeps.
 pub fn fit(
     network: &mut Network,
     examples: &Examples,
     recipe: &Recipe,
     checkpoint: &Path,
+    validation: Option<&Validation<'_>>,
     cancel: &AtomicBool,
     mut on_step: impl FnMut(Step),
 ) -> Result<Outcome, TrainError> {
@@ -263,11 +348,24 @@ pub fn fit(
     }
     keep_freed_memory();
     let mut sgd = Sgd { velocity: HashMap::new() };
-    let mut epoch_losses = Vec::new();
-    let resumed_epochs = restore(network, &mut sgd, recipe, checkpoint, &mut epoch_losses)?;
+    let restored = restore(network, &mut sgd, recipe, checkpoint)?;
+    let resumed_epochs = restored.epochs_done;
+    let (mut epoch_losses, mut curve, mut best) = (restored.epoch_losses, restored.curve, restored.best);
     let batch = recipe.batch_size.min(examples.len());
     let steps_per_epoch = examples.len() / batch;
     let total_steps = steps_per_epoch * recipe.epochs as usize;
+    let mut validation_s = 0.0;
+    let mut timed_score = |network: &mut Network, examples: &Examples, epoch, lr, train_loss| {
+        let started = Instant::now();
+        let scored = score(network, examples, epoch, lr, train_loss);
+        validation_s += started.elapsed().as_secs_f64();
+        scored
+    };
+    if let Some(validation) = validation.filter(|_| curve.is_empty()) {
+        let start = timed_score(network, validation.examples, 0, recipe.learning_rate, None)?;
+        curve.push(start);
+        best = Some(Snapshot::take(network, 0)?);
+    }
     let started = Instant::now();
     let mut images_seen = 0usize;
     for epoch in resumed_epochs..recipe.epochs {
@@ -281,10 +379,10 @@ pub fn fit(
                 return Err(TrainError::Cancelled);
             }
             let indices = &order[step * batch..(step + 1) * batch];
-            let (images, labels) = if recipe.augment {
-                examples.augmented_batch(indices, &mut augmenter)?
-            } else {
+            let (images, labels) = if recipe.augment.is_empty() {
                 examples.batch(indices)?
+            } else {
+                examples.augmented_batch(indices, &recipe.augment, &mut augmenter)?
             };
             let logits = network.forward(&images, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
@@ -310,10 +408,73 @@ pub fn fit(
                 images_per_s: images_seen as f64 / started.elapsed().as_secs_f64(),
             });
         }
-        epoch_losses.push((loss_sum / steps_per_epoch.max(1) as f64) as f32);
-        save(network, &sgd, recipe, checkpoint, epoch + 1, &epoch_losses)?;
+        let train_loss = (loss_sum / steps_per_epoch.max(1) as f64) as f32;
+        epoch_losses.push(train_loss);
+        if let Some(validation) = validation {
+            let lr = recipe.learning_rate_at((epoch as usize + 1) * steps_per_epoch, total_steps);
+            let scored = timed_score(network, validation.examples, epoch + 1, lr, Some(train_loss))?;
+            let improves = best.is_none() || curve.iter().all(|earlier| scored.correct > earlier.correct);
+            curve.push(scored);
+            if validation.select == QatSelect::Best && improves {
+                best = Some(Snapshot::take(network, epoch + 1)?);
+            }
+        }
+        let state = CheckpointState {
+            recipe: recipe.clone(),
+            epochs_done: epoch + 1,
+            epoch_losses: epoch_losses.clone(),
+            curve: curve.clone(),
+        };
+        save(network, &sgd, &state, best.as_ref(), checkpoint)?;
     }
-    Ok(Outcome { epoch_losses, resumed_epochs, images_per_s: images_seen as f64 / started.elapsed().as_secs_f64() })
+    let kept_epoch = match (validation, best) {
+        (Some(Validation { select: QatSelect::Best, .. }), Some(best)) => {
+            best.restore_into(network, checkpoint)?;
+            Some(best.epoch)
+        }
+        (Some(_), _) => Some(recipe.epochs),
+        (None, _) => None,
+    };
+    Ok(Outcome {
+        epoch_losses,
+        resumed_epochs,
+        images_per_s: images_seen as f64 / started.elapsed().as_secs_f64(),
+        curve,
+        kept_epoch,
+        validation_s,
+    })
+}
+
+/// Images scored per forward pass.
+const SCORE_BATCH: usize = 256;
+
+/// The network's validation top-1 and mean loss, in evaluation mode.
+fn score(
+    network: &mut Network,
+    examples: &Examples,
+    epoch: u32,
+    learning_rate: f64,
+    train_loss: Option<f32>,
+) -> Result<EpochScore, TrainError> {
+    let (mut correct, mut loss_sum) = (0usize, 0f64);
+    let indices: Vec<usize> = (0..examples.len()).collect();
+    for chunk in indices.chunks(SCORE_BATCH) {
+        let (images, labels) = examples.batch(chunk)?;
+        let logits = network.forward(&images, false)?;
+        let loss: f32 = candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar()?;
+        loss_sum += loss as f64 * chunk.len() as f64;
+        let truth: Vec<u32> = labels.to_vec1()?;
+        correct += predictions(&logits)?.iter().zip(&truth).filter(|(p, l)| p == l).count();
+    }
+    let count = examples.len().max(1);
+    Ok(EpochScore {
+        epoch,
+        top1: correct as f64 * 100.0 / count as f64,
+        correct,
+        loss: loss_sum / count as f64,
+        learning_rate,
+        train_loss,
+    })
 }
 
 /// Top-1 accuracy, in evaluation mode (running statistics).
@@ -328,24 +489,26 @@ pub fn accuracy(network: &mut Network, examples: &Examples, batch: usize) -> Res
     Ok((correct as f64 / examples.len() as f64, predicted))
 }
 
+/// The prefix of the best epoch's tensors in a checkpoint.
+const BEST: &str = "best/";
+
 fn save(
     network: &Network,
     sgd: &Sgd,
-    recipe: &Recipe,
+    state: &CheckpointState,
+    best: Option<&Snapshot>,
     dir: &Path,
-    epochs_done: u32,
-    losses: &[f32],
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for parameter in &network.parameters {
-        tensors.insert(format!("param/{}", parameter.name), parameter.var.as_tensor().clone());
-    }
+    let mut tensors: HashMap<String, Tensor> = Snapshot::take(network, state.epochs_done)?.tensors;
     for (name, velocity) in &sgd.velocity {
         tensors.insert(format!("velocity/{name}"), velocity.clone());
     }
-    for (name, value) in network.running_statistics() {
-        tensors.insert(format!("running/{name}"), value);
+    if let Some(best) = best {
+        tensors.insert(format!("{BEST}epoch"), Tensor::new(best.epoch, &Device::Cpu)?);
+        for (name, value) in &best.tensors {
+            tensors.insert(format!("{BEST}{name}"), value.clone());
+        }
     }
     // Tensors first, then the state that vouches for them: a kill between
     // the two leaves the previous epoch's state, which then mismatches
@@ -353,44 +516,65 @@ fn save(
     let staged = dir.join(format!("{TENSORS}.partial"));
     candle_core::safetensors::save(&tensors, &staged)?;
     std::fs::rename(&staged, dir.join(TENSORS)).map_err(|e| io_error(dir, e))?;
-    let state = CheckpointState { recipe: recipe.clone(), epochs_done, epoch_losses: losses.to_vec() };
     let staged = dir.join(format!("{STATE}.partial"));
-    std::fs::write(&staged, serde_json::to_vec_pretty(&state).expect("state serializes"))
+    std::fs::write(&staged, serde_json::to_vec_pretty(state).expect("state serializes"))
         .map_err(|e| io_error(dir, e))?;
     std::fs::rename(&staged, dir.join(STATE)).map_err(|e| io_error(dir, e))?;
     Ok(())
 }
 
-/// Loads a checkpoint of this recipe; returns the epochs it holds (0 if none).
-fn restore(
-    network: &mut Network,
-    sgd: &mut Sgd,
-    recipe: &Recipe,
-    dir: &Path,
-    losses: &mut Vec<f32>,
-) -> Result<u32, TrainError> {
-    let Ok(text) = std::fs::read(dir.join(STATE)) else { return Ok(0) };
-    let Ok(state) = serde_json::from_slice::<CheckpointState>(&text) else { return Ok(0) };
+/// What a checkpoint gave back.
+#[derive(Default)]
+struct Restored {
+    epochs_done: u32,
+    epoch_losses: Vec<f32>,
+    curve: Vec<EpochScore>,
+    best: Option<Snapshot>,
+}
+
+/// Loads a checkpoint of this recipe (nothing, if there is none).
+fn restore(network: &mut Network, sgd: &mut Sgd, recipe: &Recipe, dir: &Path) -> Result<Restored, TrainError> {
+    let Ok(text) = std::fs::read(dir.join(STATE)) else { return Ok(Restored::default()) };
+    let Ok(state) = serde_json::from_slice::<CheckpointState>(&text) else { return Ok(Restored::default()) };
     if state.recipe != *recipe || state.epochs_done > recipe.epochs {
-        return Ok(0);
+        return Ok(Restored::default());
     }
     let tensors = candle_core::safetensors::load(dir.join(TENSORS), &Device::Cpu)?;
+    load_tensors(network, &tensors, dir)?;
     for parameter in &network.parameters {
-        let saved = tensors.get(&format!("param/{}", parameter.name)).ok_or_else(|| {
-            TrainError::Model(format!("the checkpoint in {} lacks {}", dir.display(), parameter.name))
-        })?;
-        parameter.var.set(saved)?;
         if let Some(velocity) = tensors.get(&format!("velocity/{}", parameter.name)) {
             sgd.velocity.insert(parameter.name.clone(), velocity.clone());
         }
+    }
+    let best = match tensors.get(&format!("{BEST}epoch")) {
+        Some(epoch) => Some(Snapshot {
+            epoch: epoch.to_scalar()?,
+            tensors: tensors
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(BEST).filter(|n| *n != "epoch").map(|n| (n.to_string(), v.clone())))
+                .collect(),
+        }),
+        None => None,
+    };
+    Ok(Restored { epochs_done: state.epochs_done, epoch_losses: state.epoch_losses, curve: state.curve, best })
+}
+
+/// Sets the network's parameters and running statistics from `tensors`
+/// (`param/NAME`, `running/NAME`); `origin` names where they came from
+/// when one is missing.
+fn load_tensors(network: &mut Network, tensors: &HashMap<String, Tensor>, origin: &Path) -> Result<(), TrainError> {
+    for parameter in &network.parameters {
+        let saved = tensors.get(&format!("param/{}", parameter.name)).ok_or_else(|| {
+            TrainError::Model(format!("the checkpoint in {} lacks {}", origin.display(), parameter.name))
+        })?;
+        parameter.var.set(saved)?;
     }
     for (name, value) in
         tensors.iter().filter_map(|(k, v)| k.strip_prefix("running/").map(|n| (n.to_string(), v.clone())))
     {
         network.set_running_statistic(&name, value);
     }
-    *losses = state.epoch_losses;
-    Ok(state.epochs_done)
+    Ok(())
 }
 
 fn io_error(dir: &Path, e: std::io::Error) -> TrainError {

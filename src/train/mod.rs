@@ -1,6 +1,7 @@
 //! Training in Rust on candle: fine-tuning Q/DQ models (QAT) and training
 //! the fp32 baseline.
 //!
+//! - `augment`: torchvision's random transforms of training images;
 //! - `kernels`: convolution, pooling and fake quantization on slices;
 //! - `ops`: those kernels as candle custom ops with their own backward;
 //! - `network`: an ONNX graph as a differentiable computation, and back;
@@ -9,6 +10,7 @@
 //! - `baseline`: the fp32 baseline trained end to end;
 //! - `command`: `qsweep train`: flags to a model file, with progress and stop signals.
 
+pub mod augment;
 pub mod baseline;
 pub mod command;
 pub mod fit;

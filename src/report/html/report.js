@@ -557,7 +557,7 @@
     return optionsMarkup;
   }
 
-  const STAGE_COLOURS = { train: "#8c564b", "prepare-data": "#7f7f7f", calibrate: "#1f77b4", sensitivity: "#9467bd", fallback: "#bcbd22", qat: "#d62728", build: "#ff7f0e", evaluate: "#2ca02c" };
+  const STAGE_COLOURS = { train: "#8c564b", "prepare-data": "#7f7f7f", calibrate: "#1f77b4", sensitivity: "#9467bd", fallback: "#bcbd22", "learning-rate": "#e377c2", qat: "#d62728", build: "#ff7f0e", evaluate: "#2ca02c" };
   const STATE_WORDS = { ran: "ran in the last run", cached: "cached: made by an earlier run", failed: "failed", pending: "not run yet" };
 
   function details() {
@@ -621,6 +621,7 @@
     if (ranking) out.push(el("h4", {}, `What costs accuracy (${ranking.title})`), sensitivityChart(ranking.ranking));
     const search = run.detail.search !== null && run.detail.search !== undefined ? D.searches[run.detail.search] : null;
     if (search) out.push(el("h4", {}, `Ops left in float until validation top-1 is within ${search.accuracy_budget} points`), searchTable(search));
+    if (run.detail.qat) out.push(el("h4", {}, "QAT validation by epoch"), ...qatCurve(run.detail.qat));
     const health = run.detail.health !== null && run.detail.health !== undefined ? D.healths[run.detail.health] : null;
     if (health) {
       out.push(el("h4", {}, health.title), el("p", {}, health.line));
@@ -653,6 +654,36 @@
         svgEl("text", { x: left + w + 6, y: y + 15 }, `KL ${ranking.quantized.kl.toPrecision(3)} → ${op.restored.kl.toPrecision(2)}, ${(op.restored.agreement * 100).toFixed(1)}% agree`));
     });
     return el("div", {}, el("p", { class: "note" }, `Everything quantized: ${(ranking.quantized.agreement * 100).toFixed(1)}% top-1 agreement with fp32 on ${ranking.samples} images, KL ${ranking.quantized.kl.toPrecision(3)}. Each bar: the KL taken away by restoring that op (and any sharing its Q/DQ pair) to float.`), chart);
+  }
+
+  // Validation top-1 by epoch (0 is the PTQ start), the kept epoch ringed,
+  // then the same points as a table with loss and learning rate.
+  function qatCurve(qat) {
+    const W = 560, H = 220, left = 56, right = 16, top = 12, bottom = 34;
+    const tops = qat.curve.map((p) => p.top1);
+    const low = Math.min(...tops), high = Math.max(...tops), pad = Math.max(0.2, (high - low) * 0.15);
+    const last = Math.max(1, qat.curve.length - 1);
+    const px = (epoch) => left + (epoch / last) * (W - left - right);
+    const py = (top1) => top + (1 - (top1 - (low - pad)) / (high - low + 2 * pad)) * (H - top - bottom);
+    const chart = svgEl("svg", { class: "qat-curve", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "aria-label": "QAT validation curve" });
+    for (const t of ticks(low - pad, high + pad, 4)) {
+      chart.append(svgEl("line", { x1: left, x2: W - right, y1: py(t), y2: py(t), class: "grid" }), svgEl("text", { x: left - 6, y: py(t) + 4, "text-anchor": "end", class: "tick" }, t.toFixed(2)));
+    }
+    for (const p of qat.curve) chart.append(svgEl("text", { x: px(p.epoch), y: H - bottom + 16, "text-anchor": "middle", class: "tick" }, String(p.epoch)));
+    chart.append(svgEl("text", { x: (left + W - right) / 2, y: H - 4, "text-anchor": "middle", class: "axis-label" }, "epoch (0 = PTQ start)"));
+    chart.append(svgEl("polyline", { points: qat.curve.map((p) => `${px(p.epoch)},${py(p.top1)}`).join(" "), class: "qat-line" }));
+    for (const p of qat.curve) {
+      const kept = p.epoch === qat.kept_epoch;
+      chart.append(svgEl("circle", { cx: px(p.epoch), cy: py(p.top1), r: kept ? 7 : 3.5, class: kept ? "qat-kept" : "qat-point" },
+        svgEl("title", {}, `epoch ${p.epoch}: validation top-1 ${p.top1.toFixed(2)}%, loss ${p.loss.toFixed(4)}${kept ? " (kept)" : ""}`)));
+    }
+    const how = `Learning rate ${qat.learning_rate.toExponential()} (${qat.chosen_by}); augmentation: ${qat.augment.length ? qat.augment.join(", ") : "none"}; ${qat.validation_samples} validation images; keeps the ${qat.select} epoch.`;
+    const note = qat.returned_start
+      ? `No epoch beat the PTQ start on validation top-1, so this run built its PTQ model unchanged (epoch 0).`
+      : `Kept epoch ${qat.kept_epoch}.`;
+    return [el("p", { class: "note qat-note" }, how + " " + note), chart,
+      tableOf(["epoch", "validation top-1", "validation loss", "learning rate"], qat.curve.map((p) => [
+        String(p.epoch) + (p.epoch === qat.kept_epoch ? " (kept)" : ""), p.top1.toFixed(2) + "%", p.loss.toFixed(4), p.learning_rate.toExponential(2)]), "qat-table")];
   }
 
   function searchTable(search) {
