@@ -333,8 +333,9 @@ fn a_runs_details_show_its_stages_sensitivity_health_and_machine() {
 #[test]
 fn a_qat_runs_details_draw_its_validation_curve() {
     let summary = std::fs::read_to_string(reference_report().with_file_name("summary.md")).unwrap();
-    let id = "mse-fused-qat2";
-    let row = summary.lines().find(|l| l.starts_with(&format!("| {id} |"))).expect("a QAT table row");
+    let id = "entropy-fused-qat2";
+    let qat_section = &summary[summary.find("\n## QAT\n").expect("a QAT section")..];
+    let row = qat_section.lines().find(|l| l.starts_with(&format!("| {id} |"))).expect("a QAT table row");
     let cells: Vec<&str> = row.split('|').map(str::trim).collect();
     // | run | learning rate | validation top-1 by epoch | kept | test | twin |
     let curve: Vec<String> = cells[3].split(" → ").map(|v| v.trim_matches('*').to_string()).collect();
@@ -342,7 +343,7 @@ fn a_qat_runs_details_draw_its_validation_curve() {
     runtime().block_on(async {
         let browser = Browser::start(1400, 1000).await;
         browser.open_report(&reference_report()).await;
-        let link = Locator::Css("#runs-table tr[data-run='mse-fused-qat2'] td[data-column='run'] a");
+        let link = Locator::Css("#runs-table tr[data-run='entropy-fused-qat2'] td[data-column='run'] a");
         browser.client.find(link).await.unwrap().click().await.unwrap();
         let points = browser.client.find_all(Locator::Css("#detail svg.qat-curve circle")).await.unwrap().len();
         assert_eq!(points, curve.len(), "a point per epoch and the start");

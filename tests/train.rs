@@ -140,6 +140,82 @@ fn a_killed_training_resumes_from_its_last_epoch() {
     }
 }
 
+/// McNemar's test: a gain of a few images among many disagreements is a
+/// tie; a gain well beyond its noise is not.
+#[test]
+fn an_epoch_displaces_the_kept_one_only_by_more_than_noise() {
+    // 1,000 images; 20 disagreements, 12 fixed and 8 broken: +4 is noise.
+    let kept: Vec<bool> = (0..1000).map(|i| i >= 20).collect();
+    let mut noisy = kept.clone();
+    (0..12).for_each(|i| noisy[i] = true);
+    (20..28).for_each(|i| noisy[i] = false);
+    assert!(!fit::significantly_better(&noisy, &kept));
+    // 20 fixed, 8 broken: +12 is beyond 1.645 * sqrt(28) = 8.7.
+    let mut real = kept.clone();
+    (0..20).for_each(|i| real[i] = true);
+    (20..28).for_each(|i| real[i] = false);
+    assert!(fit::significantly_better(&real, &kept));
+    assert!(!fit::significantly_better(&kept, &real), "and the other way round it is worse");
+    assert!(!fit::significantly_better(&kept, &kept), "the same predictions are a tie");
+}
+
+/// With validation, a resumed training has the same curve and keeps the
+/// same epoch's weights as one never interrupted: the checkpoint holds the
+/// curve and the best epoch's weights.
+#[test]
+fn a_resumed_training_keeps_its_curve_and_best_epoch() {
+    let data = examples(Split::Train, 640);
+    let held = examples(Split::Test, 300);
+    let validation = fit::Validation { examples: &held, select: qsweep::spec::QatSelect::Best };
+    let dir = tempfile::tempdir().unwrap();
+    let full = |checkpoint: &Path| {
+        let mut network = Network::from_model(&small_model(), BatchNorm::Batch, None).unwrap();
+        let outcome = fit::fit(
+            &mut network,
+            &data,
+            &recipe(3, 0.05),
+            checkpoint,
+            Some(&validation),
+            &AtomicBool::new(false),
+            |_| {},
+        )
+        .unwrap();
+        (network, outcome)
+    };
+    let (uninterrupted, first) = full(&dir.path().join("uninterrupted"));
+    assert_eq!(first.curve.len(), 4, "the start and three epochs");
+    let kept = first.kept_epoch.unwrap() as usize;
+    assert!(first.curve[..kept].iter().all(|p| p.correct < first.curve[kept].correct), "{:?}", first.curve);
+
+    let interrupted_dir = dir.path().join("interrupted");
+    let mut network = Network::from_model(&small_model(), BatchNorm::Batch, None).unwrap();
+    let cancel = AtomicBool::new(false);
+    let stopped =
+        fit::fit(&mut network, &data, &recipe(3, 0.05), &interrupted_dir, Some(&validation), &cancel, |step| {
+            if step.epoch == 3 && step.step == 2 {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        });
+    assert!(matches!(stopped, Err(TrainError::Cancelled)));
+    let (resumed, second) = full(&interrupted_dir);
+    assert_eq!(second.resumed_epochs, 2);
+    assert_eq!(second.kept_epoch, first.kept_epoch);
+    for (a, b) in first.curve.iter().zip(&second.curve) {
+        assert_eq!((a.epoch, a.correct), (b.epoch, b.correct));
+    }
+    for (a, b) in uninterrupted.parameters.iter().zip(&resumed.parameters) {
+        let diff = (a.var.as_tensor() - b.var.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-3, "{} differs by {diff} after resuming", a.name);
+    }
+}
+
 #[test]
 fn a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint() {
     let data = examples(Split::Train, 640);

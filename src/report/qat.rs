@@ -119,7 +119,9 @@ impl QatFindings {
             if first.select == "last" {
                 "the last epoch (`qat.select: \"last\"`)"
             } else {
-                "the best epoch, the earlier of equals, so a run no epoch improves returns its PTQ start"
+                "the best epoch: a later epoch displaces an earlier one only when it is right on significantly more \
+                 validation images than it is wrong on where the earlier one was right (McNemar's test, one-sided, 5%), \
+                 so a run no epoch clearly improves returns its PTQ start"
             },
         );
         for test in &self.range_tests {
@@ -180,8 +182,8 @@ impl QatFindings {
             };
             let _ = writeln!(
                 md,
-                "\n- **`{}` returned its PTQ start**: no epoch beat its validation top-1 before training, {:.2}%{after}, \
-                 so it built the PTQ model unchanged at learning rate {}; {advice}.",
+                "\n- **`{}` returned its PTQ start**: no epoch beat its validation top-1 before training, {:.2}%, by more \
+                 than noise{after}. So it built the PTQ model unchanged (learning rate {}); {advice}.",
                 qat.run,
                 start.top1,
                 rate_text(qat.learning_rate),

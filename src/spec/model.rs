@@ -633,9 +633,10 @@ pub struct QatSpec {
     #[serde(default = "default_qat_validation_samples")]
     #[schemars(range(min = 1))]
     pub validation_samples: u32,
-    /// Which epoch's model the stage returns: "best" (highest validation
-    /// top-1; ties go to the earlier epoch, so epoch 0, the PTQ start,
-    /// wins unless an epoch beats it) or "last".
+    /// Which epoch's model the stage returns: "best" (a later epoch
+    /// displaces an earlier one only when it is right on significantly
+    /// more validation images, by McNemar's test, so epoch 0, the PTQ
+    /// start, wins unless an epoch clearly beats it) or "last".
     #[serde(default)]
     pub select: QatSelect,
     /// Seed of the subsets, each epoch's shuffle and the augmentation.

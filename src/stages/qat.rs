@@ -13,8 +13,9 @@
 //!
 //! The validation subset scores the start (epoch 0, the PTQ model) and
 //! every epoch; the artifact keeps that curve and, with `select: best`,
-//! the best epoch's weights, the earlier of equals, so a recipe that never
-//! improves on PTQ returns the PTQ model. The learning rate is the spec's
+//! the best epoch's weights, a later epoch winning only by more than
+//! validation noise, so a recipe that does not clearly improve on PTQ
+//! returns the PTQ model. The learning rate is the spec's
 //! or, for "auto", the `learning-rate` stage's pick.
 
 use std::path::Path;
@@ -34,7 +35,7 @@ use crate::train::fit::{self, Examples, Recipe, Validation};
 use crate::train::network::{BatchNorm, Network};
 use crate::train::TrainError;
 
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 #[derive(Deserialize)]
 struct Params {

@@ -212,7 +212,9 @@ pub struct Outcome {
     pub validation_s: f64,
 }
 
-/// How a training is scored after every epoch, and which epoch it keeps.
+/// How a training is scored after every epoch, and which epoch it keeps:
+/// the last, or the best, where a later epoch displaces an earlier one
+/// only when it is [`significantly_better`].
 pub struct Validation<'a> {
     pub examples: &'a Examples,
     pub select: QatSelect,
@@ -235,15 +237,18 @@ pub struct EpochScore {
     pub train_loss: Option<f32>,
 }
 
-impl EpochScore {
-    /// The epoch `select` keeps out of a curve: the last, or the one with
-    /// the most right answers, the earliest of equals.
-    pub fn kept(curve: &[EpochScore], select: QatSelect) -> Option<&EpochScore> {
-        match select {
-            QatSelect::Last => curve.last(),
-            QatSelect::Best => curve.iter().reduce(|best, next| if next.correct > best.correct { next } else { best }),
-        }
-    }
+/// Whether `candidate` beats `kept` by more than validation noise, judged
+/// on the same images by McNemar's test: of the images the two disagree
+/// on, it must fix significantly more than it breaks (one-sided, 5%).
+/// A few images either way out of thousands is what reshuffling a
+/// fine-tuning run moves anyway, and choosing on it chose epochs that
+/// were worse on the test split; so the earlier epoch keeps such ties.
+pub fn significantly_better(candidate: &[bool], kept: &[bool]) -> bool {
+    /// The one-sided 5% point of the standard normal.
+    const Z: f64 = 1.645;
+    let fixed = candidate.iter().zip(kept).filter(|(c, k)| **c && !**k).count() as f64;
+    let broken = candidate.iter().zip(kept).filter(|(c, k)| !**c && **k).count() as f64;
+    fixed - broken > Z * (fixed + broken).sqrt()
 }
 
 /// Where the checkpoint of one training lives, and what it says.
@@ -254,6 +259,9 @@ struct CheckpointState {
     epoch_losses: Vec<f32>,
     #[serde(default)]
     curve: Vec<EpochScore>,
+    /// Which validation images the kept epoch classifies right.
+    #[serde(default)]
+    kept_right: Vec<bool>,
 }
 
 /// A copy of the weights (and BatchNorm statistics) at one epoch.
@@ -351,6 +359,7 @@ pub fn fit(
     let restored = restore(network, &mut sgd, recipe, checkpoint)?;
     let resumed_epochs = restored.epochs_done;
     let (mut epoch_losses, mut curve, mut best) = (restored.epoch_losses, restored.curve, restored.best);
+    let mut kept_right = restored.kept_right;
     let batch = recipe.batch_size.min(examples.len());
     let steps_per_epoch = examples.len() / batch;
     let total_steps = steps_per_epoch * recipe.epochs as usize;
@@ -362,9 +371,12 @@ pub fn fit(
         scored
     };
     if let Some(validation) = validation.filter(|_| curve.is_empty()) {
-        let start = timed_score(network, validation.examples, 0, recipe.learning_rate, None)?;
+        let (start, right) = timed_score(network, validation.examples, 0, recipe.learning_rate, None)?;
         curve.push(start);
-        best = Some(Snapshot::take(network, 0)?);
+        kept_right = right;
+        if validation.select == QatSelect::Best {
+            best = Some(Snapshot::take(network, 0)?);
+        }
     }
     let started = Instant::now();
     let mut images_seen = 0usize;
@@ -412,11 +424,11 @@ pub fn fit(
         epoch_losses.push(train_loss);
         if let Some(validation) = validation {
             let lr = recipe.learning_rate_at((epoch as usize + 1) * steps_per_epoch, total_steps);
-            let scored = timed_score(network, validation.examples, epoch + 1, lr, Some(train_loss))?;
-            let improves = best.is_none() || curve.iter().all(|earlier| scored.correct > earlier.correct);
+            let (scored, right) = timed_score(network, validation.examples, epoch + 1, lr, Some(train_loss))?;
             curve.push(scored);
-            if validation.select == QatSelect::Best && improves {
+            if validation.select == QatSelect::Best && significantly_better(&right, &kept_right) {
                 best = Some(Snapshot::take(network, epoch + 1)?);
+                kept_right = right;
             }
         }
         let state = CheckpointState {
@@ -424,6 +436,7 @@ pub fn fit(
             epochs_done: epoch + 1,
             epoch_losses: epoch_losses.clone(),
             curve: curve.clone(),
+            kept_right: kept_right.clone(),
         };
         save(network, &sgd, &state, best.as_ref(), checkpoint)?;
     }
@@ -448,15 +461,16 @@ pub fn fit(
 /// Images scored per forward pass.
 const SCORE_BATCH: usize = 256;
 
-/// The network's validation top-1 and mean loss, in evaluation mode.
+/// The network's validation top-1 and mean loss, in evaluation mode, and
+/// which images it classifies right.
 fn score(
     network: &mut Network,
     examples: &Examples,
     epoch: u32,
     learning_rate: f64,
     train_loss: Option<f32>,
-) -> Result<EpochScore, TrainError> {
-    let (mut correct, mut loss_sum) = (0usize, 0f64);
+) -> Result<(EpochScore, Vec<bool>), TrainError> {
+    let (mut right, mut loss_sum) = (Vec::with_capacity(examples.len()), 0f64);
     let indices: Vec<usize> = (0..examples.len()).collect();
     for chunk in indices.chunks(SCORE_BATCH) {
         let (images, labels) = examples.batch(chunk)?;
@@ -464,17 +478,19 @@ fn score(
         let loss: f32 = candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar()?;
         loss_sum += loss as f64 * chunk.len() as f64;
         let truth: Vec<u32> = labels.to_vec1()?;
-        correct += predictions(&logits)?.iter().zip(&truth).filter(|(p, l)| p == l).count();
+        right.extend(predictions(&logits)?.iter().zip(&truth).map(|(p, l)| p == l));
     }
     let count = examples.len().max(1);
-    Ok(EpochScore {
+    let correct = right.iter().filter(|r| **r).count();
+    let scored = EpochScore {
         epoch,
         top1: correct as f64 * 100.0 / count as f64,
         correct,
         loss: loss_sum / count as f64,
         learning_rate,
         train_loss,
-    })
+    };
+    Ok((scored, right))
 }
 
 /// Top-1 accuracy, in evaluation mode (running statistics).
@@ -529,6 +545,7 @@ struct Restored {
     epochs_done: u32,
     epoch_losses: Vec<f32>,
     curve: Vec<EpochScore>,
+    kept_right: Vec<bool>,
     best: Option<Snapshot>,
 }
 
@@ -556,7 +573,13 @@ fn restore(network: &mut Network, sgd: &mut Sgd, recipe: &Recipe, dir: &Path) ->
         }),
         None => None,
     };
-    Ok(Restored { epochs_done: state.epochs_done, epoch_losses: state.epoch_losses, curve: state.curve, best })
+    Ok(Restored {
+        epochs_done: state.epochs_done,
+        epoch_losses: state.epoch_losses,
+        curve: state.curve,
+        kept_right: state.kept_right,
+        best,
+    })
 }
 
 /// Sets the network's parameters and running statistics from `tensors`
