@@ -102,6 +102,21 @@ fn a_small_model_learns_on_real_data() {
     assert!(accuracy > 0.4, "a trained model beats chance (10%) by far: {accuracy}");
 }
 
+/// Every parameter of a resumed training is within 1e-3 of the uninterrupted one's.
+fn assert_same_parameters(uninterrupted: &Network, resumed: &Network) {
+    for (a, b) in uninterrupted.parameters.iter().zip(&resumed.parameters) {
+        let diff = (a.var.as_tensor() - b.var.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-3, "{} differs by {diff} after resuming", a.name);
+    }
+}
+
 #[test]
 fn a_killed_training_resumes_from_its_last_epoch() {
     let data = examples(Split::Train, 640);
@@ -127,17 +142,7 @@ fn a_killed_training_resumes_from_its_last_epoch() {
     let (resumed, outcome) = full(&interrupted_dir);
     assert_eq!(outcome.resumed_epochs, 1);
     assert_eq!(outcome.epoch_losses.len(), 3);
-    for (a, b) in uninterrupted.parameters.iter().zip(&resumed.parameters) {
-        let diff = (a.var.as_tensor() - b.var.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-3, "{} differs by {diff} after resuming", a.name);
-    }
+    assert_same_parameters(&uninterrupted, &resumed);
 }
 
 /// McNemar's test: a gain of a few images among many disagreements is a
@@ -203,17 +208,7 @@ fn a_resumed_training_keeps_its_curve_and_best_epoch() {
     for (a, b) in first.curve.iter().zip(&second.curve) {
         assert_eq!((a.epoch, a.correct), (b.epoch, b.correct));
     }
-    for (a, b) in uninterrupted.parameters.iter().zip(&resumed.parameters) {
-        let diff = (a.var.as_tensor() - b.var.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-3, "{} differs by {diff} after resuming", a.name);
-    }
+    assert_same_parameters(&uninterrupted, &resumed);
 }
 
 #[test]
