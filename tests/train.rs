@@ -155,13 +155,21 @@ fn an_epoch_displaces_the_kept_one_only_by_more_than_noise() {
     (0..12).for_each(|i| noisy[i] = true);
     (20..28).for_each(|i| noisy[i] = false);
     assert!(!fit::significantly_better(&noisy, &kept));
-    // 20 fixed, 8 broken: +12 is beyond 1.645 * sqrt(28) = 8.7.
+    // 20 fixed, 8 broken: P(X >= 20 | 28 coin flips) = 1.8%.
     let mut real = kept.clone();
     (0..20).for_each(|i| real[i] = true);
     (20..28).for_each(|i| real[i] = false);
     assert!(fit::significantly_better(&real, &kept));
     assert!(!fit::significantly_better(&kept, &real), "and the other way round it is worse");
     assert!(!fit::significantly_better(&kept, &kept), "the same predictions are a tie");
+    // 3 fixed, none broken is 1 chance in 8 (the normal approximation
+    // passed it); 5 and none is 1 in 32.
+    let mut three = kept.clone();
+    (0..3).for_each(|i| three[i] = true);
+    assert!(!fit::significantly_better(&three, &kept));
+    let mut five = kept.clone();
+    (0..5).for_each(|i| five[i] = true);
+    assert!(fit::significantly_better(&five, &kept));
 }
 
 /// With validation, a resumed training has the same curve and keeps the

@@ -35,7 +35,7 @@ use crate::train::fit::{self, Examples, Recipe, Validation};
 use crate::train::network::{BatchNorm, Network};
 use crate::train::TrainError;
 
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 #[derive(Deserialize)]
 struct Params {

@@ -15,7 +15,7 @@ use crate::spec::{Dataset, Preprocess, TrainSpec};
 use crate::train::baseline::{self, BaselineOptions, Start};
 use crate::train::fit::{self, Recipe};
 
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// The trained model in the artifact.
 pub const MODEL: &str = "model.onnx";

@@ -3,8 +3,9 @@
 //!
 //! They run after normalisation, where torchvision's run before it on PIL
 //! images; each is a geometric resampling, so the two orders agree except
-//! for what fills uncovered pixels (`pad` takes the image's darkest value,
-//! its background, for torchvision's fill of 0).
+//! for what fills uncovered pixels: torchvision's `pad` fills with 0, black,
+//! which normalisation maps to its own value in each channel, so here each
+//! channel is filled with its darkest value in the image, its black.
 
 use rand::Rng;
 
@@ -44,15 +45,16 @@ fn flip(image: &mut [f32], [_, _, w]: [usize; 3]) {
     }
 }
 
-/// The window `(top, left)` pixels into the image padded with its
-/// background: output (y, x) reads source (y + top, x + left).
+/// The window `(top, left)` pixels into the image padded with each
+/// channel's darkest value: output (y, x) reads source (y + top, x + left).
 fn shift(image: &mut [f32], [c, h, w]: [usize; 3], top: i64, left: i64) {
     if top == 0 && left == 0 {
         return;
     }
     let source = image.to_vec();
-    let background = source.iter().copied().fold(f32::INFINITY, f32::min);
     for ch in 0..c {
+        let plane = &source[ch * h * w..(ch + 1) * h * w];
+        let background = plane.iter().copied().fold(f32::INFINITY, f32::min);
         for y in 0..h {
             for x in 0..w {
                 let (sy, sx) = (y as i64 + top, x as i64 + left);
@@ -160,6 +162,17 @@ mod tests {
             shifted += usize::from(image != original);
         }
         assert!(shifted > 30, "most draws move the image ({shifted} of 50)");
+    }
+
+    #[test]
+    fn a_pad_fills_each_channel_with_its_own_black() {
+        // Two channels whose black normalised differently, as RGB's do:
+        // the border of each is that channel's darkest value.
+        let mut image: Vec<f32> = ramp().into_iter().chain(ramp().into_iter().map(|v| v - 10.0)).collect();
+        shift(&mut image, [2, 4, 4], 1, 0);
+        assert_eq!(&image[12..16], &[1.0; 4], "the first channel's last row");
+        assert_eq!(&image[28..32], &[-9.0; 4], "the second channel's last row");
+        assert_eq!(image[16], ramp()[4] - 10.0, "the rest moved up a row");
     }
 
     #[test]

@@ -112,15 +112,17 @@ impl Examples {
         self.labels.is_empty()
     }
 
-    /// The first `count` examples (all, if there are fewer).
-    pub fn first(&self, count: usize) -> Examples {
-        let count = count.min(self.len());
-        let picked: Vec<usize> = (0..count).map(|i| self.row(i)).collect();
+    /// A seeded draw of `count` examples (all, if there are fewer), in
+    /// their order here. A draw, not the first `count`: sources list their
+    /// images class by class (an image folder does), so a prefix would be
+    /// a few classes only.
+    pub fn sample(&self, count: usize, seed: u64) -> Examples {
+        let drawn = crate::data::calibration_indices(self.len(), count, seed);
         Examples {
             rows: self.rows.clone(),
             image_shape: self.image_shape,
-            labels: self.labels[..count].to_vec(),
-            picked: Some(std::sync::Arc::new(picked)),
+            labels: drawn.iter().map(|&i| self.labels[i]).collect(),
+            picked: Some(std::sync::Arc::new(drawn.iter().map(|&i| self.row(i)).collect())),
         }
     }
 
@@ -238,17 +240,33 @@ pub struct EpochScore {
 }
 
 /// Whether `candidate` beats `kept` by more than validation noise, judged
-/// on the same images by McNemar's test: of the images the two disagree
-/// on, it must fix significantly more than it breaks (one-sided, 5%).
-/// A few images either way out of thousands is what reshuffling a
+/// on the same images by McNemar's exact test: of the images the two
+/// disagree on, it must fix significantly more than it breaks (one-sided,
+/// 5%). A few images either way out of thousands is what reshuffling a
 /// fine-tuning run moves anyway, and choosing on it chose epochs that
 /// were worse on the test split; so the earlier epoch keeps such ties.
+/// Exact, not the normal approximation: that one passes 3 fixed and none
+/// broken, which is 1 chance in 8.
 pub fn significantly_better(candidate: &[bool], kept: &[bool]) -> bool {
-    /// The one-sided 5% point of the standard normal.
-    const Z: f64 = 1.645;
-    let fixed = candidate.iter().zip(kept).filter(|(c, k)| **c && !**k).count() as f64;
-    let broken = candidate.iter().zip(kept).filter(|(c, k)| !**c && **k).count() as f64;
-    fixed - broken > Z * (fixed + broken).sqrt()
+    let fixed = candidate.iter().zip(kept).filter(|(c, k)| **c && !**k).count();
+    let broken = candidate.iter().zip(kept).filter(|(c, k)| !**c && **k).count();
+    fixed > broken && sign_test_p(fixed, fixed + broken) <= 0.05
+}
+
+/// P(X >= `successes`) for X ~ Binomial(`trials`, 1/2): the one-sided
+/// p-value of the sign test, computed in logs so thousands of trials
+/// neither overflow nor underflow.
+fn sign_test_p(successes: usize, trials: usize) -> f64 {
+    let (k, n) = (successes as f64, trials as f64);
+    // ln C(n, k), then the tail's terms relative to C(n, k).
+    let ln_choose: f64 = (1..=successes).map(|i| ((n - k + i as f64) / i as f64).ln()).sum();
+    let mut term = 1.0;
+    let mut relative_sum = 0.0;
+    for j in successes..=trials {
+        relative_sum += term;
+        term *= (trials - j) as f64 / (j + 1) as f64;
+    }
+    (ln_choose - n * std::f64::consts::LN_2 + relative_sum.ln()).exp().min(1.0)
 }
 
 /// Where the checkpoint of one training lives, and what it says.
@@ -607,4 +625,19 @@ fn io_error(dir: &Path, e: std::io::Error) -> TrainError {
 /// The checkpoint directory of a training task inside a results directory.
 pub fn checkpoint_dir(results_root: &Path, key: &str) -> PathBuf {
     results_root.join("checkpoints").join(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sign_test_p;
+
+    #[test]
+    fn sign_test_tails_match_the_binomial_sums() {
+        // Exact sums of C(n, j) / 2^n for j >= k.
+        for (k, n, p) in [(20, 28, 0.017849069), (3, 3, 0.125), (1050, 2000, 0.013412073), (1000, 2000, 0.508919506)] {
+            assert!((sign_test_p(k, n) - p).abs() < 1e-8, "P(X >= {k} | {n}) = {}, not {p}", sign_test_p(k, n));
+        }
+        assert!(sign_test_p(270, 300) < 1e-40, "far tails do not underflow to garbage");
+        assert_eq!(sign_test_p(0, 10), 1.0);
+    }
 }
