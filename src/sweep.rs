@@ -508,8 +508,7 @@ fn check_float_layers(
     }
     // The validation subset: the calibration source, less the calibration set.
     let Some((_, source)) = sources.iter().find(|(role, _)| *role == Role::Calibration) else { return };
-    let files = source.without_subset();
-    if sources.iter().any(|(role, other)| *role == Role::Evaluation && other.without_subset() == files) {
+    if sources.iter().any(|(role, other)| *role == Role::Evaluation && other.shares_images_with(source)) {
         errors.push(parsed.diagnostic(
             JsonPath::parse("data.calibration"),
             "the validation subset that sensitivity and float_layers use is drawn from data.calibration, which is also the evaluation source, so the budget would be judged on test images",
@@ -614,31 +613,81 @@ fn check_qat(
     }
     let source_of = |role: Role| sources.iter().find(|(r, _)| *r == role).map(|(_, s)| s);
     let (Some(training), Some(calibration)) = (source_of(Role::Training), source_of(Role::Calibration)) else { return };
-    let files = training.without_subset();
-    if source_of(Role::Evaluation).is_some_and(|evaluation| evaluation.without_subset() == files) {
+    if source_of(Role::Evaluation).is_some_and(|evaluation| evaluation.shares_images_with(training)) {
         errors.push(parsed.diagnostic(
             JsonPath::parse("data.training"),
-            "QAT's validation subset is drawn from data.training, which is also the evaluation source, so the epoch kept would be chosen on test images",
+            "QAT's validation subset is drawn from data.training, which reads the evaluation source's images, so the epoch kept would be chosen on test images",
             "fine-tune from a training folder or file, not the evaluation one",
         ));
         return;
     }
-    let (Some(population), _) = opened.population(Role::Training, training, data_dir) else { return };
-    let mut held_out = Vec::new();
-    if calibration.without_subset() == files {
-        held_out.extend(calibration.subset(Some((spec.calibration.samples, spec.calibration.seed))));
+    let holds_out_calibration = calibration.without_subset() == training.without_subset();
+    if !holds_out_calibration && calibration.shares_images_with(training) {
+        errors.push(parsed.diagnostic(
+            JsonPath::parse("data.calibration"),
+            "data.calibration and data.training read the same images but list them differently (their classes differ), so QAT's validation subset, drawn from data.training, cannot be kept apart from the calibration set",
+            "give both sections the same classes, or calibrate from other files",
+        ));
+        return;
     }
-    held_out.extend(training.subset(Some((spec.qat.samples, spec.qat.seed))));
-    let left = crate::data::source::subset_indices(population, None, &held_out).len();
-    if spec.qat.validation_samples as usize > left {
-        let calibration_part = if calibration.without_subset() == files { " the calibration set and" } else { "" };
+    let (Some(population), _) = opened.population(Role::Training, training, data_dir) else { return };
+    // The draws validation holds out, each with its size and the field that sets it.
+    let own_or = |source: &Source, own: &'static str, section: &'static str| {
+        if source.subset(None).is_some() {
+            own
+        } else {
+            section
+        }
+    };
+    let mut held_out = Vec::new();
+    if holds_out_calibration {
+        let field = own_or(calibration, "data.calibration.samples", "calibration.samples");
+        held_out.extend(
+            calibration
+                .subset(Some((spec.calibration.samples, spec.calibration.seed)))
+                .map(|d| (d, "calibration", field)),
+        );
+    }
+    let fine_tuning_field = own_or(training, "data.training.samples", "qat.samples");
+    held_out.extend(
+        training.subset(Some((spec.qat.samples, spec.qat.seed))).map(|d| (d, "fine-tuning", fine_tuning_field)),
+    );
+    let draws: Vec<(u32, u64)> = held_out.iter().map(|(draw, ..)| *draw).collect();
+    let left = crate::data::source::subset_indices(population, None, &draws).len();
+    let wanted = spec.qat.validation_samples as usize;
+    if wanted > left {
+        let parts: Vec<String> = held_out
+            .iter()
+            .map(|((samples, _), what, field)| {
+                format!("the {} {what} samples ({field})", (*samples as usize).min(population))
+            })
+            .collect();
+        let calibration_count = held_out
+            .iter()
+            .find(|(_, what, _)| *what == "calibration")
+            .map_or(0, |((n, _), ..)| (*n as usize).min(population));
+        let beyond_calibration = population - calibration_count;
+        let fix = if left > 0 {
+            format!("use at most {left} validation samples (qat.validation_samples), or fine-tune on fewer ({fine_tuning_field})")
+        } else if beyond_calibration > wanted {
+            format!(
+                "fine-tune on fewer: {fine_tuning_field} of at most {} leaves {wanted} for validation",
+                beyond_calibration - wanted
+            )
+        } else {
+            format!(
+                "the source has {beyond_calibration} images beyond the calibration set: split them, e.g. {fine_tuning_field} {} and qat.validation_samples {}, or fine-tune from a larger source",
+                beyond_calibration - beyond_calibration / 5,
+                beyond_calibration / 5
+            )
+        };
         errors.push(parsed.diagnostic(
             section.key("validation_samples"),
             format!(
-                "the validation subset is {} samples, but the training source holds {population}, and once{calibration_part} the {} fine-tuning samples (qat.samples) are held out only {left} remain",
-                spec.qat.validation_samples, spec.qat.samples
+                "the validation subset is {wanted} samples, but data.training holds {population}, and once {} are held out only {left} remain",
+                parts.join(" and ")
             ),
-            format!("use at most {left} validation samples, or fine-tune on fewer (qat.samples)"),
+            fix,
         ));
     }
 }

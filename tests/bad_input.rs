@@ -458,6 +458,10 @@ fn bad_qat_validation_and_augmentation_are_refused() {
     assert!(err.contains("$.qat.validation_samples"), "{err}");
     assert!(err.contains("the validation subset is 2000 samples") && err.contains("only 1000 remain"), "{err}");
     assert!(err.contains("use at most 1000 validation samples"), "{err}");
+    // Fine-tuning on every image leaves none: the advice is a size that fits.
+    let err = refused(&qat(r#""samples": 60000"#));
+    assert!(err.contains("the 60000 fine-tuning samples (qat.samples)") && err.contains("only 0 remain"), "{err}");
+    assert!(err.contains("qat.samples of at most 57500 leaves 2000 for validation"), "{err}");
 
     let err = refused(&qat(r#""augment": ["horizontal_flip", "vertical_flip"]"#));
     assert!(err.contains("$.qat.augment[1]"), "{err}");
@@ -477,23 +481,54 @@ fn bad_qat_validation_and_augmentation_are_refused() {
     assert!(err.contains("$.qat.augment[0]") && err.contains("without a pad"), "{err}");
     let err = refused(&qat(r#""augment": true"#));
     assert!(err.contains("$.qat.augment"), "{err}");
+    assert!(err.contains(r#"[{"pad":2},"random_crop","horizontal_flip"]"#), "the field's own example: {err}");
     let err = refused(&qat(r#""learning_rate": "fast""#));
     assert!(err.contains("$.qat.learning_rate") && err.contains("auto"), "{err}");
 }
 
-/// Validation drawn from the evaluation images would choose QAT's epoch on
-/// the test split.
-#[test]
-fn a_training_source_that_is_the_evaluation_source_is_refused() {
-    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/data/fashion-images/val");
-    let source = format!(r#"{{ "images": {:?} }}"#, folder.to_str().unwrap());
-    let text = quick_spec_json(r#""matrix": { "calibration": ["mse"], "qat_epochs": [1] }"#).replace(
+/// A QAT spec reading the reference PIL-written image folders: evaluation
+/// from `evaluation` (train/ or val/), training and calibration from val/,
+/// each source with its `extra` fields.
+fn folder_qat_spec(evaluation: &str, training_extra: &str, calibration_extra: &str) -> String {
+    let folders = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/data/fashion-images");
+    let source =
+        |dir: &str, extra: &str| format!(r#"{{ "images": {:?}{extra} }}"#, folders.join(dir).to_str().unwrap());
+    let text = quick_spec_json(
+        r#""matrix": { "calibration": ["mse"], "qat_epochs": [1] }, "calibration": { "samples": 100 }, "qat": { "samples": 300, "validation_samples": 200 }"#,
+    )
+    .replace(
         r#""data": { "preprocess": { "mean": [0.2860], "std": [0.3530] } }"#,
         &format!(
-            r#""data": {{ "preprocess": {{ "mean": [0.2860], "std": [0.3530], "color": "grey" }}, "evaluation": {source}, "training": {source} }}"#
+            r#""data": {{ "preprocess": {{ "mean": [0.2860], "std": [0.3530], "color": "grey" }}, "evaluation": {}, "training": {}, "calibration": {} }}"#,
+            source(evaluation, ""),
+            source("val", training_extra),
+            source("val", calibration_extra)
         ),
     );
     assert!(text.contains(r#""training""#));
-    let err = refused(&text);
-    assert!(err.contains("$.data.training") && err.contains("also the evaluation source"), "{err}");
+    text
+}
+
+/// Validation drawn from the evaluation images would choose QAT's epoch on
+/// the test split, whichever classes of them training lists.
+#[test]
+fn a_training_source_that_is_the_evaluation_source_is_refused() {
+    for training in ["", r#", "classes": ["bag", "coat"]"#] {
+        let err = refused(&folder_qat_spec("val", training, ""));
+        assert!(err.contains("$.data.training") && err.contains("the evaluation source's images"), "{training}: {err}");
+    }
+}
+
+/// Calibration and training listing one folder's images differently
+/// number them differently, so QAT's validation draw could not hold the
+/// calibration set out: refused, naming data.calibration.
+#[test]
+fn calibration_and_training_listing_one_folder_differently_are_refused() {
+    let err = refused(&folder_qat_spec("train", r#", "classes": ["coat", "dress"]"#, ""));
+    assert!(err.contains("$.data.calibration") && err.contains("list them differently"), "{err}");
+    // Listed alike, the calibration set is held out and the spec is fine.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(dir.path(), "spec.json", &folder_qat_spec("train", "", ""));
+    let validated = qsweep(&["validate", spec.to_str().unwrap()]);
+    assert_eq!(validated.status.code(), Some(0), "{}", stderr(&validated));
 }

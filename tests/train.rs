@@ -1,5 +1,6 @@
 //! Training and QAT on the real Fashion-MNIST data: a small model's loss
-//! falls, a checkpoint resumes, a NaN loss stops at its step, and a QAT
+//! falls, a checkpoint resumes (and a torn one starts over), a NaN loss
+//! stops at its step or returns the kept epoch, and a QAT
 //! sweep's exported Q/DQ model agrees with the interpreter in ONNX Runtime.
 
 mod common;
@@ -236,6 +237,64 @@ fn a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint() {
     assert!(text.contains("the loss became NaN or infinite at epoch 1, step"), "{text}");
     assert!(text.contains("fix: lower the learning rate"), "{text}");
     assert!(dir.path().join("state.json").exists(), "the earlier good checkpoint stays");
+}
+
+/// With `select: best`, a training whose loss blows up returns the epoch
+/// it kept, here the start, and says where it diverged; with `last` there
+/// is nothing to return, and it fails as above.
+#[test]
+fn a_diverged_training_with_a_kept_epoch_returns_it() {
+    let data = examples(Split::Train, 640);
+    let held = examples(Split::Test, 300);
+    let dir = tempfile::tempdir().unwrap();
+    let start = Network::from_model(&small_model(), BatchNorm::Batch, None).unwrap();
+    let mut network = Network::from_model(&small_model(), BatchNorm::Batch, None).unwrap();
+    let best = fit::Validation { examples: &held, select: qsweep::spec::QatSelect::Best };
+    let outcome =
+        fit::fit(&mut network, &data, &recipe(2, 1e30), dir.path(), Some(&best), &AtomicBool::new(false), |_| {})
+            .unwrap();
+    assert_eq!(outcome.kept_epoch, Some(0));
+    assert_eq!(outcome.diverged.map(|d| d.epoch), Some(1), "{:?}", outcome.diverged);
+    assert_eq!(outcome.curve.len(), 1, "only the start was scored: {:?}", outcome.curve);
+    assert_same_parameters(&start, &network);
+
+    let last = fit::Validation { examples: &held, select: qsweep::spec::QatSelect::Last };
+    let error = fit::fit(
+        &mut network,
+        &data,
+        &recipe(2, 1e30),
+        &dir.path().join("last"),
+        Some(&last),
+        &AtomicBool::new(false),
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(matches!(error, TrainError::NotFinite { epoch: 1, .. }), "{error}");
+}
+
+/// A kill between writing a checkpoint's tensors and its state leaves one
+/// epoch's weights beside the previous epoch's state: the pair is refused
+/// and training starts over, rather than resuming the weights as the
+/// wrong epoch's.
+#[test]
+fn a_checkpoint_whose_tensors_and_state_disagree_starts_over() {
+    let data = examples(Split::Train, 640);
+    let dir = tempfile::tempdir().unwrap();
+    let two_epochs = dir.path().join("two");
+    let mut network = Network::from_model(&small_model(), BatchNorm::Batch, None).unwrap();
+    fit::fit(&mut network, &data, &recipe(2, 0.05), &two_epochs, None, &AtomicBool::new(false), |_| {}).unwrap();
+    // Epoch 2's tensors beside epoch 1's state, of the same recipe.
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(two_epochs.join("state.json")).unwrap()).unwrap();
+    state["epochs_done"] = 1.into();
+    state["epoch_losses"].as_array_mut().unwrap().truncate(1);
+    std::fs::write(two_epochs.join("state.json"), state.to_string()).unwrap();
+
+    let mut resumed = Network::from_model(&small_model(), BatchNorm::Batch, None).unwrap();
+    let outcome =
+        fit::fit(&mut resumed, &data, &recipe(2, 0.05), &two_epochs, None, &AtomicBool::new(false), |_| {}).unwrap();
+    assert_eq!(outcome.resumed_epochs, 0, "the mismatched checkpoint is not resumed");
+    assert_same_parameters(&network, &resumed);
 }
 
 #[test]

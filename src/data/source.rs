@@ -137,6 +137,40 @@ impl Source {
         }
     }
 
+    /// Whether the two read any of the same images, whichever classes or
+    /// subset each takes: the same IDX split, the same folder with the same
+    /// labels file (or none), or the same tensors of one file. (Two labels
+    /// files over one root, ImageNet's train and val lists, name their own
+    /// images.) Holding one role's draw out of another's by index works only
+    /// where the two list the images alike, that is where they are equal
+    /// `without_subset`; sources that share images but list them otherwise
+    /// are refused.
+    pub fn shares_images_with(&self, other: &Source) -> bool {
+        let same_file =
+            |a: &Path, b: &Path| a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+        match (self, other) {
+            (Source::Idx { dataset: a, split: split_a, .. }, Source::Idx { dataset: b, split: split_b, .. }) => {
+                a == b && split_a == split_b
+            }
+            (
+                Source::ImageFolder { root: a, labels_file: labels_a, .. },
+                Source::ImageFolder { root: b, labels_file: labels_b, .. },
+            ) => {
+                same_file(a, b)
+                    && match (labels_a, labels_b) {
+                        (None, None) => true,
+                        (Some(la), Some(lb)) => same_file(la, lb),
+                        _ => false,
+                    }
+            }
+            (
+                Source::Tensors { path: a, input_key: key_a, model_input: input_a, .. },
+                Source::Tensors { path: b, input_key: key_b, model_input: input_b, .. },
+            ) => same_file(a, b) && key_a.as_ref().unwrap_or(input_a) == key_b.as_ref().unwrap_or(input_b),
+            _ => false,
+        }
+    }
+
     /// The same files, whichever subset of them a role takes.
     pub fn without_subset(&self) -> Source {
         match self.clone() {

@@ -119,6 +119,7 @@ fn data(inputs: &Inputs<'_>) -> Value {
                 "augment": q.augment,
                 "select": q.select,
                 "validation_samples": q.validation_samples,
+                "diverged": q.diverged,
             })),
         }));
     }

@@ -15,7 +15,7 @@ use super::plot::method_colour;
 use super::RunResult;
 use crate::plan::{Plan, StageKind};
 use crate::store::ResultsDir;
-use crate::train::fit::EpochScore;
+use crate::train::fit::{Divergence, EpochScore};
 
 /// One QAT run's fine-tuning, as its stage recorded it.
 pub struct QatRun {
@@ -33,6 +33,9 @@ pub struct QatRun {
     /// "best" or "last".
     pub select: String,
     pub validation_samples: u64,
+    /// Where its loss stopped being finite, when it returned its kept
+    /// epoch rather than failing.
+    pub diverged: Option<Divergence>,
 }
 
 impl QatRun {
@@ -95,6 +98,7 @@ impl QatFindings {
                 augment: m["augment"].as_array().into_iter().flatten().map(text).collect(),
                 select: text(&m["select"]),
                 validation_samples: m["validation_samples"].as_u64().unwrap_or_default(),
+                diverged: serde_json::from_value(m["diverged"].clone()).unwrap_or_default(),
                 curve,
             });
         }
@@ -186,6 +190,19 @@ impl QatFindings {
                  than noise{after}. So it built the PTQ model unchanged (learning rate {}); {advice}.",
                 qat.run,
                 start.top1,
+                rate_text(qat.learning_rate),
+            );
+        }
+        for qat in &self.runs {
+            let Some(Divergence { epoch, step }) = qat.diverged else { continue };
+            let kept = qat.curve.iter().find(|p| p.epoch == qat.kept_epoch).map_or(0.0, |p| p.top1);
+            let _ = writeln!(
+                md,
+                "\n- **`{}` diverged**: its training loss stopped being finite at epoch {epoch}, step {step}, so it \
+                 stopped there and built epoch {} (validation {kept:.2}%), the best before it; lower \
+                 `qat.learning_rate` (it was {}).",
+                qat.run,
+                qat.kept_epoch,
                 rate_text(qat.learning_rate),
             );
         }

@@ -206,10 +206,15 @@ fn schema_diagnostics(text: &str, value: &Value) -> Vec<Diagnostic> {
         let (problem, expected, fix) = match error.kind() {
             Kind::Type { kind } => {
                 let kind = type_kind_name(kind);
+                // The field's own example where its schema gives one.
+                let example = schema_node(&schema, &path)
+                    .get("examples")
+                    .and_then(|examples| examples.get(0))
+                    .map_or_else(|| example_of(&kind).to_string(), Value::to_string);
                 (
                     format!("{} has the wrong type", show(found)),
                     kind.clone(),
-                    format!("write it as {kind}, e.g. `{}`", example_of(&kind)),
+                    format!("write it as {kind}, e.g. `{example}`"),
                 )
             }
             Kind::Required { property } => {

@@ -644,8 +644,10 @@ pub struct QatSpec {
     pub seed: u64,
     /// Random transforms of the fine-tuning images, in torchvision's
     /// terms, applied in order. None by default: fine-tuning should see
-    /// the model's own training pipeline, which qsweep cannot know.
+    /// the model's own training pipeline, which qsweep cannot know. (The
+    /// old `true`, 2-pixel shifts and flips, is the example; `false` is `[]`.)
     #[serde(default)]
+    #[schemars(example = serde_json::json!([{"pad": 2}, "random_crop", "horizontal_flip"]))]
     pub augment: Vec<Augmentation>,
 }
 

@@ -22,6 +22,7 @@ use super::{params, StageContext, StageError};
 use crate::plan::{Task, QAT_VALIDATION};
 use crate::spec::{Augmentation, CalibrationMethod, Int8Format, QatSelect};
 use crate::train::fit::{self, Recipe, Validation};
+use crate::train::TrainError;
 
 pub const VERSION: u32 = 2;
 
@@ -72,14 +73,28 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         };
         let checkpoint = fit::checkpoint_dir(context.results.root(), &format!("{}-{index}", task.key.0));
         let validate = Validation { examples: &validation, select: QatSelect::Last };
-        let outcome = fit::fit(&mut network, &share, &recipe, &checkpoint, Some(&validate), context.cancel, |_| {})
-            .map_err(|e| read_error(task, context, e))?;
+        let trained = fit::fit(&mut network, &share, &recipe, &checkpoint, Some(&validate), context.cancel, |_| {});
         let _ = std::fs::remove_dir_all(&checkpoint);
+        let outcome = match trained {
+            // A rate whose loss blows up is this test's answer about it,
+            // not a failure of the test.
+            Err(TrainError::NotFinite { .. }) => {
+                scores.push(json!({"learning_rate": rate, "top1": 0.0, "correct": 0, "loss": null, "diverged": true}));
+                continue;
+            }
+            trained => trained.map_err(|e| read_error(task, context, e))?,
+        };
         let [before, after] = outcome.curve.as_slice() else {
             return Err(StageError::Fatal("a one-epoch range test gave no validation score".into()));
         };
         start.get_or_insert_with(|| before.clone());
         scores.push(json!({"learning_rate": rate, "top1": after.top1, "correct": after.correct, "loss": after.loss}));
+    }
+    if start.is_none() {
+        return Err(StageError::Fatal(format!(
+            "every candidate learning rate of the range test ({:?}) made the loss infinite; set qat.learning_rate to a number below {:e}",
+            params.candidates, params.candidates.first().copied().unwrap_or(CANDIDATES[0])
+        )));
     }
     // Candidates are ascending, so the first of equals is the smaller rate.
     let rank = |s: &Value| (s["correct"].as_u64().unwrap_or_default(), -s["loss"].as_f64().unwrap_or(f64::INFINITY));

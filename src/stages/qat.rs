@@ -121,6 +121,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
         "resumed_epochs": outcome.resumed_epochs,
         "images_per_s": outcome.images_per_s,
         "validation_s": outcome.validation_s,
+        "diverged": outcome.diverged,
         "batch_norm": "frozen",
     }))
 }

@@ -212,6 +212,17 @@ pub struct Outcome {
     pub kept_epoch: Option<u32>,
     /// Seconds spent scoring the validation subset (in this attempt).
     pub validation_s: f64,
+    /// Where the loss stopped being finite, when the kept epoch's model
+    /// was returned instead of failing (`select: best` only).
+    #[serde(default)]
+    pub diverged: Option<Divergence>,
+}
+
+/// The step at which a training's loss stopped being finite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Divergence {
+    pub epoch: u32,
+    pub step: usize,
 }
 
 /// How a training is scored after every epoch, and which epoch it keeps:
@@ -398,7 +409,8 @@ pub fn fit(
     }
     let started = Instant::now();
     let mut images_seen = 0usize;
-    for epoch in resumed_epochs..recipe.epochs {
+    let mut diverged = None;
+    'epochs: for epoch in resumed_epochs..recipe.epochs {
         let mut order: Vec<usize> = (0..examples.len()).collect();
         // The epoch's seed, so a resumed run shuffles as the first did.
         order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(recipe.seed.wrapping_add(epoch as u64)));
@@ -418,6 +430,12 @@ pub fn fit(
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             let loss_value: f32 = loss.to_scalar()?;
             if !loss_value.is_finite() {
+                // With a best epoch kept, a diverged training still has a
+                // model at least as good as its start: return that one.
+                if best.is_some() {
+                    diverged = Some(Divergence { epoch: epoch + 1, step: step + 1 });
+                    break 'epochs;
+                }
                 return Err(TrainError::NotFinite {
                     epoch: epoch + 1,
                     step: step + 1,
@@ -473,6 +491,7 @@ pub fn fit(
         curve,
         kept_epoch,
         validation_s,
+        diverged,
     })
 }
 
@@ -526,6 +545,9 @@ pub fn accuracy(network: &mut Network, examples: &Examples, batch: usize) -> Res
 /// The prefix of the best epoch's tensors in a checkpoint.
 const BEST: &str = "best/";
 
+/// The checkpoint tensor naming the epochs its weights have had.
+const EPOCHS_DONE: &str = "epochs_done";
+
 fn save(
     network: &Network,
     sgd: &Sgd,
@@ -535,6 +557,7 @@ fn save(
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
     let mut tensors: HashMap<String, Tensor> = Snapshot::take(network, state.epochs_done)?.tensors;
+    tensors.insert(EPOCHS_DONE.to_string(), Tensor::new(state.epochs_done, &Device::Cpu)?);
     for (name, velocity) in &sgd.velocity {
         tensors.insert(format!("velocity/{name}"), velocity.clone());
     }
@@ -544,9 +567,9 @@ fn save(
             tensors.insert(format!("{BEST}{name}"), value.clone());
         }
     }
-    // Tensors first, then the state that vouches for them: a kill between
-    // the two leaves the previous epoch's state, which then mismatches
-    // nothing it names.
+    // Tensors first, then the state that vouches for them. A kill between
+    // the two leaves the previous epoch's state beside this epoch's
+    // tensors; both name their epoch, and `restore` refuses the pair.
     let staged = dir.join(format!("{TENSORS}.partial"));
     candle_core::safetensors::save(&tensors, &staged)?;
     std::fs::rename(&staged, dir.join(TENSORS)).map_err(|e| io_error(dir, e))?;
@@ -574,7 +597,16 @@ fn restore(network: &mut Network, sgd: &mut Sgd, recipe: &Recipe, dir: &Path) ->
     if state.recipe != *recipe || state.epochs_done > recipe.epochs {
         return Ok(Restored::default());
     }
-    let tensors = candle_core::safetensors::load(dir.join(TENSORS), &Device::Cpu)?;
+    // A tensors file that does not load is a checkpoint to start over from.
+    let Ok(tensors) = candle_core::safetensors::load(dir.join(TENSORS), &Device::Cpu) else {
+        return Ok(Restored::default());
+    };
+    let tensors_epoch: Option<u32> = tensors.get(EPOCHS_DONE).and_then(|t| t.to_scalar().ok());
+    if tensors_epoch != Some(state.epochs_done) {
+        // Killed between writing the tensors and the state: start over
+        // rather than resume one epoch's weights as another's.
+        return Ok(Restored::default());
+    }
     load_tensors(network, &tensors, dir)?;
     for parameter in &network.parameters {
         if let Some(velocity) = tensors.get(&format!("velocity/{}", parameter.name)) {

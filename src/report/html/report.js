@@ -679,9 +679,12 @@
     }
     const how = `Learning rate ${qat.learning_rate.toExponential()} (${qat.chosen_by}); augmentation: ${qat.augment.length ? qat.augment.join(", ") : "none"}; ${qat.validation_samples} validation images; keeps the ${qat.select} epoch.`;
     const note = qat.returned_start
-      ? `No epoch beat the PTQ start on validation top-1, so this run built its PTQ model unchanged (epoch 0).`
+      ? `No epoch beat the PTQ start's validation top-1 by more than noise (McNemar's test), so this run built its PTQ model unchanged (epoch 0).`
       : `Kept epoch ${qat.kept_epoch}.`;
-    return [el("p", { class: "note qat-note" }, how + " " + note), chart,
+    const diverged = qat.diverged
+      ? ` Its training loss stopped being finite at epoch ${qat.diverged.epoch}, step ${qat.diverged.step}, so it stopped there; lower the learning rate.`
+      : "";
+    return [el("p", { class: "note qat-note" }, how + " " + note + diverged), chart,
       tableOf(["epoch", "validation top-1", "validation loss", "learning rate"], qat.curve.map((p) => [
         String(p.epoch) + (p.epoch === qat.kept_epoch ? " (kept)" : ""), p.top1.toFixed(2) + "%", p.loss.toFixed(4), p.learning_rate.toExponential(2)]), "qat-table")];
   }
