@@ -586,7 +586,7 @@ fn qat_validation_params(spec: &SweepSpec, data: &Value, sources: &Sources) -> V
     let training = sources.of(Role::Training);
     let calibration = sources.of(Role::Calibration);
     let mut held_out = Vec::new();
-    if calibration.source.without_subset() == training.source.without_subset() {
+    if calibration.source.listed_alike(&training.source) {
         held_out.extend(calibration.source.subset(Some((spec.calibration.samples, spec.calibration.seed))));
     }
     held_out.extend(training.source.subset(Some((spec.qat.samples, spec.qat.seed))));

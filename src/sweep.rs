@@ -621,11 +621,11 @@ fn check_qat(
         ));
         return;
     }
-    let holds_out_calibration = calibration.without_subset() == training.without_subset();
+    let holds_out_calibration = calibration.listed_alike(training);
     if !holds_out_calibration && calibration.shares_images_with(training) {
         errors.push(parsed.diagnostic(
             JsonPath::parse("data.calibration"),
-            "data.calibration and data.training read the same images but list them differently (their classes differ), so QAT's validation subset, drawn from data.training, cannot be kept apart from the calibration set",
+            "data.calibration and data.training read the same folder but list it differently (their classes or labels files differ), so QAT's validation subset, drawn from data.training, cannot be kept apart from the calibration set",
             "give both sections the same classes, or calibrate from other files",
         ));
         return;
@@ -667,7 +667,11 @@ fn check_qat(
             .find(|(_, what, _)| *what == "calibration")
             .map_or(0, |((n, _), ..)| (*n as usize).min(population));
         let beyond_calibration = population - calibration_count;
-        let fix = if left > 0 {
+        let fix = if beyond_calibration < 10 {
+            format!(
+                "the calibration set takes all but {beyond_calibration} of data.training's images: fine-tune from a larger source, or calibrate on fewer"
+            )
+        } else if left > 0 {
             format!("use at most {left} validation samples (qat.validation_samples), or fine-tune on fewer ({fine_tuning_field})")
         } else if beyond_calibration > wanted {
             format!(

@@ -525,7 +525,7 @@ fn a_training_source_that_is_the_evaluation_source_is_refused() {
 #[test]
 fn calibration_and_training_listing_one_folder_differently_are_refused() {
     let err = refused(&folder_qat_spec("train", r#", "classes": ["coat", "dress"]"#, ""));
-    assert!(err.contains("$.data.calibration") && err.contains("list them differently"), "{err}");
+    assert!(err.contains("$.data.calibration") && err.contains("list it differently"), "{err}");
     // Listed alike, the calibration set is held out and the spec is fine.
     let dir = tempfile::tempdir().unwrap();
     let spec = write(dir.path(), "spec.json", &folder_qat_spec("train", "", ""));

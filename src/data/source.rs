@@ -87,6 +87,12 @@ pub enum Source {
     },
 }
 
+/// Whether two paths name one file: equal, or the same once resolved
+/// (a symlink, `a/../b`).
+fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
 /// A source's own subset, overriding its section's.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct OwnSubset {
@@ -137,17 +143,12 @@ impl Source {
         }
     }
 
-    /// Whether the two read any of the same images, whichever classes or
-    /// subset each takes: the same IDX split, the same folder with the same
-    /// labels file (or none), or the same tensors of one file. (Two labels
-    /// files over one root, ImageNet's train and val lists, name their own
-    /// images.) Holding one role's draw out of another's by index works only
-    /// where the two list the images alike, that is where they are equal
-    /// `without_subset`; sources that share images but list them otherwise
-    /// are refused.
+    /// Whether the two may read any of the same images, whichever classes
+    /// or subset each takes: the same IDX split, the same folder (unless
+    /// each names its own labels file: two lists over one root, ImageNet's
+    /// train and val, name their own images), or the same tensors of one
+    /// file.
     pub fn shares_images_with(&self, other: &Source) -> bool {
-        let same_file =
-            |a: &Path, b: &Path| a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
         match (self, other) {
             (Source::Idx { dataset: a, split: split_a, .. }, Source::Idx { dataset: b, split: split_b, .. }) => {
                 a == b && split_a == split_b
@@ -158,9 +159,8 @@ impl Source {
             ) => {
                 same_file(a, b)
                     && match (labels_a, labels_b) {
-                        (None, None) => true,
                         (Some(la), Some(lb)) => same_file(la, lb),
-                        _ => false,
+                        _ => true,
                     }
             }
             (
@@ -171,17 +171,24 @@ impl Source {
         }
     }
 
-    /// The same files, whichever subset of them a role takes.
-    pub fn without_subset(&self) -> Source {
-        match self.clone() {
-            Source::ImageFolder { root, classes, labels_file, .. } => {
-                Source::ImageFolder { root, classes, labels_file, subset: OwnSubset::default() }
+    /// Whether the two list the same images in the same order, so that one
+    /// role's seeded draw can be held out of the other's by index: they
+    /// share images and, for folders, take the same classes from the same
+    /// listing. Sources that share images but are not listed alike cannot
+    /// be kept apart, and are refused.
+    pub fn listed_alike(&self, other: &Source) -> bool {
+        let labels_alike = |a: &Option<PathBuf>, b: &Option<PathBuf>| match (a, b) {
+            (Some(a), Some(b)) => same_file(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        self.shares_images_with(other)
+            && match (self, other) {
+                (
+                    Source::ImageFolder { classes: classes_a, labels_file: labels_a, .. },
+                    Source::ImageFolder { classes: classes_b, labels_file: labels_b, .. },
+                ) => classes_a == classes_b && labels_alike(labels_a, labels_b),
+                _ => true,
             }
-            Source::Tensors { path, input_key, label_key, model_input, sample_rank, .. } => {
-                Source::Tensors { path, input_key, label_key, model_input, sample_rank, subset: OwnSubset::default() }
-            }
-            idx => idx,
-        }
     }
 
     /// Lists an image folder source.
@@ -275,5 +282,61 @@ mod tests {
         let both = subset_indices(1000, Some((100, 9)), &[(300, 4), (400, 5)]);
         assert_eq!(both.len(), 100);
         assert!(both.iter().all(|i| !calibration.contains(i) && !training.contains(i)));
+    }
+
+    fn folder(root: &Path, classes: Option<&[&str]>, labels: Option<&Path>) -> Source {
+        Source::ImageFolder {
+            root: root.to_path_buf(),
+            classes: classes.map(|c| c.iter().map(|s| s.to_string()).collect()),
+            labels_file: labels.map(Path::to_path_buf),
+            subset: OwnSubset::default(),
+        }
+    }
+
+    fn tensors(path: &Path, input_key: Option<&str>, label_key: Option<&str>) -> Source {
+        Source::Tensors {
+            path: path.to_path_buf(),
+            input_key: input_key.map(str::to_string),
+            label_key: label_key.map(str::to_string),
+            model_input: "input".into(),
+            sample_rank: 3,
+            subset: OwnSubset { samples: Some(10), seed: None },
+        }
+    }
+
+    /// Which sources may share images, and which of those can be held out
+    /// of each other by index.
+    #[test]
+    fn sources_share_images_by_their_files_and_are_listed_alike_by_their_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("images");
+        std::fs::create_dir(&root).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&root, &link).unwrap();
+        let (train_list, val_list) = (root.join("train.txt"), root.join("val.txt"));
+        std::fs::write(&train_list, "").unwrap();
+        std::fs::write(&val_list, "").unwrap();
+
+        // One folder reached by a symlink is one folder, listed alike.
+        assert!(folder(&root, None, None).listed_alike(&folder(&link, None, None)));
+        // Other classes of it share its images but number them otherwise.
+        let some = folder(&root, Some(&["bag"]), None);
+        assert!(some.shares_images_with(&folder(&root, None, None)));
+        assert!(!some.listed_alike(&folder(&root, None, None)));
+        // A labels file may list the subfolders' images; two labels files
+        // over one root (train and val lists) name their own.
+        assert!(folder(&root, None, Some(&train_list)).shares_images_with(&folder(&root, None, None)));
+        assert!(!folder(&root, None, Some(&train_list)).shares_images_with(&folder(&root, None, Some(&val_list))));
+
+        // Tensors: the input's key is what names the images; the label key
+        // and the subset do not, and the default key is the model input's.
+        let file = dir.path().join("data.pt");
+        assert!(tensors(&file, None, Some("y")).listed_alike(&tensors(&file, Some("input"), Some("labels"))));
+        assert!(!tensors(&file, Some("train_x"), None).shares_images_with(&tensors(&file, Some("val_x"), None)));
+
+        let idx = |split| Source::Idx { dataset: Dataset::FashionMnist, dir: dir.path().to_path_buf(), split };
+        assert!(idx(Split::Train).listed_alike(&idx(Split::Train)));
+        assert!(!idx(Split::Train).shares_images_with(&idx(Split::Test)));
+        assert!(!idx(Split::Train).shares_images_with(&folder(&root, None, None)));
     }
 }

@@ -174,7 +174,7 @@ impl QatFindings {
                 percent(twin.and_then(|r| r.accuracy)),
             );
         }
-        for qat in self.runs.iter().filter(|q| q.returned_start()) {
+        for qat in self.runs.iter().filter(|q| q.returned_start() && q.diverged.is_none()) {
             let start = &qat.curve[0];
             let best_after = qat.curve[1..].iter().reduce(|best, p| if p.correct > best.correct { p } else { best });
             let after = best_after
@@ -196,14 +196,17 @@ impl QatFindings {
         for qat in &self.runs {
             let Some(Divergence { epoch, step }) = qat.diverged else { continue };
             let kept = qat.curve.iter().find(|p| p.epoch == qat.kept_epoch).map_or(0.0, |p| p.top1);
+            let rate = rate_text(qat.learning_rate);
+            let advice = if qat.chosen_by == "spec" {
+                format!("lower `qat.learning_rate` (it was {rate})")
+            } else {
+                format!("set `qat.learning_rate` to a number below the range test's pick, {rate}")
+            };
             let _ = writeln!(
                 md,
                 "\n- **`{}` diverged**: its training loss stopped being finite at epoch {epoch}, step {step}, so it \
-                 stopped there and built epoch {} (validation {kept:.2}%), the best before it; lower \
-                 `qat.learning_rate` (it was {}).",
-                qat.run,
-                qat.kept_epoch,
-                rate_text(qat.learning_rate),
+                 stopped there and built epoch {} (validation {kept:.2}%), the best before it; {advice}.",
+                qat.run, qat.kept_epoch,
             );
         }
         let _ = writeln!(md, "\n![validation top-1 by epoch]({CHART})");
@@ -277,4 +280,50 @@ fn ptq_twin<'a>(runs: &'a [RunResult], row: &super::RunRow) -> Option<&'a super:
 /// A learning rate as people write it: 0.0003 as 3e-4.
 fn rate_text(rate: f64) -> String {
     format!("{rate:e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(epoch: u32, top1: f64) -> EpochScore {
+        EpochScore { epoch, top1, correct: (top1 * 20.0) as usize, loss: 0.3, learning_rate: 1e-3, train_loss: None }
+    }
+
+    fn run(id: &str, chosen_by: &str, diverged: Option<Divergence>) -> QatRun {
+        QatRun {
+            run: id.into(),
+            calibration: "mse".into(),
+            fused: true,
+            curve: vec![point(0, 92.0), point(1, 91.0)],
+            kept_epoch: 0,
+            learning_rate: 1e-3,
+            chosen_by: chosen_by.into(),
+            augment: Vec::new(),
+            select: "best".into(),
+            validation_samples: 2000,
+            diverged,
+        }
+    }
+
+    /// A run that diverged and kept its start is told to lower its rate,
+    /// not that its PTQ model may be as good as it gets.
+    #[test]
+    fn a_diverged_run_gets_its_own_verdict() {
+        let findings = QatFindings {
+            runs: vec![
+                run("a-qat2", "range test", Some(Divergence { epoch: 2, step: 7 })),
+                run("b-qat2", "range test", None),
+            ],
+            range_tests: Vec::new(),
+        };
+        let md = findings.markdown(&[]);
+        assert!(
+            md.contains("**`a-qat2` diverged**: its training loss stopped being finite at epoch 2, step 7"),
+            "{md}"
+        );
+        assert!(md.contains("set `qat.learning_rate` to a number below the range test's pick"), "{md}");
+        assert!(!md.contains("**`a-qat2` returned its PTQ start**"), "{md}");
+        assert!(md.contains("**`b-qat2` returned its PTQ start**"), "{md}");
+    }
 }

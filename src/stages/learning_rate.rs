@@ -92,7 +92,7 @@ pub fn run(task: &Task, context: &StageContext<'_>, out: &Path) -> Result<Value,
     }
     if start.is_none() {
         return Err(StageError::Fatal(format!(
-            "every candidate learning rate of the range test ({:?}) made the loss infinite; set qat.learning_rate to a number below {:e}",
+            "every candidate learning rate of the range test ({:?}) made the loss not finite (NaN or infinite); set qat.learning_rate to a number below {:e}",
             params.candidates, params.candidates.first().copied().unwrap_or(CANDIDATES[0])
         )));
     }

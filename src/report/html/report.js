@@ -678,11 +678,11 @@
         svgEl("title", {}, `epoch ${p.epoch}: validation top-1 ${p.top1.toFixed(2)}%, loss ${p.loss.toFixed(4)}${kept ? " (kept)" : ""}`)));
     }
     const how = `Learning rate ${qat.learning_rate.toExponential()} (${qat.chosen_by}); augmentation: ${qat.augment.length ? qat.augment.join(", ") : "none"}; ${qat.validation_samples} validation images; keeps the ${qat.select} epoch.`;
-    const note = qat.returned_start
+    const note = qat.returned_start && !qat.diverged
       ? `No epoch beat the PTQ start's validation top-1 by more than noise (McNemar's test), so this run built its PTQ model unchanged (epoch 0).`
       : `Kept epoch ${qat.kept_epoch}.`;
     const diverged = qat.diverged
-      ? ` Its training loss stopped being finite at epoch ${qat.diverged.epoch}, step ${qat.diverged.step}, so it stopped there; lower the learning rate.`
+      ? ` Its training loss stopped being finite at epoch ${qat.diverged.epoch}, step ${qat.diverged.step}, so it stopped there and built the epoch it had kept; set a lower fixed learning rate.`
       : "";
     return [el("p", { class: "note qat-note" }, how + " " + note + diverged), chart,
       tableOf(["epoch", "validation top-1", "validation loss", "learning rate"], qat.curve.map((p) => [
