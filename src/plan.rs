@@ -578,18 +578,54 @@ pub const QAT_VALIDATION: &str = "validation";
 /// The input role of the range test that picked QAT's learning rate.
 pub const LEARNING_RATE: &str = "learning_rate";
 
+/// A seeded draw that QAT's validation subset holds out of the training
+/// source: what it is, and the spec field that sizes it (for errors).
+pub struct HeldOutDraw {
+    pub samples: u32,
+    pub seed: u64,
+    /// "calibration" or "fine-tuning".
+    pub what: &'static str,
+    pub field: &'static str,
+}
+
+/// The draws QAT's validation subset holds out: the calibration set,
+/// where calibration lists the training source's images alike, then the
+/// fine-tuning subset. The plan and the spec check both take them from
+/// here, so what is checked is what runs.
+pub fn qat_held_out(spec: &SweepSpec, calibration: &Source, training: &Source) -> Vec<HeldOutDraw> {
+    // A source's own samples field overrides its section's.
+    let field = |source: &Source, own: &'static str, section: &'static str| {
+        if source.subset(None).is_some() {
+            own
+        } else {
+            section
+        }
+    };
+    let mut held_out = Vec::new();
+    if calibration.listed_alike(training) {
+        let field = field(calibration, "data.calibration.samples", "calibration.samples");
+        held_out.extend(
+            calibration
+                .subset(Some((spec.calibration.samples, spec.calibration.seed)))
+                .map(|(samples, seed)| HeldOutDraw { samples, seed, what: "calibration", field }),
+        );
+    }
+    let field = field(training, "data.training.samples", "qat.samples");
+    held_out.extend(training.subset(Some((spec.qat.samples, spec.qat.seed))).map(|(samples, seed)| HeldOutDraw {
+        samples,
+        seed,
+        what: "fine-tuning",
+        field,
+    }));
+    held_out
+}
+
 /// QAT's validation subset: a seeded draw from the training source that
-/// holds out the fine-tuning subset and, where calibration reads the same
-/// files, the calibration set. (Validation refuses a training source that
-/// is the evaluation source.)
+/// holds out `qat_held_out`'s draws. (Validation refuses a training source
+/// that reads the evaluation source's images.)
 fn qat_validation_params(spec: &SweepSpec, data: &Value, sources: &Sources) -> Value {
     let training = sources.of(Role::Training);
-    let calibration = sources.of(Role::Calibration);
-    let mut held_out = Vec::new();
-    if calibration.source.listed_alike(&training.source) {
-        held_out.extend(calibration.source.subset(Some((spec.calibration.samples, spec.calibration.seed))));
-    }
-    held_out.extend(training.source.subset(Some((spec.qat.samples, spec.qat.seed))));
+    let held_out = qat_held_out(spec, &sources.of(Role::Calibration).source, &training.source);
     json!({
         "split": "qat-validation",
         "data": data,
@@ -597,7 +633,7 @@ fn qat_validation_params(spec: &SweepSpec, data: &Value, sources: &Sources) -> V
         "source_digest": training.digest,
         "samples": spec.qat.validation_samples,
         "seed": spec.qat.seed,
-        "held_out": held_out.iter().map(|(samples, seed)| json!({"samples": samples, "seed": seed})).collect::<Vec<_>>(),
+        "held_out": held_out.iter().map(|d| json!({"samples": d.samples, "seed": d.seed})).collect::<Vec<_>>(),
     })
 }
 

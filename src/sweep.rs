@@ -621,8 +621,7 @@ fn check_qat(
         ));
         return;
     }
-    let holds_out_calibration = calibration.listed_alike(training);
-    if !holds_out_calibration && calibration.shares_images_with(training) {
+    if !calibration.listed_alike(training) && calibration.shares_images_with(training) {
         errors.push(parsed.diagnostic(
             JsonPath::parse("data.calibration"),
             "data.calibration and data.training read the same folder but list it differently (their classes or labels files differ), so QAT's validation subset, drawn from data.training, cannot be kept apart from the calibration set",
@@ -631,41 +630,16 @@ fn check_qat(
         return;
     }
     let (Some(population), _) = opened.population(Role::Training, training, data_dir) else { return };
-    // The draws validation holds out, each with its size and the field that sets it.
-    let own_or = |source: &Source, own: &'static str, section: &'static str| {
-        if source.subset(None).is_some() {
-            own
-        } else {
-            section
-        }
-    };
-    let mut held_out = Vec::new();
-    if holds_out_calibration {
-        let field = own_or(calibration, "data.calibration.samples", "calibration.samples");
-        held_out.extend(
-            calibration
-                .subset(Some((spec.calibration.samples, spec.calibration.seed)))
-                .map(|d| (d, "calibration", field)),
-        );
-    }
-    let fine_tuning_field = own_or(training, "data.training.samples", "qat.samples");
-    held_out.extend(
-        training.subset(Some((spec.qat.samples, spec.qat.seed))).map(|d| (d, "fine-tuning", fine_tuning_field)),
-    );
-    let draws: Vec<(u32, u64)> = held_out.iter().map(|(draw, ..)| *draw).collect();
+    let held_out = crate::plan::qat_held_out(spec, calibration, training);
+    let draws: Vec<(u32, u64)> = held_out.iter().map(|d| (d.samples, d.seed)).collect();
     let left = crate::data::source::subset_indices(population, None, &draws).len();
     let wanted = spec.qat.validation_samples as usize;
     if wanted > left {
-        let parts: Vec<String> = held_out
-            .iter()
-            .map(|((samples, _), what, field)| {
-                format!("the {} {what} samples ({field})", (*samples as usize).min(population))
-            })
-            .collect();
-        let calibration_count = held_out
-            .iter()
-            .find(|(_, what, _)| *what == "calibration")
-            .map_or(0, |((n, _), ..)| (*n as usize).min(population));
+        let count = |d: &crate::plan::HeldOutDraw| (d.samples as usize).min(population);
+        let parts: Vec<String> =
+            held_out.iter().map(|d| format!("the {} {} samples ({})", count(d), d.what, d.field)).collect();
+        let calibration_count = held_out.iter().find(|d| d.what == "calibration").map_or(0, count);
+        let fine_tuning_field = held_out.iter().find(|d| d.what == "fine-tuning").map_or("qat.samples", |d| d.field);
         let beyond_calibration = population - calibration_count;
         let fix = if beyond_calibration < 10 {
             format!(

@@ -39,9 +39,10 @@ pub struct QatRun {
 }
 
 impl QatRun {
-    /// Whether the run built the model it started from.
+    /// Whether the run built the model it started from because no epoch
+    /// beat it (a run that diverged has its own verdict).
     pub fn returned_start(&self) -> bool {
-        self.kept_epoch == 0
+        self.kept_epoch == 0 && self.diverged.is_none()
     }
 }
 
@@ -174,7 +175,7 @@ impl QatFindings {
                 percent(twin.and_then(|r| r.accuracy)),
             );
         }
-        for qat in self.runs.iter().filter(|q| q.returned_start() && q.diverged.is_none()) {
+        for qat in self.runs.iter().filter(|q| q.returned_start()) {
             let start = &qat.curve[0];
             let best_after = qat.curve[1..].iter().reduce(|best, p| if p.correct > best.correct { p } else { best });
             let after = best_after

@@ -678,7 +678,7 @@
         svgEl("title", {}, `epoch ${p.epoch}: validation top-1 ${p.top1.toFixed(2)}%, loss ${p.loss.toFixed(4)}${kept ? " (kept)" : ""}`)));
     }
     const how = `Learning rate ${qat.learning_rate.toExponential()} (${qat.chosen_by}); augmentation: ${qat.augment.length ? qat.augment.join(", ") : "none"}; ${qat.validation_samples} validation images; keeps the ${qat.select} epoch.`;
-    const note = qat.returned_start && !qat.diverged
+    const note = qat.returned_start
       ? `No epoch beat the PTQ start's validation top-1 by more than noise (McNemar's test), so this run built its PTQ model unchanged (epoch 0).`
       : `Kept epoch ${qat.kept_epoch}.`;
     const diverged = qat.diverged
